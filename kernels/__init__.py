@@ -1,0 +1,1 @@
+"""msrec_dist package."""

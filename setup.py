@@ -1,0 +1,34 @@
+"""Installs msrec_dist; `kernels/` is installed as `msrec_dist.kernels` (package_dir) so no
+top-level name shadows another distribution. C++ ops under csrc/ are built as torch
+extensions when present (`MSREC_BUILD_CSRC=1 pip install -e .`)."""
+import glob
+import os
+
+from setuptools import setup
+
+packages = ["msrec_dist", "msrec_dist.data", "msrec_dist.model", "msrec_dist.dist",
+            "msrec_dist.metrics", "msrec_dist.kernels"]
+
+
+def _extensions():
+    """Torch C++ extensions from csrc/*.cpp; built only on request (about 1 min per file)."""
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    if not sources or os.environ.get("MSREC_BUILD_CSRC") != "1":
+        return [], {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    ext = CppExtension("msrec_dist._C", sources, extra_compile_args=["-O3"])
+    return [ext], {"build_ext": BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+setup(
+    name="msrec_dist",
+    version="0.1.0",
+    description="Distributed multi-scenario multi-task recommendation training (PLE+STAR) on TorchRec",
+    python_requires=">=3.10",
+    packages=packages,
+    package_dir={"msrec_dist.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
