@@ -1,1 +1,53 @@
-"""msrec_dist package."""
+"""Hot ops of msrec_dist, registered as torch.ops.msrec.* on import.
+
+    gate_combine(expert_out [B, E, D], gate_logits [T, B, E], kernel="auto") -> [T, B, D]
+    field_attention(q, k, v [B, H, F, dh], key_padding_mask [B, F] | None, kernel="auto")
+        -> [B, H, F, dh]
+
+kernel: "auto" (Triton on CUDA, PyTorch reference elsewhere) | "triton" | "reference".
+The wrappers call torch.ops.msrec.*, so FX traces and torch.compile graphs show the op.
+Importing this package does not import triton; kernels/gate_combine.py and
+kernels/field_attention.py (the Triton kernels) load on first use.
+
+The Triton modules share their names with the wrappers below. Importing a submodule would
+normally rebind the package attribute (msrec_dist.kernels.gate_combine) to the module; the
+package class keeps the wrapper instead, and the module stays in sys.modules (reach it with
+importlib.import_module("msrec_dist.kernels.gate_combine")).
+"""
+import sys
+import types
+from typing import Optional
+
+import torch
+
+from . import ops  # noqa: F401  (registers torch.ops.msrec.*)
+from .field_attention_ref import field_attention_ref
+from .gate_combine_ref import gate_combine_ref
+
+__all__ = ["gate_combine", "field_attention", "gate_combine_ref", "field_attention_ref", "KERNELS"]
+KERNELS = ops.KERNELS
+
+
+def gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+    """Per-task softmax over experts and the weighted sum: [B, E, D], [T, B, E] -> [T, B, D]."""
+    return torch.ops.msrec.gate_combine(expert_out, gate_logits, kernel)
+
+
+def field_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor] = None, kernel: str = "auto",
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(dh)) v over fields: [B, H, F, dh] x3, [B, F] bool -> [B, H, F, dh]."""
+    return torch.ops.msrec.field_attention(q, k, v, key_padding_mask, kernel)
+
+
+class _Package(types.ModuleType):
+    """Keeps the public wrappers when a same-named Triton module is imported."""
+
+    def __setattr__(self, name, value):
+        if name in ("gate_combine", "field_attention") and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,0 +1,144 @@
+"""Triton field_attention: softmax(q k^T / sqrt(dh)) v over the F feature fields of a sample.
+
+    q, k, v, out      [B, H, F, dh]
+    key_padding_mask  [B, F] bool, True = padded key (optional)
+
+A program takes BLOCK_B samples of one head (batch tiles on grid axis 0, which has room for
+B in the millions; heads on axis 1) and keeps each sample's whole [F, F] score tile in
+registers. F is padded to F_PAD = max(16, next_pow2(F)) and dh to DH_PAD = max(16,
+next_pow2(dh)) so every tl.dot has M, N, K >= 16; the padding is masked. Backward recomputes
+the probabilities from the row log-sum-exp (max + log of sum) of the recomputed scores, which
+needs no extra traffic since the whole row is in registers; one program owns every gradient of
+its samples, so no atomics. A query whose keys are all padded gets zero output and gradients.
+Accumulation is fp32 (fp64 for fp64 inputs). Reference: field_attention_ref.py.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .field_attention_ref import field_attention_backward_ref, field_attention_ref  # noqa: F401
+
+# Autotuned over samples per program and warps, keyed on (F, DH), never on B; one config
+# when interpreting.
+CONFIGS = [triton.Config({"BLOCK_B": bb}, num_warps=w) for bb in (1, 2, 4, 8) for w in (2, 4, 8)]
+
+
+def _tuned(configs):
+    interpreting = bool(triton.knobs.runtime.interpret)
+    return triton.autotune(configs=configs[:1] if interpreting else configs, key=["F", "DH"])
+
+
+@triton.jit
+def _scores_to_probs(q, k, mask_row, f_ok, scale, ACC: tl.constexpr):
+    """P [F_PAD, F_PAD] = softmax(q k^T * scale) over unpadded keys; all-padded rows give 0."""
+    s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision="ieee") * scale
+    key_ok = f_ok & (mask_row == 0)                                             # [F_PAD]
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    m = tl.max(s, axis=1)
+    m = tl.where(m == float("-inf"), 0.0, m)                                    # all-padded rows
+    p = tl.exp(s - m[:, None])
+    l = tl.sum(p, axis=1)
+    lse = m + tl.log(tl.where(l == 0.0, 1.0, l))                                # row log-sum-exp
+    return tl.exp(s - lse[:, None])
+
+
+@_tuned(CONFIGS)
+@triton.jit
+def _field_attention_fwd(Q, K, V, MASK, OUT, B, H, F, DH, scale, HAS_MASK: tl.constexpr,
+                         ACC: tl.constexpr, F_PAD: tl.constexpr, DH_PAD: tl.constexpr,
+                         BLOCK_B: tl.constexpr):
+    # 1. one [F_PAD, DH_PAD] tile of offsets, shared by q, k, v, out of every (sample, head)
+    h = tl.program_id(1)
+    offs_f = tl.arange(0, F_PAD)
+    offs_d = tl.arange(0, DH_PAD)
+    f_ok = offs_f < F
+    tile = offs_f[:, None] * DH + offs_d[None, :]
+    for i in range(BLOCK_B):
+        b = tl.program_id(0).to(tl.int64) * BLOCK_B + i
+        row_ok = offs_f < tl.where(b < B, F, 0)                                 # none past B
+        tile_ok = row_ok[:, None] & (offs_d[None, :] < DH)
+        base = (b * H + h) * F * DH
+        # 2. load q, k, v [F_PAD, DH_PAD] (zeros in the padding) and the key mask [F_PAD]
+        q = tl.load(Q + base + tile, mask=tile_ok, other=0.0)
+        k = tl.load(K + base + tile, mask=tile_ok, other=0.0)
+        v = tl.load(V + base + tile, mask=tile_ok, other=0.0)
+        mask_row = tl.zeros([F_PAD], dtype=tl.int8)
+        if HAS_MASK:
+            mask_row = tl.load(MASK + b * F + offs_f, mask=row_ok, other=1).to(tl.int8)
+        # 3. probabilities [F_PAD, F_PAD], then out = P v with P in v's dtype
+        p = _scores_to_probs(q, k, mask_row, f_ok, scale, ACC)
+        o = tl.dot(p.to(v.dtype), v, out_dtype=ACC, input_precision="ieee")
+        tl.store(OUT + base + tile, o.to(OUT.dtype.element_ty), mask=tile_ok)
+
+
+@_tuned(CONFIGS)
+@triton.jit
+def _field_attention_bwd(DOUT, Q, K, V, MASK, OUT, DQ, DK, DV, B, H, F, DH, scale,
+                         HAS_MASK: tl.constexpr, ACC: tl.constexpr, F_PAD: tl.constexpr,
+                         DH_PAD: tl.constexpr, BLOCK_B: tl.constexpr):
+    # 1. offsets as in forward
+    h = tl.program_id(1)
+    offs_f = tl.arange(0, F_PAD)
+    offs_d = tl.arange(0, DH_PAD)
+    f_ok = offs_f < F
+    tile = offs_f[:, None] * DH + offs_d[None, :]
+    for i in range(BLOCK_B):
+        b = tl.program_id(0).to(tl.int64) * BLOCK_B + i
+        row_ok = offs_f < tl.where(b < B, F, 0)                                 # none past B
+        tile_ok = row_ok[:, None] & (offs_d[None, :] < DH)
+        base = (b * H + h) * F * DH
+        # 2. load q, k, v, out, dout [F_PAD, DH_PAD] and the key mask
+        q = tl.load(Q + base + tile, mask=tile_ok, other=0.0)
+        k = tl.load(K + base + tile, mask=tile_ok, other=0.0)
+        v = tl.load(V + base + tile, mask=tile_ok, other=0.0)
+        o = tl.load(OUT + base + tile, mask=tile_ok, other=0.0).to(ACC)
+        do = tl.load(DOUT + base + tile, mask=tile_ok, other=0.0)
+        mask_row = tl.zeros([F_PAD], dtype=tl.int8)
+        if HAS_MASK:
+            mask_row = tl.load(MASK + b * F + offs_f, mask=row_ok, other=1).to(tl.int8)
+        # 3. recompute P [F_PAD, F_PAD] from the row log-sum-exp
+        p = _scores_to_probs(q, k, mask_row, f_ok, scale, ACC)
+        # 4. dv = P^T dout; dP = dout v^T; dS = P * (dP - rowsum(dout * out))
+        dv = tl.dot(tl.trans(p).to(do.dtype), do, out_dtype=ACC, input_precision="ieee")
+        dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision="ieee")
+        delta = tl.sum(do.to(ACC) * o, axis=1)                                   # [F_PAD]
+        ds = p * (dp - delta[:, None])
+        # 5. dq = dS k * scale; dk = dS^T q * scale
+        dq = tl.dot(ds.to(k.dtype), k, out_dtype=ACC, input_precision="ieee") * scale
+        dk = tl.dot(tl.trans(ds).to(q.dtype), q, out_dtype=ACC, input_precision="ieee") * scale
+        tl.store(DQ + base + tile, dq.to(DQ.dtype.element_ty), mask=tile_ok)
+        tl.store(DK + base + tile, dk.to(DK.dtype.element_ty), mask=tile_ok)
+        tl.store(DV + base + tile, dv.to(DV.dtype.element_ty), mask=tile_ok)
+
+
+def meta(F: int, DH: int, dtype: torch.dtype, has_mask: bool) -> dict:
+    """The constexprs a launch takes besides BLOCK_B (also used by the compile-only tests)."""
+    return dict(HAS_MASK=has_mask, ACC=tl.float64 if dtype == torch.float64 else tl.float32,
+                F_PAD=max(16, triton.next_power_of_2(F)), DH_PAD=max(16, triton.next_power_of_2(DH)))
+
+
+def _mask_arg(key_padding_mask, q):
+    """uint8 view of the [B, F] bool mask (no copy), or q as an unused placeholder pointer."""
+    return q if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
+
+
+def field_attention_fwd(q, k, v, key_padding_mask=None) -> torch.Tensor:
+    """q, k, v [B, H, F, dh] -> out [B, H, F, dh]; shapes already checked by ops.py."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, F, DH = q.shape
+    out = torch.empty_like(q)
+    grid = lambda cfg: (triton.cdiv(B, cfg["BLOCK_B"]), H)  # noqa: E731
+    _field_attention_fwd[grid](q, k, v, _mask_arg(key_padding_mask, q), out, B, H, F, DH, DH ** -0.5,
+                               **meta(F, DH, q.dtype, key_padding_mask is not None))
+    return out
+
+
+def field_attention_bwd(grad_out, q, k, v, key_padding_mask, out):
+    """grad_out [B, H, F, dh] -> (dq, dk, dv), each [B, H, F, dh]."""
+    do, q, k, v, out = (t.contiguous() for t in (grad_out, q, k, v, out))
+    B, H, F, DH = q.shape
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    grid = lambda cfg: (triton.cdiv(B, cfg["BLOCK_B"]), H)  # noqa: E731
+    _field_attention_bwd[grid](do, q, k, v, _mask_arg(key_padding_mask, q), out, dq, dk, dv,
+                               B, H, F, DH, DH ** -0.5, **meta(F, DH, q.dtype, key_padding_mask is not None))
+    return dq, dk, dv

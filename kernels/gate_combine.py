@@ -1,0 +1,143 @@
+"""Triton gate_combine: per-task softmax over experts and the weighted sum, fused.
+
+    expert_out  Y      [B, E, D]
+    gate_logits X      [T, B, E]
+    out                [T, B, D]   out[t, b] = sum_e softmax(X[t, b])[e] * Y[b, e]
+
+Forward: a program owns BLOCK_B samples x BLOCK_D columns for all T tasks, so each expert
+output is read once for every task. Backward: a program owns whole rows (all of D), so
+  dY[b, e] = sum_t g[t, b, e] * dout[t, b]          (no atomics)
+  dg[t, b, e] = <dout[t, b], Y[b, e]>
+  dX = g * (dg - sum_e g * dg)
+Accumulation is fp32 (fp64 for fp64 inputs). Reference: gate_combine_ref.py.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .gate_combine_ref import gate_combine_backward_ref, gate_combine_ref  # noqa: F401
+
+# Autotuned over BLOCK_B and warps, keyed on (E, T, D), never on B. The interpreter
+# takes one config only ("0 active drivers" otherwise).
+FWD_CONFIGS = [triton.Config({"BLOCK_B": bb}, num_warps=w) for bb in (4, 8, 16, 32) for w in (4, 8)]
+BWD_CONFIGS = [triton.Config({"BLOCK_B": bb}, num_warps=w) for bb in (4, 8, 16) for w in (4, 8)]
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _keep(configs, named_args, **kwargs):
+    """Drop configs whose [T_PAD, BLOCK_B, BLOCK_D] tile exceeds 16k elements."""
+    args = {**named_args, **kwargs}
+    budget = 16384 // (args["T_PAD"] * args["BLOCK_D"])
+    kept = [c for c in configs if c.kwargs["BLOCK_B"] <= max(budget, 4)]
+    return kept or configs[:1]
+
+
+def _tuned(configs):
+    if _interpreting():
+        return triton.autotune(configs=configs[:1], key=["E", "T", "D"])
+    return triton.autotune(configs=configs, key=["E", "T", "D"], prune_configs_by={"early_config_prune": _keep})
+
+
+@triton.jit
+def _softmax_stats(X, offs_t, offs_b, offs_e, B, E, T, ACC: tl.constexpr):
+    """Row max and 1/sum(exp) of the gate logits, [T_PAD, BLOCK_B] each, plus the logit tile."""
+    row_ok = (offs_t[:, None] < T) & (offs_b[None, :] < B)                      # [T_PAD, BLOCK_B]
+    e_ok = offs_e < E
+    ptrs = X + (offs_t[:, None, None] * B + offs_b[None, :, None]) * E + offs_e[None, None, :]
+    x = tl.load(ptrs, mask=row_ok[:, :, None] & e_ok[None, None, :], other=0.0).to(ACC)
+    x = tl.where(e_ok[None, None, :], x, float("-inf"))                         # [T_PAD, BLOCK_B, E_PAD]
+    m = tl.max(x, axis=2)
+    inv = 1.0 / tl.sum(tl.exp(x - m[:, :, None]), axis=2)
+    return x, m, inv, row_ok
+
+
+@_tuned(FWD_CONFIGS)
+@triton.jit
+def _gate_combine_fwd(Y, X, OUT, B, E, T, D, ACC: tl.constexpr, T_PAD: tl.constexpr,
+                      E_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
+    # 1. this program's samples, columns, tasks; int64 offsets (B * E * D can pass 2^31)
+    offs_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_t = tl.arange(0, T_PAD).to(tl.int64)
+    offs_e = tl.arange(0, E_PAD)
+    y_ok = (offs_b[:, None] < B) & (offs_d[None, :] < D)                       # [BLOCK_B, BLOCK_D]
+    # 2. softmax statistics of every task's gate over the E experts
+    _, m, inv, row_ok = _softmax_stats(X, offs_t, offs_b, offs_e, B, E, T, ACC)
+    # 3. stream the experts: read Y[:, e, d-tile] once, add it into all T task outputs
+    acc = tl.zeros([T_PAD, BLOCK_B, BLOCK_D], dtype=ACC)
+    for e in range(0, E):
+        x_e = tl.load(X + (offs_t[:, None] * B + offs_b[None, :]) * E + e, mask=row_ok, other=0.0)
+        g_e = tl.exp(x_e.to(ACC) - m) * inv                                     # [T_PAD, BLOCK_B]
+        y = tl.load(Y + (offs_b[:, None] * E + e) * D + offs_d[None, :], mask=y_ok, other=0.0)
+        acc += g_e[:, :, None] * y.to(ACC)[None, :, :]
+    # 4. store out[t, b, d-tile]
+    out_ptrs = OUT + (offs_t[:, None, None] * B + offs_b[None, :, None]) * D + offs_d[None, None, :]
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_t[:, None, None] < T) & y_ok[None, :, :])
+
+
+@_tuned(BWD_CONFIGS)
+@triton.jit
+def _gate_combine_bwd(DOUT, Y, X, DY, DX, B, E, T, D, ACC: tl.constexpr, T_PAD: tl.constexpr,
+                      E_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
+    # 1. this program owns BLOCK_B whole samples: every task, expert and column
+    offs_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_t = tl.arange(0, T_PAD).to(tl.int64)
+    offs_e = tl.arange(0, E_PAD)
+    x, m, inv, row_ok = _softmax_stats(X, offs_t, offs_b, offs_e, B, E, T, ACC)
+    dg = tl.zeros([T_PAD, BLOCK_B, E_PAD], dtype=ACC)                           # <dout_t, Y_e>
+    for d0 in range(0, D, BLOCK_D):
+        # 2. dout[:, b, d-tile] for all tasks, read once per column tile
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        y_ok = (offs_b[:, None] < B) & (offs_d[None, :] < D)                   # [BLOCK_B, BLOCK_D]
+        do_ptrs = DOUT + (offs_t[:, None, None] * B + offs_b[None, :, None]) * D + offs_d[None, None, :]
+        dout = tl.load(do_ptrs, mask=(offs_t[:, None, None] < T) & y_ok[None, :, :], other=0.0).to(ACC)
+        for e in range(0, E):
+            # 3. dY[b, e, d-tile] = sum_t g * dout_t, complete here: no atomics
+            x_e = tl.load(X + (offs_t[:, None] * B + offs_b[None, :]) * E + e, mask=row_ok, other=0.0)
+            g_e = tl.exp(x_e.to(ACC) - m) * inv                                 # [T_PAD, BLOCK_B]
+            y_ptrs = (offs_b[:, None] * E + e) * D + offs_d[None, :]
+            dy = tl.sum(g_e[:, :, None] * dout, axis=0)                         # [BLOCK_B, BLOCK_D]
+            tl.store(DY + y_ptrs, dy.to(DY.dtype.element_ty), mask=y_ok)
+            # 4. partial dot products dg[:, :, e] over this column tile
+            y = tl.load(Y + y_ptrs, mask=y_ok, other=0.0).to(ACC)
+            dg_e = tl.sum(dout * y[None, :, :], axis=2)                         # [T_PAD, BLOCK_B]
+            dg += tl.where(offs_e[None, None, :] == e, dg_e[:, :, None], 0.0)
+    # 5. softmax backward over experts: dX = g * (dg - sum_e g * dg)
+    g = tl.exp(x - m[:, :, None]) * inv[:, :, None]                             # [T_PAD, BLOCK_B, E_PAD]
+    dx = g * (dg - tl.sum(g * dg, axis=2)[:, :, None])
+    dx_ptrs = DX + (offs_t[:, None, None] * B + offs_b[None, :, None]) * E + offs_e[None, None, :]
+    tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=row_ok[:, :, None] & (offs_e < E)[None, None, :])
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def meta(T: int, E: int, D: int, dtype: torch.dtype) -> dict:
+    """The constexprs a launch takes besides BLOCK_B (also used by the compile-only tests)."""
+    t_pad = triton.next_power_of_2(T)
+    return dict(ACC=_acc(dtype), T_PAD=t_pad, E_PAD=triton.next_power_of_2(E),
+                BLOCK_D=min(triton.next_power_of_2(D), max(16, 1024 // t_pad)))
+
+
+def gate_combine_fwd(expert_out: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+    """[B, E, D], [T, B, E] -> [T, B, D]; shapes already checked by ops.py."""
+    y, x = expert_out.contiguous(), gate_logits.contiguous()
+    (B, E, D), T = y.shape, x.shape[0]
+    out = y.new_empty((T, B, D))
+    grid = lambda cfg: (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(D, cfg["BLOCK_D"]))  # noqa: E731
+    _gate_combine_fwd[grid](y, x, out, B, E, T, D, **meta(T, E, D, y.dtype))
+    return out
+
+
+def gate_combine_bwd(grad_out: torch.Tensor, expert_out: torch.Tensor, gate_logits: torch.Tensor):
+    """grad_out [T, B, D] -> (d expert_out [B, E, D], d gate_logits [T, B, E])."""
+    dout, y, x = grad_out.contiguous(), expert_out.contiguous(), gate_logits.contiguous()
+    (B, E, D), T = y.shape, x.shape[0]
+    d_y, d_x = torch.empty_like(y), torch.empty_like(x)
+    grid = lambda cfg: (triton.cdiv(B, cfg["BLOCK_B"]),)  # noqa: E731
+    _gate_combine_bwd[grid](dout, y, x, d_y, d_x, B, E, T, D, **meta(T, E, D, y.dtype))
+    return d_y, d_x

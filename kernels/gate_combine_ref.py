@@ -1,0 +1,36 @@
+"""PyTorch reference for gate_combine: per-task softmax over experts and the weighted sum.
+
+    expert_out  [B, E, D]   one row of E expert outputs per sample
+    gate_logits [T, B, E]   one gate per task
+    out         [T, B, D]   out[t, b] = sum_e softmax(gate_logits[t, b])[e] * expert_out[b, e]
+
+Math runs in fp32 (fp64 for fp64 inputs); outputs come back in the input dtype.
+"""
+from typing import Tuple
+
+import torch
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp64 for fp64 inputs (gradcheck), fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gate_combine_ref(expert_out: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+    acc = acc_dtype(expert_out.dtype)
+    gates = torch.softmax(gate_logits.to(acc), dim=-1)                  # [T, B, E]
+    out = torch.einsum("tbe,bed->tbd", gates, expert_out.to(acc))       # [T, B, D]
+    return out.to(expert_out.dtype)
+
+
+def gate_combine_backward_ref(
+    grad_out: torch.Tensor, expert_out: torch.Tensor, gate_logits: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(d expert_out [B, E, D], d gate_logits [T, B, E]) from grad_out [T, B, D]."""
+    acc = acc_dtype(expert_out.dtype)
+    y, dout = expert_out.to(acc), grad_out.to(acc)
+    gates = torch.softmax(gate_logits.to(acc), dim=-1)                  # [T, B, E]
+    d_y = torch.einsum("tbe,tbd->bed", gates, dout)                     # sum_t g * dout_t
+    d_g = torch.einsum("tbd,bed->tbe", dout, y)                         # <dout_t, Y_e>
+    d_logits = gates * (d_g - (gates * d_g).sum(dim=-1, keepdim=True))  # softmax backward
+    return d_y.to(expert_out.dtype), d_logits.to(gate_logits.dtype)

@@ -1,0 +1,172 @@
+"""Schemas, fakes, autograd and routing for the hot ops, registered under torch.ops.msrec.
+
+    msrec::gate_combine(Tensor expert_out, Tensor gate_logits, str kernel="auto") -> Tensor
+    msrec::field_attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None,
+                           str kernel="auto") -> Tensor
+
+plus their backward ops (msrec::gate_combine_backward, msrec::field_attention_backward), each
+a custom op with a fake so torch.compile traces through forward and backward.
+
+kernel: "auto" runs Triton on CUDA tensors and the PyTorch reference elsewhere; "triton" runs
+the Triton kernel on any device (on CPU only under TRITON_INTERPRET=1); "reference" always runs
+the reference. Shapes are checked here, once; empty batches return before any launch. The
+Triton modules are imported on first use, so importing this module never needs triton.
+"""
+import importlib
+from typing import Optional, Tuple
+
+import torch
+
+from .field_attention_ref import field_attention_backward_ref, field_attention_ref
+from .gate_combine_ref import gate_combine_backward_ref, gate_combine_ref
+
+KERNELS = ("auto", "triton", "reference")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _use_triton(kernel: str, x: torch.Tensor) -> bool:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel == "triton" or (kernel == "auto" and x.is_cuda)
+
+
+def _triton_module(name: str):
+    """kernels/<name>.py, imported on first use (it imports triton)."""
+    return importlib.import_module(f"{__package__}.{name}")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+# ---------------------------------------------------------------- gate_combine
+def _check_gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor) -> None:
+    _check(expert_out.dim() == 3, f"gate_combine: expert_out must be [B, E, D], got {tuple(expert_out.shape)}")
+    _check(gate_logits.dim() == 3, f"gate_combine: gate_logits must be [T, B, E], got {tuple(gate_logits.shape)}")
+    (b, e, _), (_, gb, ge) = expert_out.shape, gate_logits.shape
+    _check(gb == b and ge == e, f"gate_combine: gate_logits {tuple(gate_logits.shape)} must be [T, {b}, {e}] "
+                                f"for expert_out {tuple(expert_out.shape)}")
+    _check(expert_out.dtype in _DTYPES, f"gate_combine: unsupported dtype {expert_out.dtype}")
+    _check(gate_logits.dtype == expert_out.dtype,
+           f"gate_combine: dtypes differ ({expert_out.dtype} vs {gate_logits.dtype})")
+    _check(gate_logits.device == expert_out.device, "gate_combine: inputs on different devices")
+
+
+@torch.library.custom_op("msrec::gate_combine", mutates_args=())
+def gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+    """[B, E, D] expert outputs, [T, B, E] gate logits -> [T, B, D]."""
+    _check_gate_combine(expert_out, gate_logits)
+    t, (b, _, d) = gate_logits.shape[0], expert_out.shape
+    if b == 0:
+        return expert_out.new_empty((t, 0, d))
+    if _use_triton(kernel, expert_out):
+        return _triton_module("gate_combine").gate_combine_fwd(expert_out, gate_logits)
+    return gate_combine_ref(expert_out, gate_logits)
+
+
+@gate_combine.register_fake
+def _(expert_out, gate_logits, kernel="auto"):
+    _check_gate_combine(expert_out, gate_logits)
+    return expert_out.new_empty((gate_logits.shape[0], expert_out.shape[0], expert_out.shape[2]))
+
+
+@torch.library.custom_op("msrec::gate_combine_backward", mutates_args=())
+def gate_combine_backward(
+    grad_out: torch.Tensor, expert_out: torch.Tensor, gate_logits: torch.Tensor, kernel: str
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """grad_out [T, B, D] -> (d expert_out [B, E, D], d gate_logits [T, B, E])."""
+    if expert_out.shape[0] == 0:
+        return torch.zeros_like(expert_out), torch.zeros_like(gate_logits)
+    if _use_triton(kernel, expert_out):
+        return _triton_module("gate_combine").gate_combine_bwd(grad_out, expert_out, gate_logits)
+    return gate_combine_backward_ref(grad_out, expert_out, gate_logits)
+
+
+@gate_combine_backward.register_fake
+def _(grad_out, expert_out, gate_logits, kernel):
+    return torch.empty_like(expert_out), torch.empty_like(gate_logits)
+
+
+def _gate_combine_setup(ctx, inputs, output):
+    expert_out, gate_logits, kernel = inputs
+    ctx.save_for_backward(expert_out, gate_logits)
+    ctx.kernel = kernel
+
+
+def _gate_combine_grad(ctx, grad_out):
+    expert_out, gate_logits = ctx.saved_tensors
+    d_y, d_logits = gate_combine_backward(grad_out, expert_out, gate_logits, ctx.kernel)
+    return d_y, d_logits, None
+
+
+gate_combine.register_autograd(_gate_combine_grad, setup_context=_gate_combine_setup)
+
+
+# ------------------------------------------------------------- field_attention
+def _check_field_attention(q, k, v, key_padding_mask) -> None:
+    _check(q.dim() == 4, f"field_attention: q must be [B, H, F, dh], got {tuple(q.shape)}")
+    _check(k.shape == q.shape and v.shape == q.shape,
+           f"field_attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    _check(q.dtype in _DTYPES, f"field_attention: unsupported dtype {q.dtype}")
+    _check(k.dtype == q.dtype and v.dtype == q.dtype, "field_attention: q, k, v dtypes differ")
+    _check(k.device == q.device and v.device == q.device, "field_attention: q, k, v on different devices")
+    if key_padding_mask is not None:
+        b, _, f, _ = q.shape
+        _check(key_padding_mask.shape == (b, f),
+               f"field_attention: key_padding_mask must be [{b}, {f}], got {tuple(key_padding_mask.shape)}")
+        _check(key_padding_mask.dtype == torch.bool, "field_attention: key_padding_mask must be bool")
+        _check(key_padding_mask.device == q.device, "field_attention: key_padding_mask on another device")
+
+
+@torch.library.custom_op("msrec::field_attention", mutates_args=())
+def field_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor] = None, kernel: str = "auto",
+) -> torch.Tensor:
+    """q, k, v [B, H, F, dh], key_padding_mask [B, F] (True = padded) -> [B, H, F, dh]."""
+    _check_field_attention(q, k, v, key_padding_mask)
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    if _use_triton(kernel, q):
+        return _triton_module("field_attention").field_attention_fwd(q, k, v, key_padding_mask)
+    return field_attention_ref(q, k, v, key_padding_mask)
+
+
+@field_attention.register_fake
+def _(q, k, v, key_padding_mask=None, kernel="auto"):
+    _check_field_attention(q, k, v, key_padding_mask)
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("msrec::field_attention_backward", mutates_args=())
+def field_attention_backward(
+    grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, kernel: str,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad_out [B, H, F, dh] -> (dq, dk, dv), each [B, H, F, dh]."""
+    if q.shape[0] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if _use_triton(kernel, q):
+        return _triton_module("field_attention").field_attention_bwd(grad_out, q, k, v, key_padding_mask, out)
+    return field_attention_backward_ref(grad_out, q, k, v, key_padding_mask)
+
+
+@field_attention_backward.register_fake
+def _(grad_out, q, k, v, key_padding_mask, out, kernel):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _field_attention_setup(ctx, inputs, output):
+    q, k, v, key_padding_mask, kernel = inputs
+    ctx.save_for_backward(q, k, v, key_padding_mask, output)
+    ctx.kernel = kernel
+
+
+def _field_attention_grad(ctx, grad_out):
+    q, k, v, key_padding_mask, out = ctx.saved_tensors
+    d_q, d_k, d_v = field_attention_backward(grad_out, q, k, v, key_padding_mask, out, ctx.kernel)
+    return d_q, d_k, d_v, None, None
+
+
+field_attention.register_autograd(_field_attention_grad, setup_context=_field_attention_setup)

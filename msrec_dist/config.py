@@ -1,0 +1,157 @@
+"""Typed experiment configs: one YAML file per model in configs/, parsed once into dataclasses.
+
+    configs/<model>.yaml ──load_experiment(path, data=None, overrides=[])──► ExperimentConfig
+        .data     path of the data config (msrec_dist/data/schema.py parses that file)
+        .model    ModelConfig   (which blocks are on, their widths)   → msrec_dist/model/zoo.py
+        .train    TrainConfig   (optimizers, steps, checkpoints)      → msrec_dist/dist/loop.py
+        .reader   ReaderConfig  (batch size, workers, split mode)     → msrec_dist/data/reader.py
+        .sharding ShardingConfig (planner constraints per table)      → msrec_dist/dist/sharding.py
+        .run      RunConfig     (run directory, seed, logging)
+
+Every block of the model is switchable here, so baselines and ablations are configs, not code.
+Unknown keys and wrong types fail naming the file and key path (typed_yaml.from_dict).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from msrec_dist.data.reader import ReaderConfig
+from msrec_dist.typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml
+
+Kernel = Literal["auto", "triton", "reference"]
+
+
+@dataclass
+class AttentionConfig:
+    """AutoInt-style multi-head self-attention over feature fields (residual, ReLU)."""
+    enabled: bool = True
+    heads: int = 2
+    head_dim: int = 8
+    layers: int = 1
+
+
+@dataclass
+class StarConfig:
+    """STAR scenario adaptation: partitioned norm → star-topology FC stack (+ auxiliary net)."""
+    enabled: bool = True
+    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    partitioned_norm: bool = True
+    norm_momentum: float = 0.1
+    aux_net: bool = True
+    aux_hidden: list[int] = field(default_factory=lambda: [32])
+    scenario_emb_dim: int = 8
+
+
+@dataclass
+class BottomConfig:
+    """Plain shared MLP trunk, used when STAR is disabled ([] = flattened fields as they are)."""
+    hidden: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ExpertsConfig:
+    """CGC/PLE experts: `levels` stacked CGC layers. MMoE = 1 level, 0 task experts."""
+    kind: Literal["none", "cgc"] = "cgc"
+    levels: int = 2
+    shared_experts: int = 2
+    task_experts: int = 1
+    hidden: int = 64
+
+    def validate(self, where: str) -> None:
+        if self.kind == "cgc" and (self.levels < 1 or self.shared_experts + self.task_experts < 1):
+            raise ConfigError(f"{where}: cgc needs levels >= 1 and at least one expert")
+
+
+@dataclass
+class MixingConfig:
+    """Balanced scenario/task expert mixing added to the expert mix before the towers."""
+    enabled: bool = True
+    hidden: int = 64
+
+
+@dataclass
+class TowerConfig:
+    hidden: list[int] = field(default_factory=lambda: [32])
+
+
+@dataclass
+class ModelConfig:
+    name: str = "msrec"
+    kernels: Kernel = "auto"
+    scenario_field: bool = True  # feed the scenario id as one more embedded field
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    star: StarConfig = field(default_factory=StarConfig)
+    bottom: BottomConfig = field(default_factory=BottomConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    tower: TowerConfig = field(default_factory=TowerConfig)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int = 0  # 0 = no limit
+    sparse_optimizer: Literal["rowwise_adagrad", "sgd", "adagrad", "adam"] = "rowwise_adagrad"
+    sparse_lr: float = 0.05
+    dense_optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
+    dense_lr: float = 0.002
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    lr_decay: Literal["none", "cosine", "linear"] = "none"
+    grad_clip: float = 10.0
+    task_weights: list[float] = field(default_factory=list)  # [] = 1 per task
+    checkpoint_every: int = 0  # steps; 0 = only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 50
+
+
+@dataclass
+class TableConstraint:
+    sharding_types: list[str] = field(default_factory=list)
+    compute_kernels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ShardingConfig:
+    constraints: dict[str, TableConstraint] = field(default_factory=dict)
+    hbm_gb: float = 0.0  # per-rank memory budget for the planner; 0 = torchrec's default
+    ddr_gb: float = 0.0
+
+
+@dataclass
+class RunConfig:
+    dir: str = ""  # default runs/<model.name>
+    seed: int = 0
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class ExperimentConfig:
+    data: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def load_experiment(path: str, data: Optional[str] = None, overrides: tuple[str, ...] = ()) -> ExperimentConfig:
+    """Parse configs/<model>.yaml (+ --data, + --set overrides) into an ExperimentConfig.
+
+    A relative `data:` path in the YAML is relative to the YAML file; `--data` is taken as given.
+    """
+    raw = load_yaml(path)
+    raw = apply_overrides(raw, list(overrides))
+    if data is not None:
+        raw["data"] = data
+    elif raw.get("data") and isinstance(raw["data"], str) and not os.path.isabs(raw["data"]):
+        raw["data"] = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), raw["data"]))
+    cfg = from_dict(ExperimentConfig, raw, where=path)
+    if not cfg.data:
+        raise ConfigError(f"{path}: data: no data config given (set `data:` or pass --data)")
+    if not cfg.run.dir:
+        cfg.run.dir = os.path.join("runs", cfg.model.name)
+    return cfg

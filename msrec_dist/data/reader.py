@@ -1,0 +1,340 @@
+"""Streaming Parquet reader: files → validated numpy row groups → `Batch` via a DataLoader.
+
+Flow: `make_dataloader` checks every file's schema and row counts up front from metadata
+(`validate_files` → `FileIndex`), then wraps a `ParquetBatchDataset` in a
+`DataLoader(batch_size=None)`. Each worker turns its plan (lists of global row ranges, one
+list per batch) into `Batch`es: ranges → (file, row group) pieces → the row group is read
+with only the needed columns, validated and converted to numpy once (`_Chunk`, cached: the
+last one per worker) → pieces are sliced and concatenated → tensors.
+
+Global row order: files in the given (sorted) order, rows in file order. Split modes:
+  interleave: global batch k = rows [k*GB, (k+1)*GB), GB = batch_size * world_size; rank r
+      takes the r-th slice of batch_size rows; worker w of W takes the k with
+      (k - start_batch) % W == w, so the DataLoader's round-robin yields batches in k order.
+  files: file i goes to part i % (world*W); part rank*W + w streams its files in batches
+      of batch_size rows (a batch may span files). `start_batch` = batches this rank's
+      loader already yielded (exact resume only with the same world size and workers;
+      parts are rotated over workers so the resumed round-robin continues the old order).
+Memory: one decoded row group per worker plus the batch being built.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from msrec_dist.data.batch import Batch
+from msrec_dist.data.schema import DataConfig, DataError, open_parquet, validate_file_schema
+from msrec_dist.typed_yaml import ConfigError
+
+Range = tuple[int, int]  # [start, end) global rows
+
+
+@dataclass
+class ReaderConfig:
+    batch_size: int = 1024  # local (per-rank) batch
+    num_workers: int = 1
+    split: Literal["interleave", "files"] = "interleave"
+    prefetch_factor: int = 4
+
+    def validate(self, where: str = "") -> None:
+        for key, low in (("batch_size", 1), ("num_workers", 0), ("prefetch_factor", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"{where + '.' if where else ''}{key}: must be >= {low}, got {getattr(self, key)}")
+
+
+@dataclass
+class FileIndex:
+    """Row layout of the file list, from Parquet metadata only."""
+
+    files: list[str]
+    rows: list[int]  # rows per file
+    rg_starts: list[list[int]]  # per file: first row of each row group, then the file's row count
+
+    @property
+    def starts(self) -> list[int]:  # [F + 1] global row of each file's first row, then the total
+        return [0, *np.cumsum(self.rows, dtype=np.int64).tolist()]
+
+    @property
+    def total(self) -> int:
+        return int(sum(self.rows))
+
+
+def validate_files(cfg: DataConfig, files: list[str]) -> FileIndex:
+    """Check every file's schema and non-emptiness (metadata only); return the row layout."""
+    rows, rg_starts = [], []
+    for path in files:
+        pf = open_parquet(path)
+        validate_file_schema(path, cfg, pf.schema_arrow)
+        md = pf.metadata
+        if md.num_rows == 0:
+            raise DataError(f"{path}: empty shard (0 rows)")
+        sizes = [md.row_group(j).num_rows for j in range(md.num_row_groups)]
+        rows.append(md.num_rows)
+        rg_starts.append([0, *np.cumsum(sizes).tolist()])
+    return FileIndex(list(files), rows, rg_starts)
+
+
+def count_rows(files: list[str]) -> int:
+    """Total rows over `files` from Parquet metadata (no data read)."""
+    return sum(open_parquet(f).metadata.num_rows for f in files)
+
+
+@dataclass
+class _Chunk:
+    """One decoded, validated row group of n rows."""
+
+    offsets: list[np.ndarray]  # per sparse feature [n + 1] int64, offsets[0] == 0
+    values: list[np.ndarray]  # per sparse feature [nnz] int64
+    dense: np.ndarray  # [n, Nd] float32
+    labels: np.ndarray  # [n, T] float32
+    scenario: np.ndarray  # [n] int64
+
+
+def _fail(path: str, col: str, row: int, what: str) -> DataError:
+    return DataError(f"{path}: column '{col}' row {row}: {what}")
+
+
+def _column(table: pa.Table, name: str, path: str, row0: int) -> pa.Array:
+    col = table.column(name)
+    arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    if arr.null_count:
+        i = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
+        raise _fail(path, name, row0 + i, "null value")
+    return arr
+
+
+def _decode(table: pa.Table, cfg: DataConfig, path: str, row0: int) -> _Chunk:
+    """Validate and convert a row group table; `row0` = file row of its first row."""
+    n = table.num_rows
+    sc_col = cfg.scenario.column
+    scenario = _column(table, sc_col, path, row0).to_numpy(zero_copy_only=False).astype(np.int64)
+    bad = (scenario < 0) | (scenario >= cfg.num_scenarios)
+    if bad.any():
+        i = int(bad.argmax())
+        raise _fail(path, sc_col, row0 + i, f"scenario {scenario[i]} outside 0..{cfg.num_scenarios - 1}")
+    labels = np.empty((n, len(cfg.tasks)), np.float32)
+    for t, task in enumerate(cfg.tasks):
+        v = _column(table, task.column, path, row0).to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = (v != 0) & (v != 1)
+        if bad.any():
+            i = int(bad.argmax())
+            raise _fail(path, task.column, row0 + i, f"label {v[i]} is not 0 or 1")
+        labels[:, t] = v
+    dense = np.empty((n, len(cfg.dense)), np.float32)
+    for d, feat in enumerate(cfg.dense):
+        v = _column(table, feat.name, path, row0).to_numpy(zero_copy_only=False).astype(np.float64)
+        bad = ~np.isfinite(v)
+        if bad.any():
+            i = int(bad.argmax())
+            raise _fail(path, feat.name, row0 + i, f"dense value {v[i]} is NaN or infinite")
+        dense[:, d] = v
+    offsets, values = [], []
+    for feat in cfg.sparse:
+        arr = _column(table, feat.name, path, row0)
+        is_list = pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
+        if is_list:
+            off = arr.offsets.to_numpy().astype(np.int64)  # [n + 1], honours the slice offset
+            child = arr.values.slice(int(off[0]), int(off[-1] - off[0]))
+            off -= off[0]
+            if child.null_count:
+                j = int(np.flatnonzero(child.is_null().to_numpy(zero_copy_only=False))[0])
+                i = int(np.searchsorted(off, j, side="right")) - 1
+                raise _fail(path, feat.name, row0 + i, f"null id inside the list (element {j - off[i]})")
+            vals = child.to_numpy(zero_copy_only=False).astype(np.int64)
+        else:
+            vals = arr.to_numpy(zero_copy_only=False).astype(np.int64)
+            off = np.arange(n + 1, dtype=np.int64)
+        bad = (vals < 0) | (vals >= feat.num_embeddings)
+        if bad.any():
+            j = int(bad.argmax())
+            i = int(np.searchsorted(off, j, side="right")) - 1
+            where = f" (element {j - off[i]} of the list)" if is_list else ""
+            raise _fail(path, feat.name, row0 + i,
+                        f"id {vals[j]}{where} outside 0..{feat.num_embeddings - 1} (table '{feat.table}')")
+        offsets.append(off)
+        values.append(vals)
+    return _Chunk(offsets, values, dense, labels, scenario)
+
+
+class _RowReader:
+    """Reads global row ranges into a Batch; caches the open file and the last row group."""
+
+    def __init__(self, cfg: DataConfig, index: FileIndex):
+        self.cfg, self.index = cfg, index
+        self.starts = index.starts
+        self.columns = cfg.columns()
+        self._file: tuple[int, object] | None = None  # (file index, ParquetFile)
+        self._chunk: tuple[int, int, _Chunk] | None = None  # (file index, row group, chunk)
+
+    def _get_chunk(self, f: int, g: int) -> _Chunk:
+        if self._chunk is not None and self._chunk[:2] == (f, g):
+            return self._chunk[2]
+        path = self.index.files[f]
+        if self._file is None or self._file[0] != f:
+            pf = open_parquet(path)
+            validate_file_schema(path, self.cfg, pf.schema_arrow)
+            self._file = (f, pf)
+        try:
+            table = self._file[1].read_row_group(g, columns=self.columns)
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(f"{path}: cannot read row group {g}: {e}") from e
+        chunk = _decode(table, self.cfg, path, self.index.rg_starts[f][g])
+        self._chunk = (f, g, chunk)
+        return chunk
+
+    def _pieces(self, ranges: list[Range]) -> Iterator[tuple[_Chunk, int, int, int]]:
+        """(chunk, lo, hi, global row of lo) for each row-group piece of `ranges`."""
+        for a, b in ranges:
+            while a < b:
+                f = bisect.bisect_right(self.starts, a) - 1
+                local = a - self.starts[f]
+                rgs = self.index.rg_starts[f]
+                g = bisect.bisect_right(rgs, local) - 1
+                hi = min(b - self.starts[f], rgs[g + 1])
+                yield self._get_chunk(f, g), local - rgs[g], hi - rgs[g], a
+                a += hi - local
+
+    def read(self, ranges: list[Range]) -> Batch:
+        pieces = list(self._pieces(ranges))
+        lengths, values = [], []
+        for k in range(len(self.cfg.sparse)):
+            for c, lo, hi, _ in pieces:
+                off = c.offsets[k]
+                lengths.append(np.diff(off[lo:hi + 1]))
+                values.append(c.values[k][off[lo]:off[hi]])
+        sparse = KeyedJaggedTensor(
+            keys=self.cfg.sparse_names,
+            values=torch.from_numpy(np.concatenate(values)),  # [sum of bag sizes] int64
+            lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),  # [F * B] int32
+        )
+        return Batch(
+            sparse=sparse,
+            dense=torch.from_numpy(np.concatenate([c.dense[lo:hi] for c, lo, hi, _ in pieces])),
+            labels=torch.from_numpy(np.concatenate([c.labels[lo:hi] for c, lo, hi, _ in pieces])),
+            scenario=torch.from_numpy(np.concatenate([c.scenario[lo:hi] for c, lo, hi, _ in pieces])),
+            rows=torch.from_numpy(np.concatenate([np.arange(g, g + hi - lo) for _, lo, hi, g in pieces])),
+        )
+
+
+def _round_robin_taken(counts: list[int], n: int) -> tuple[list[int], int]:
+    """DataLoader order is round-robin over workers, skipping exhausted ones: return how many of
+    each worker's batches are among the first n yielded, and the worker whose batch is next."""
+    taken, nxt = [0] * len(counts), 0
+    while n > 0 and any(t < c for t, c in zip(taken, counts)):
+        for w, c in enumerate(counts):
+            if n > 0 and taken[w] < c:
+                taken[w] += 1
+                n -= 1
+                nxt = (w + 1) % len(counts)
+    return taken, nxt
+
+
+class ParquetBatchDataset(IterableDataset):
+    """Yields this rank's `Batch`es; see the module docstring for the split modes."""
+
+    def __init__(self, cfg: DataConfig, index: FileIndex, reader: ReaderConfig, rank: int = 0,
+                 world_size: int = 1, start_batch: int = 0):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.cfg, self.index, self.reader = cfg, index, reader
+        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.num_workers = max(1, reader.num_workers)
+
+    def _interleave(self, w: int) -> Iterator[list[Range]]:
+        b, n = self.reader.batch_size, self.index.total
+        gb = b * self.world_size
+        for k in range(self.start_batch + w, math.ceil(n / gb), self.num_workers):
+            a = k * gb + self.rank * b
+            if a < n:
+                yield [(a, min(a + b, n))]
+
+    def _part(self, w: int) -> Iterator[list[Range]]:
+        """All batches of files-mode part rank*W + w, from its first."""
+        parts, p, starts = self.world_size * self.num_workers, self.rank * self.num_workers + w, self.index.starts
+        todo = [(starts[i], starts[i + 1]) for i in range(len(self.index.files)) if i % parts == p]
+        batch, size = [], 0
+        for a, e in todo:
+            while a < e:
+                take = min(e - a, self.reader.batch_size - size)
+                batch.append((a, a + take))
+                size, a = size + take, a + take
+                if size == self.reader.batch_size:
+                    yield batch
+                    batch, size = [], 0
+        if batch:
+            yield batch
+
+    def _files_counts(self) -> tuple[list[int], list[int], int]:
+        counts = [sum(1 for _ in self._part(w)) for w in range(self.num_workers)]
+        return counts, *_round_robin_taken(counts, self.start_batch)
+
+    def plan(self, w: int) -> Iterator[list[Range]]:
+        """Global row ranges of each batch worker `w` yields (one list per batch)."""
+        if self.reader.split == "interleave":
+            yield from self._interleave(w)
+            return
+        # a resumed loader starts its round-robin at worker 0: rotate parts so that worker 0
+        # continues the part whose batch was next, which keeps the original order exactly
+        _, taken, nxt = self._files_counts()
+        part = (w + nxt) % self.num_workers
+        for i, batch in enumerate(self._part(part)):
+            if i >= taken[part]:
+                yield batch
+
+    def __len__(self) -> int:
+        """Number of batches this rank yields (from `start_batch` on)."""
+        if self.reader.split == "interleave":
+            return sum(sum(1 for _ in self._interleave(w)) for w in range(self.num_workers))
+        counts, taken, _ = self._files_counts()
+        return sum(counts) - sum(taken)
+
+    def __iter__(self) -> Iterator[Batch | _Failure]:
+        info = get_worker_info()
+        w = 0 if info is None else info.id
+        if info is not None and info.num_workers != self.num_workers:
+            raise RuntimeError(f"dataset planned for {self.num_workers} workers, run by {info.num_workers}")
+        reader = _RowReader(self.cfg, self.index)
+        try:
+            for ranges in self.plan(w):
+                yield reader.read(ranges)
+        except DataError as e:
+            # handed to the main process as an item: a worker that raises is slow to shut down
+            # (torch waits 5 s for it) and torch would wrap the message
+            yield _Failure(str(e))
+
+
+@dataclass
+class _Failure:
+    """A DataError raised in a worker, re-raised by `_Loader` in the main process."""
+
+    message: str
+
+
+class _Loader(DataLoader):
+    """DataLoader that re-raises worker DataErrors with their original message."""
+
+    def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
+        for item in super().__iter__():
+            if isinstance(item, _Failure):
+                raise DataError(item.message)
+            yield item
+
+
+def make_dataloader(cfg: DataConfig, files: list[str], reader: ReaderConfig, rank: int = 0,
+                    world_size: int = 1, start_batch: int = 0) -> DataLoader:
+    """DataLoader yielding this rank's `Batch`es; file problems raise DataError right here."""
+    reader.validate("reader")
+    index = validate_files(cfg, files)
+    ds = ParquetBatchDataset(cfg, index, reader, rank, world_size, start_batch)
+    extra = {"prefetch_factor": reader.prefetch_factor} if reader.num_workers > 0 else {}
+    return _Loader(ds, batch_size=None, num_workers=reader.num_workers, persistent_workers=False, **extra)

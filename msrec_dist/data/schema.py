@@ -1,0 +1,217 @@
+"""Data config (data.yaml) and Parquet schema checks.
+
+Flow: data.yaml → `load_data_config` (strict typed_yaml parse, globs resolved relative to the
+yaml into sorted absolute file lists) → `DataConfig`, which tells the reader which columns to
+read and how (sparse/dense/labels/scenario) and tells the model its embedding tables
+(`DataConfig.tables()`). `validate_file_schema` checks one file's arrow schema against the
+config from metadata only, before any row is read; failures are `DataError`s.
+
+The yaml key names below are a contract shared with configs and other engineers.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from msrec_dist.typed_yaml import ConfigError, from_dict, load_yaml
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, and where known the column and row."""
+
+
+def _at(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+@dataclass
+class SparseFeature:
+    name: str  # column name; int64 (one id per row) or list<int64> (a bag of ids)
+    table: str  # features naming the same table share one embedding table
+    num_embeddings: int
+    dim: int
+    pooling: Literal["sum", "mean"] = "sum"
+
+    def validate(self, where: str) -> None:
+        if self.num_embeddings <= 0:
+            raise ConfigError(f"{_at(where, 'num_embeddings')}: must be > 0, got {self.num_embeddings}")
+        if self.dim <= 0:
+            raise ConfigError(f"{_at(where, 'dim')}: must be > 0, got {self.dim}")
+
+
+@dataclass
+class DenseFeature:
+    name: str  # float (or int) column
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    column: str  # binary label column: int, float or bool with values 0/1
+
+
+@dataclass
+class ScenarioSpec:
+    column: str  # integer column with values 0..len(names)-1
+    names: list[str]
+
+    def validate(self, where: str) -> None:
+        if not self.names:
+            raise ConfigError(f"{_at(where, 'names')}: needs at least one scenario name")
+        if len(set(self.names)) != len(self.names):
+            raise ConfigError(f"{_at(where, 'names')}: duplicate scenario names {self.names}")
+
+
+@dataclass
+class TableSpec:
+    """One embedding table, shared by `feature_names` (in schema order)."""
+
+    name: str
+    num_embeddings: int
+    dim: int
+    feature_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataConfig:
+    train: list[str]  # after load_data_config: sorted absolute Parquet paths
+    scenario: ScenarioSpec
+    tasks: list[TaskSpec]
+    sparse: list[SparseFeature]
+    eval: list[str] = field(default_factory=list)
+    dense: list[DenseFeature] = field(default_factory=list)
+
+    def validate(self, where: str) -> None:
+        if not self.tasks:
+            raise ConfigError(f"{_at(where, 'tasks')}: needs at least one task")
+        if not self.sparse:
+            raise ConfigError(f"{_at(where, 'sparse')}: needs at least one sparse feature")
+        for key, names in (("tasks", [t.name for t in self.tasks]), ("sparse", self.sparse_names),
+                           ("dense", self.dense_names)):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ConfigError(f"{_at(where, key)}: duplicate name(s) {dup}")
+        first: dict[str, tuple[int, SparseFeature]] = {}
+        for i, f in enumerate(self.sparse):
+            if f.table not in first:
+                first[f.table] = (i, f)
+                continue
+            j, g = first[f.table]
+            if (f.num_embeddings, f.dim) != (g.num_embeddings, g.dim):
+                raise ConfigError(
+                    f"{_at(where, f'sparse[{i}]')}: features '{g.name}' (sparse[{j}]) and '{f.name}' "
+                    f"(sparse[{i}]) share table '{f.table}' but disagree: num_embeddings "
+                    f"{g.num_embeddings} vs {f.num_embeddings}, dim {g.dim} vs {f.dim}")
+
+    @property
+    def num_scenarios(self) -> int:
+        return len(self.scenario.names)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def sparse_names(self) -> list[str]:
+        return [f.name for f in self.sparse]
+
+    @property
+    def dense_names(self) -> list[str]:
+        return [f.name for f in self.dense]
+
+    def columns(self) -> list[str]:
+        """Every column the reader needs, without duplicates, in a fixed order."""
+        cols = [self.scenario.column, *(t.column for t in self.tasks), *self.sparse_names, *self.dense_names]
+        return list(dict.fromkeys(cols))
+
+    def tables(self) -> list[TableSpec]:
+        """Embedding tables in order of first appearance in `sparse`."""
+        out: dict[str, TableSpec] = {}
+        for f in self.sparse:
+            spec = out.setdefault(f.table, TableSpec(f.table, f.num_embeddings, f.dim))
+            spec.feature_names.append(f.name)
+        return list(out.values())
+
+
+def resolve_paths(patterns: str | list[str], base_dir: str, where: str) -> list[str]:
+    """Patterns (paths, globs or directories; relative to `base_dir`) → sorted absolute files."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    files: set[str] = set()
+    for i, pat in enumerate(patterns):
+        full = os.path.abspath(os.path.join(base_dir, os.path.expanduser(pat)))
+        if os.path.isdir(full):
+            full = os.path.join(full, "*.parquet")
+        matches = [m for m in glob.glob(full) if os.path.isfile(m)] if glob.has_magic(full) else (
+            [full] if os.path.isfile(full) else [])
+        if not matches:
+            raise ConfigError(f"{where}[{i}]: pattern {pat!r} (resolved to {full!r}) matches no file")
+        files.update(os.path.abspath(m) for m in matches)
+    return sorted(files)
+
+
+def load_data_config(path: str) -> DataConfig:
+    """Parse data.yaml strictly; train/eval globs resolve relative to the yaml's directory."""
+    raw = load_yaml(path)
+    for key in ("train", "eval"):
+        if isinstance(raw.get(key), str):
+            raw[key] = [raw[key]]
+    try:
+        cfg = from_dict(DataConfig, raw, "")
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {str(e).removeprefix(': ')}") from e
+    base = os.path.dirname(os.path.abspath(path))
+    cfg.train = resolve_paths(cfg.train, base, f"{path}: train")
+    cfg.eval = resolve_paths(cfg.eval, base, f"{path}: eval") if cfg.eval else []
+    return cfg
+
+
+def _is_int(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t)
+
+
+def _is_int_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_int(t.value_type)
+
+
+def _is_label(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_boolean(t)
+
+
+def _is_dense(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def validate_file_schema(path: str, cfg: DataConfig, schema: pa.Schema | None = None) -> None:
+    """Check that `path` has every needed column with a usable type (metadata only)."""
+    if schema is None:
+        schema = open_parquet(path).schema_arrow
+    checks = [(cfg.scenario.column, "scenario", "integer", _is_int)]
+    checks += [(t.column, f"label of task '{t.name}'", "integer, float or bool", _is_label) for t in cfg.tasks]
+    checks += [(f.name, "sparse feature", "integer or list<integer>", lambda t: _is_int(t) or _is_int_list(t))
+               for f in cfg.sparse]
+    checks += [(f.name, "dense feature", "float or integer", _is_dense) for f in cfg.dense]
+    for col, role, expected, ok in checks:
+        idx = schema.get_field_index(col)
+        if idx < 0:
+            raise DataError(f"{path}: column '{col}' ({role}) is missing; file has {schema.names}")
+        found = schema.field(idx).type
+        if not ok(found):
+            raise DataError(f"{path}: column '{col}' ({role}) has type {found}, expected {expected}")
+
+
+def open_parquet(path: str) -> pq.ParquetFile:
+    """Open a Parquet file, turning empty/corrupt files into DataErrors naming the file."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise DataError(f"{path}: empty shard (0-byte file)")
+        return pq.ParquetFile(path)
+    except DataError:
+        raise
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: cannot read Parquet file: {e}") from e

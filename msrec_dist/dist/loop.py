@@ -1,0 +1,125 @@
+"""Train and evaluation loops over the sharded model, with the has-data agreement.
+
+    loader ──next()──► Batch | None (this rank ran out) | DataError
+       ──agree()──► every rank learns: how many ranks have data, whether any rank failed
+       all out       → the epoch ends on every rank at the same step (no hang)
+       some out      → ranks without data run an empty batch (B = 0) so collectives match
+       any failed    → every rank raises the same DataError (file, column, row)
+    model(batch) → (loss, (loss, logits, labels)); loss.backward() runs the fused sparse
+    optimizer; dense grads are clipped, the dense optimizer and LR schedule step.
+
+One small all_reduce per step carries the agreement; it is also the step's only host sync
+besides the logged loss.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from msrec_dist.data.batch import Batch
+from msrec_dist.data.schema import DataConfig, DataError
+from msrec_dist.dist.context import DistContext
+from msrec_dist.dist.model_parallel import TrainState
+from msrec_dist.metrics.evaluator import ScenarioTaskMetrics
+
+
+def empty_batch(data: DataConfig, device: torch.device) -> Batch:
+    """A zero-row batch for a rank whose data ran out while others still train."""
+    return Batch(
+        sparse=KeyedJaggedTensor(keys=list(data.sparse_names), values=torch.zeros(0, dtype=torch.long),
+                                 lengths=torch.zeros(0, dtype=torch.long), stride=0).to(device),
+        dense=torch.zeros(0, len(data.dense_names), device=device),
+        labels=torch.zeros(0, len(data.task_names), device=device),
+        scenario=torch.zeros(0, dtype=torch.long, device=device),
+        rows=torch.zeros(0, dtype=torch.long, device=device),
+    )
+
+
+def next_or_error(it: Iterator[Batch]) -> tuple[Optional[Batch], Optional[str]]:
+    try:
+        return next(it), None
+    except StopIteration:
+        return None, None
+    except DataError as e:
+        return None, str(e)
+    except Exception as e:  # DataLoader workers re-raise wrapped; keep the original text
+        if "DataError" in repr(e) or "DataError" in str(e):
+            return None, str(e).strip().splitlines()[-1]
+        raise
+
+
+@dataclass
+class Agreement:
+    ranks_with_data: int
+    error: Optional[str]
+
+
+def agree(has_data: bool, error: Optional[str], ctx: DistContext) -> Agreement:
+    """All-reduce [has_data, failed] over ranks; on failure every rank gets the first error."""
+    flags = torch.tensor([int(has_data), int(error is not None)], dtype=torch.long)
+    if ctx.world_size > 1:
+        flags = flags.to(ctx.device)
+        dist.all_reduce(flags)
+    ranks_with_data, failures = (int(x) for x in flags.tolist())  # host sync, once per step
+    if failures:
+        messages = [None] * ctx.world_size
+        if ctx.world_size > 1:
+            dist.all_gather_object(messages, error)
+        else:
+            messages = [error]
+        first = next((r, m) for r, m in enumerate(messages) if m is not None)
+        return Agreement(ranks_with_data, f"rank {first[0]}: {first[1]}")
+    return Agreement(ranks_with_data, None)
+
+
+def agreed_batches(loader, data: DataConfig, ctx: DistContext) -> Iterator[Batch]:
+    """Yields this rank's batches (or empty ones) while any rank has data; raises on any error."""
+    it = iter(loader)
+    while True:
+        batch, error = next_or_error(it)
+        verdict = agree(batch is not None, error, ctx)
+        if verdict.error is not None:
+            raise DataError(verdict.error)
+        if verdict.ranks_with_data == 0:
+            return
+        yield batch.to(ctx.device) if batch is not None else empty_batch(data, ctx.device)
+
+
+def train_step(state: TrainState, batch: Batch, grad_clip: float) -> torch.Tensor:
+    state.model.train()
+    loss, _ = state.model(batch)
+    loss.backward()  # the sparse optimizer runs inside backward (fused)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(state.dense_params, grad_clip)
+    state.dense_optimizer.step()
+    state.dense_optimizer.zero_grad(set_to_none=True)
+    state.scheduler.step()
+    return loss.detach()
+
+
+@torch.no_grad()
+def evaluate(state: TrainState, loader, data: DataConfig, ctx: DistContext) -> dict:
+    """Global per scenario × task metrics over the eval split (every rank gets the same dict)."""
+    metrics = ScenarioTaskMetrics(data.scenario.names, data.task_names).to(ctx.device)
+    state.model.eval()
+    for batch in agreed_batches(loader, data, ctx):
+        _, (_, logits, labels) = state.model(batch)
+        metrics.update(logits, labels, batch.scenario)
+    state.model.train()
+    return metrics.compute()
+
+
+def train_epoch(state: TrainState, loader, data: DataConfig, ctx: DistContext, grad_clip: float,
+                on_step: Callable[[int, torch.Tensor, Batch], bool]) -> int:
+    """Runs one epoch; `on_step(local_step, loss, batch)` returns False to stop early."""
+    steps = 0
+    for batch in agreed_batches(loader, data, ctx):
+        loss = train_step(state, batch, grad_clip)
+        steps += 1
+        if not on_step(steps, loss, batch):
+            break
+    return steps

@@ -1,0 +1,128 @@
+"""Model → DistributedModelParallel with a fused sparse optimizer and a dense optimizer.
+
+    MultiTaskTrainModule (EBC on the meta device, dense layers on CPU, seeded)
+      ──apply_optimizer_in_backward(sparse optimizer, EBC params)──►
+      ──plan_sharding──► ShardingPlan ──DistributedModelParallel──► DMP
+      ──init_embeddings (deterministic per row block, independent of the sharding)──►
+    dense optimizer (Adam by default) over every other parameter, + LR schedule
+
+Embedding rows are initialised from a generator seeded by (seed, table, row block), so the
+same seed gives the same weights on 1 rank, on 2 ranks table_wise, or on 16 ranks row_wise.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.types import ShardingPlan
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+from msrec_dist.config import ExperimentConfig, TrainConfig
+from msrec_dist.data.schema import DataConfig
+from msrec_dist.dist.context import DistContext
+from msrec_dist.dist.sharding import build_topology, device_type, plan_sharding
+from msrec_dist.model.zoo import MultiScenarioModel, MultiTaskTrainModule
+
+SPARSE_OPTIMIZERS = {
+    "rowwise_adagrad": RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+}
+DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
+INIT_BLOCK_ROWS = 65536
+
+
+@dataclass
+class TrainState:
+    """What the loop drives: the sharded model and both optimizers."""
+    model: DistributedModelParallel
+    optimizer: CombinedOptimizer  # sparse (fused, in backward) + dense
+    dense_optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    dense_params: list[nn.Parameter]
+    plan: ShardingPlan
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """Linear warm-up, then none / cosine / linear decay to 10% over `total_steps`."""
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        if cfg.lr_decay == "none" or total_steps <= cfg.warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - cfg.warmup_steps) / (total_steps - cfg.warmup_steps))
+        if cfg.lr_decay == "cosine":
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 - 0.9 * progress
+    return factor
+
+
+def build_train_module(cfg: ExperimentConfig, data: DataConfig, world_size: int) -> MultiTaskTrainModule:
+    """The unsharded train module; dense weights from `cfg.run.seed`, EBC on the meta device."""
+    torch.manual_seed(cfg.run.seed)
+    model = MultiScenarioModel(cfg.model, data, grad_scale=1.0 / world_size, embedding_device=torch.device("meta"))
+    return MultiTaskTrainModule(model, cfg.train.task_weights)
+
+
+def init_block(seed: int, table_index: int, block: int, rows: int, dim: int, bound: float) -> torch.Tensor:
+    """Rows of one init block, a pure function of (seed, table, block)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + table_index * 7919 + block)
+    return torch.empty(rows, dim).uniform_(-bound, bound, generator=gen)
+
+
+def fill_table_shard(out: torch.Tensor, row0: int, col0: int, num_rows: int, dim: int,
+                     seed: int, table_index: int) -> None:
+    """Write rows [row0, row0+out.rows) × cols [col0, ...) of the table's deterministic init."""
+    bound = math.sqrt(1.0 / num_rows)
+    r, end = row0, row0 + out.size(0)
+    while r < end:
+        block = r // INIT_BLOCK_ROWS
+        b0 = block * INIT_BLOCK_ROWS
+        values = init_block(seed, table_index, block, min(INIT_BLOCK_ROWS, num_rows - b0), dim, bound)
+        take = min(end, b0 + values.size(0)) - r
+        out[r - row0: r - row0 + take].copy_(values[r - b0: r - b0 + take, col0: col0 + out.size(1)])
+        r += take
+
+
+@torch.no_grad()
+def init_embeddings(dmp: DistributedModelParallel, data: DataConfig, seed: int) -> None:
+    """Deterministic init of every local shard of every embedding table."""
+    tables = {t.name: (i, t) for i, t in enumerate(data.tables())}
+    for key, value in dmp.state_dict().items():
+        if ".embedding_bags." not in key:
+            continue
+        name = key.split(".embedding_bags.")[1].rsplit(".", 1)[0]
+        index, table = tables[name]
+        if hasattr(value, "local_shards"):  # ShardedTensor
+            for shard in value.local_shards():
+                offsets = shard.metadata.shard_offsets
+                fill_table_shard(shard.tensor, offsets[0], offsets[1], table.num_embeddings, table.dim, seed, index)
+        else:  # a replicated (data_parallel) table
+            fill_table_shard(value, 0, 0, table.num_embeddings, table.dim, seed, index)
+
+
+def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext, total_steps: int) -> TrainState:
+    module = build_train_module(cfg, data, ctx.world_size)
+    t = cfg.train
+    sparse_kwargs = {"lr": t.sparse_lr}
+    apply_optimizer_in_backward(SPARSE_OPTIMIZERS[t.sparse_optimizer],
+                                module.model.embedding.ebc.parameters(), sparse_kwargs)
+    topology = build_topology(ctx.world_size, ctx.local_world_size, device_type(ctx.device), cfg.sharding)
+    plan = plan_sharding(module, topology, cfg.sharding, dist.group.WORLD)
+    dmp = DistributedModelParallel(module, device=ctx.device, plan=plan)
+    init_embeddings(dmp, data, cfg.run.seed)
+    named_dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    dense_cls = DENSE_OPTIMIZERS[t.dense_optimizer]
+    dense = KeyedOptimizerWrapper(named_dense, lambda params: dense_cls(params, lr=t.dense_lr,
+                                                                         weight_decay=t.weight_decay))
+    optimizer = CombinedOptimizer([("sparse", dmp.fused_optimizer), ("dense", dense)])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(dense._optimizer, lr_lambda(t, total_steps))
+    return TrainState(dmp, optimizer, dense, scheduler, list(named_dense.values()), plan)

@@ -1,0 +1,82 @@
+"""Embedding layer: sparse ids, dense values and the scenario id → one stack of D-dim fields.
+
+    batch.sparse  KJT, F_s features ──EmbeddingBagCollection (sum pooling)──► KeyedTensor [B, F_s * D]
+                  ──view──► [B, F_s, D]; mean-pooled features divided by their bag length
+    batch.dense   [B, N_d] ──x_n * w_n + b_n per feature──► [B, N_d, D]
+    batch.scenario [B] ──nn.Embedding(S, D)──► [B, 1, D]       (only if scenario_field)
+    concat ──► fields [B, F, D],  F = F_s + N_d (+1)
+
+All tables use SUM pooling in the EBC so that features of different pooling can share a table
+(torchrec pools per table); a mean feature is the sum divided by max(length, 1), an empty bag
+is a zero vector. The EBC is called directly on `batch.sparse` so torchrec's train pipelines
+can find it by FX tracing; nothing here branches on tensor values.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from msrec_dist.data.schema import DataConfig
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity forward, gradient multiplied by `scale` (FX-traceable: no autograd.Function).
+
+    Model-parallel embedding gradients are summed over ranks while DDP averages dense ones;
+    scaling the pooled-embedding gradient by 1/world_size makes both the global-batch mean.
+    """
+    if scale == 1.0:
+        return x
+    return x * scale + x.detach() * (1.0 - scale)
+
+
+def embedding_dim(data: DataConfig) -> int:
+    """The one field width D shared by every table (the field stack needs equal widths)."""
+    dims = {t.name: t.dim for t in data.tables()}
+    if len(set(dims.values())) != 1:
+        raise ValueError(f"all embedding tables must have the same dim to form the field stack, got {dims}")
+    return next(iter(dims.values()))
+
+
+class FieldEmbedding(nn.Module):
+    def __init__(self, data: DataConfig, scenario_field: bool, grad_scale: float = 1.0,
+                 device: torch.device | None = None) -> None:
+        super().__init__()
+        tables = data.tables()
+        self.dim = embedding_dim(data)
+        self.ebc = EmbeddingBagCollection(
+            tables=[EmbeddingBagConfig(name=t.name, embedding_dim=t.dim, num_embeddings=t.num_embeddings,
+                                       feature_names=list(t.feature_names), pooling=PoolingType.SUM)
+                    for t in tables],
+            device=device,
+        )
+        # EBC output order (table by table) vs. the KJT key order (schema order)
+        self.field_names = [f for t in tables for f in t.feature_names]
+        kjt_order = list(data.sparse_names)
+        pooling = {f.name: f.pooling for f in data.sparse}
+        self.register_buffer("lengths_perm", torch.tensor([kjt_order.index(f) for f in self.field_names]),
+                             persistent=False)
+        self.register_buffer("is_mean", torch.tensor([pooling[f] == "mean" for f in self.field_names]),
+                             persistent=False)
+        self.num_sparse = len(kjt_order)
+        self.grad_scale = grad_scale
+        num_dense = len(data.dense_names)
+        self.dense_weight = nn.Parameter(torch.randn(num_dense, self.dim) * 0.1)  # [N_d, D]
+        self.dense_bias = nn.Parameter(torch.zeros(num_dense, self.dim))  # [N_d, D]
+        self.scenario_emb = nn.Embedding(data.num_scenarios, self.dim) if scenario_field else None
+        self.num_fields = len(self.field_names) + num_dense + (1 if scenario_field else 0)
+
+    def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
+        batch_size = dense.size(0)
+        pooled = self.ebc(sparse).values()  # [B, F_s * D]
+        pooled = scale_grad(pooled, self.grad_scale).view(batch_size, self.num_sparse, self.dim)  # [B, F_s, D]
+        lengths = sparse.lengths().view(self.num_sparse, batch_size).index_select(0, self.lengths_perm)  # [F_s, B]
+        divisor = torch.where(self.is_mean.unsqueeze(1), lengths.clamp(min=1), torch.ones_like(lengths))
+        pooled = pooled / divisor.t().unsqueeze(2).to(pooled.dtype)  # [B, F_s, D]
+        dense_fields = dense.unsqueeze(2) * self.dense_weight + self.dense_bias  # [B, N_d, D]
+        fields = [pooled, dense_fields]
+        if self.scenario_emb is not None:
+            fields.append(self.scenario_emb(scenario).unsqueeze(1))  # [B, 1, D]
+        return torch.cat(fields, dim=1)  # [B, F, D]

@@ -1,0 +1,63 @@
+"""Dense building blocks: a plain MLP and a stack of K independent MLPs run as batched GEMMs.
+
+    MLP            [B, in] → [B, out]                     (Linear + ReLU per hidden layer)
+    StackedMLP     [K, B, in] → [K, B, out]   K experts or towers, one `baddbmm` per layer
+                   [B, in]    → [K, B, out]   same input for all K: one GEMM over [in, K*out]
+
+Stacking the K weights into one tensor replaces a Python loop of K small GEMMs by one batched
+GEMM (the PLE/MMoE experts, the per-task towers).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Sequential):
+    def __init__(self, in_dim: int, hidden: list[int], final_activation: bool = True) -> None:
+        layers: list[nn.Module] = []
+        for i, width in enumerate(hidden):
+            layers.append(nn.Linear(in_dim, width))
+            if final_activation or i < len(hidden) - 1:
+                layers.append(nn.ReLU())
+            in_dim = width
+        super().__init__(*layers)
+        self.out_dim = in_dim
+
+
+class StackedLinear(nn.Module):
+    """K independent Linear(in, out) layers held as weight [K, in, out], bias [K, 1, out]."""
+
+    def __init__(self, num: int, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        bound = 1.0 / math.sqrt(in_dim)
+        self.weight = nn.Parameter(torch.empty(num, in_dim, out_dim).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(num, 1, out_dim).uniform_(-bound, bound))
+        self.num, self.in_dim, self.out_dim = num, in_dim, out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # shared input [B, in]: one GEMM against [in, K*out]
+            w = self.weight.permute(1, 0, 2).reshape(self.in_dim, self.num * self.out_dim)
+            y = (x @ w).view(x.size(0), self.num, self.out_dim).transpose(0, 1)  # [K, B, out]
+            return y + self.bias
+        return torch.baddbmm(self.bias, x, self.weight)  # [K, B, out]
+
+
+class StackedMLP(nn.Module):
+    """K MLPs of equal widths; input [B, in] (shared) or [K, B, in]; output [K, B, hidden[-1]]."""
+
+    def __init__(self, num: int, in_dim: int, hidden: list[int], final_activation: bool = True) -> None:
+        super().__init__()
+        dims = [in_dim] + list(hidden)
+        self.layers = nn.ModuleList(StackedLinear(num, a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.final_activation = final_activation
+        self.out_dim = dims[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if self.final_activation or i < len(self.layers) - 1:
+                x = torch.relu(x)
+        return x

@@ -1,0 +1,76 @@
+"""PLE: progressive layered extraction with stacked CGC levels (Tang et al., RecSys 2020).
+
+    level inputs  [G, B, in], G = T task groups + 1 shared group (level 0: one shared [B, in])
+    experts       E = T * task_experts + shared_experts, stacked: one batched GEMM → [B, E, h]
+    gates         one Linear per group → logits [G, B, E]; a task gate sees only its own task
+                  experts and the shared experts (others masked to -inf), the shared gate all
+    combine       torch.ops.msrec.gate_combine(experts [B, E, h], logits [G, B, E]) → [G, B, h]
+    last level    has no shared gate: output [T, B, h]
+
+MMoE is the special case levels=1, task_experts=0 (every gate sees every shared expert).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from msrec_dist.kernels import gate_combine
+from msrec_dist.model.mlp import StackedLinear, StackedMLP
+
+
+def expert_groups(num_tasks: int, task_experts: int, shared_experts: int) -> list[int]:
+    """Group index of each expert: task experts of task t → t, shared experts → num_tasks."""
+    return [t for t in range(num_tasks) for _ in range(task_experts)] + [num_tasks] * shared_experts
+
+
+def gate_mask(num_tasks: int, groups: list[int], with_shared_gate: bool) -> torch.Tensor:
+    """[G, E] additive mask: 0 where gate g may use expert e, -inf elsewhere."""
+    num_gates = num_tasks + (1 if with_shared_gate else 0)
+    mask = torch.full((num_gates, len(groups)), float("-inf"))
+    for g in range(num_gates):
+        for e, owner in enumerate(groups):
+            if g == num_tasks or owner == g or owner == num_tasks:
+                mask[g, e] = 0.0
+    return mask
+
+
+class CGCLevel(nn.Module):
+    def __init__(self, in_dim: int, hidden: int, num_tasks: int, task_experts: int, shared_experts: int,
+                 last: bool, kernel: str) -> None:
+        super().__init__()
+        groups = expert_groups(num_tasks, task_experts, shared_experts)
+        self.num_tasks, self.kernel = num_tasks, kernel
+        self.num_experts = len(groups)
+        self.register_buffer("expert_group", torch.tensor(groups), persistent=False)
+        self.register_buffer("mask", gate_mask(num_tasks, groups, not last).unsqueeze(1), persistent=False)  # [G, 1, E]
+        self.experts = StackedMLP(self.num_experts, in_dim, [hidden])
+        self.gates = StackedLinear(self.mask.size(0), in_dim, self.num_experts)
+        self.out_dim = hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, in] (first level) or [T+1, B, in]; returns [G, B, h]."""
+        if x.dim() == 2:
+            expert_out = self.experts(x)  # [E, B, h]
+            logits = self.gates(x)  # [G, B, E]
+        else:
+            expert_out = self.experts(x.index_select(0, self.expert_group))  # [E, B, h]
+            logits = self.gates(x[: self.mask.size(0)])  # [G, B, E]
+        logits = logits + self.mask
+        return gate_combine(expert_out.transpose(0, 1).contiguous(), logits.contiguous(), self.kernel)
+
+
+class PLE(nn.Module):
+    def __init__(self, in_dim: int, hidden: int, num_tasks: int, levels: int, task_experts: int,
+                 shared_experts: int, kernel: str) -> None:
+        super().__init__()
+        self.levels = nn.ModuleList()
+        for i in range(levels):
+            self.levels.append(CGCLevel(in_dim, hidden, num_tasks, task_experts, shared_experts,
+                                        last=i == levels - 1, kernel=kernel))
+            in_dim = hidden
+        self.out_dim = hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for level in self.levels:
+            x = level(x)
+        return x  # [T, B, h]

@@ -1,0 +1,119 @@
+"""STAR scenario adaptation (Sheng et al., "One Model to Serve All", CIKM 2021).
+
+    x [B, N], scenario [B]
+      ──PartitionedNorm──► [B, N]   normalised with the sample's own scenario statistics,
+                                     affine = (γ ⊙ γ_s, β + β_s)
+      ──StarLinear+ReLU ×L──► [B, H] weight = W ⊙ W_s (star topology), bias = b + b_s
+    AuxiliaryNet: [scenario embedding, mean field] ──MLP──► [B, T] added to each task's logit
+
+Training normalises with the batch statistics of each scenario's rows (and updates that
+scenario's running statistics only when it has rows in the batch); eval uses the running
+statistics. Everything is tensor math on a one-hot [B, S], so the block is FX-traceable.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msrec_dist.model.mlp import MLP
+
+
+def star_weight(shared: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
+    """Star-topology weights: shared [in, out] ⊙ scenario-specific [S, in, out] → [S, in, out]."""
+    return shared.unsqueeze(0) * scenario
+
+
+def scenario_moments(x: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-scenario mean and (biased) variance of x [B, N] over its rows; onehot [B, S].
+
+    Returns mean [S, N], var [S, N], count [S]; scenarios without rows get mean 0, var 0.
+    """
+    count = onehot.sum(0)  # [S]
+    denom = count.clamp(min=1.0).unsqueeze(1)  # [S, 1]
+    mean = onehot.t() @ x / denom  # [S, N]
+    centered = x - onehot @ mean  # [B, N]
+    var = onehot.t() @ (centered * centered) / denom  # [S, N]
+    return mean, var, count
+
+
+class PartitionedNorm(nn.Module):
+    def __init__(self, num_features: int, num_scenarios: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.momentum, self.eps, self.num_scenarios = momentum, eps, num_scenarios
+        self.shared_gamma = nn.Parameter(torch.ones(num_features))
+        self.shared_beta = nn.Parameter(torch.zeros(num_features))
+        self.scenario_gamma = nn.Parameter(torch.ones(num_scenarios, num_features))
+        self.scenario_beta = nn.Parameter(torch.zeros(num_scenarios, num_features))
+        self.register_buffer("running_mean", torch.zeros(num_scenarios, num_features))
+        self.register_buffer("running_var", torch.ones(num_scenarios, num_features))
+
+    def forward(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            mean, var, count = scenario_moments(x, onehot)
+            present = (count > 0).unsqueeze(1)  # [S, 1]
+            with torch.no_grad():
+                m = self.momentum
+                self.running_mean.copy_(torch.where(present, (1 - m) * self.running_mean + m * mean, self.running_mean))
+                self.running_var.copy_(torch.where(present, (1 - m) * self.running_var + m * var, self.running_var))
+        else:
+            mean, var = self.running_mean, self.running_var
+        row_mean = onehot @ mean  # [B, N]
+        row_inv_std = torch.rsqrt(onehot @ var + self.eps)  # [B, N]
+        gamma = self.shared_gamma * (onehot @ self.scenario_gamma)  # [B, N]
+        beta = self.shared_beta + onehot @ self.scenario_beta  # [B, N]
+        return (x - row_mean) * row_inv_std * gamma + beta
+
+
+class StarLinear(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, num_scenarios: int) -> None:
+        super().__init__()
+        shared = nn.Linear(in_dim, out_dim)  # for its default init
+        self.shared_weight = nn.Parameter(shared.weight.detach().t().contiguous())  # [in, out]
+        self.shared_bias = nn.Parameter(shared.bias.detach().clone())  # [out]
+        self.scenario_weight = nn.Parameter(torch.ones(num_scenarios, in_dim, out_dim))  # [S, in, out]
+        self.scenario_bias = nn.Parameter(torch.zeros(num_scenarios, out_dim))  # [S, out]
+
+    def forward(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        weight = star_weight(self.shared_weight, self.scenario_weight)  # [S, in, out]
+        per_scenario = torch.einsum("bi,sio->bso", x, weight)  # [B, S, out]: S is small (a few surfaces)
+        y = (per_scenario * onehot.unsqueeze(2)).sum(1)  # [B, out]
+        return y + self.shared_bias + onehot @ self.scenario_bias
+
+
+class StarTrunk(nn.Module):
+    """Partitioned norm (optional) followed by star FC layers with ReLU; [B, N] → [B, H]."""
+
+    def __init__(self, in_dim: int, hidden: list[int], num_scenarios: int, partitioned_norm: bool,
+                 momentum: float) -> None:
+        super().__init__()
+        self.num_scenarios = num_scenarios
+        self.norm = PartitionedNorm(in_dim, num_scenarios, momentum) if partitioned_norm else None
+        dims = [in_dim] + list(hidden)
+        self.layers = nn.ModuleList(StarLinear(a, b, num_scenarios) for a, b in zip(dims[:-1], dims[1:]))
+        self.out_dim = dims[-1]
+
+    def forward(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        if self.norm is not None:
+            x = self.norm(x, onehot)
+        for layer in self.layers:
+            x = torch.relu(layer(x, onehot))
+        return x
+
+
+class AuxiliaryNet(nn.Module):
+    """Scenario embedding + mean field → per-task logit offset [B, T]."""
+
+    def __init__(self, num_scenarios: int, emb_dim: int, field_dim: int, hidden: list[int], num_tasks: int) -> None:
+        super().__init__()
+        self.scenario_emb = nn.Embedding(num_scenarios, emb_dim)
+        self.mlp = MLP(emb_dim + field_dim, hidden)
+        self.out = nn.Linear(self.mlp.out_dim, num_tasks)
+
+    def forward(self, scenario: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.scenario_emb(scenario), fields.mean(1)], dim=1)  # [B, Ds + D]
+        return self.out(self.mlp(x))  # [B, T]
+
+
+def scenario_onehot(scenario: torch.Tensor, num_scenarios: int, dtype: torch.dtype) -> torch.Tensor:
+    return F.one_hot(scenario, num_scenarios).to(dtype)  # [B, S]

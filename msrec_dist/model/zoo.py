@@ -1,0 +1,103 @@
+"""The model zoo: one `MultiScenarioModel` whose blocks are switched by `ModelConfig`.
+
+    Batch ──FieldEmbedding──► fields [B, F, D]
+          ──FieldSelfAttention (opt.)──► [B, F, D'] ──flatten──► [B, F·D']
+          ──trunk: StarTrunk (PN + star FC) or plain MLP──► [B, H]
+          ──experts: PLE/MMoE (CGC levels) or none──► [T, B, h]
+          ── + BalancedMixing (opt.) ──► [T, B, h]
+          ──towers (one MLP per task, stacked)──► [B, T] logits (+ AuxiliaryNet offset, opt.)
+
+Configs in configs/ pick the blocks: msrec = everything, shared_bottom = MLP trunk + towers,
+mmoe = 1 CGC level of shared experts, ple = CGC levels, star = STAR trunk + towers.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from msrec_dist.config import ModelConfig
+from msrec_dist.data.batch import Batch
+from msrec_dist.data.schema import DataConfig
+from msrec_dist.model.attention import FieldSelfAttention
+from msrec_dist.model.embedding import FieldEmbedding
+from msrec_dist.model.mixing import BalancedMixing
+from msrec_dist.model.mlp import MLP, StackedMLP
+from msrec_dist.model.ple import PLE
+from msrec_dist.model.star import AuxiliaryNet, StarTrunk, scenario_onehot
+
+
+class MultiScenarioModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, data: DataConfig, grad_scale: float = 1.0,
+                 embedding_device: torch.device | None = None) -> None:
+        super().__init__()
+        self.num_scenarios = data.num_scenarios
+        self.num_tasks = num_tasks = len(data.task_names)
+        self.embedding = FieldEmbedding(data, cfg.scenario_field, grad_scale, embedding_device)
+        field_dim = self.embedding.dim
+        att = cfg.attention
+        self.attention = (FieldSelfAttention(field_dim, att.heads, att.head_dim, att.layers, cfg.kernels)
+                          if att.enabled else None)
+        flat_dim = self.embedding.num_fields * (self.attention.out_dim if self.attention else field_dim)
+        star = cfg.star
+        if star.enabled:
+            self.trunk: nn.Module = StarTrunk(flat_dim, star.hidden, data.num_scenarios, star.partitioned_norm,
+                                              star.norm_momentum)
+        else:
+            self.trunk = MLP(flat_dim, cfg.bottom.hidden)
+            self.trunk.out_dim = self.trunk.out_dim if cfg.bottom.hidden else flat_dim
+        trunk_dim = self.trunk.out_dim
+        self.aux = (AuxiliaryNet(data.num_scenarios, star.scenario_emb_dim, field_dim, star.aux_hidden, num_tasks)
+                    if star.enabled and star.aux_net else None)
+        ex = cfg.experts
+        self.experts = (PLE(trunk_dim, ex.hidden, num_tasks, ex.levels, ex.task_experts, ex.shared_experts,
+                            cfg.kernels) if ex.kind == "cgc" else None)
+        expert_dim = self.experts.out_dim if self.experts else trunk_dim
+        self.mixing = None
+        if cfg.mixing.enabled:
+            if self.experts is not None and cfg.mixing.hidden != expert_dim:
+                raise ValueError(f"model.mixing.hidden ({cfg.mixing.hidden}) must equal model.experts.hidden "
+                                 f"({expert_dim}): the mix is added to the expert output")
+            self.mixing = BalancedMixing(trunk_dim, cfg.mixing.hidden, data.num_scenarios, num_tasks)
+            expert_dim = cfg.mixing.hidden
+        self.towers = StackedMLP(num_tasks, expert_dim, list(cfg.tower.hidden) + [1], final_activation=False)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Returns per-task logits [B, T]."""
+        fields = self.embedding(batch.sparse, batch.dense, batch.scenario)  # [B, F, D]
+        onehot = scenario_onehot(batch.scenario, self.num_scenarios, fields.dtype)  # [B, S]
+        x = self.attention(fields) if self.attention is not None else fields  # [B, F, D']
+        x = x.flatten(1)  # [B, F·D']
+        h = self.trunk(x, onehot) if isinstance(self.trunk, StarTrunk) else self.trunk(x)  # [B, H]
+        if self.experts is not None:
+            task_in = self.experts(h)  # [T, B, h]
+        else:
+            task_in = h.unsqueeze(0).expand(self.num_tasks, -1, -1)  # [T, B, H]
+        if self.mixing is not None:
+            task_in = task_in + self.mixing(h, onehot)  # [T, B, h]
+        logits = self.towers(task_in).squeeze(2).t()  # [B, T]
+        if self.aux is not None:
+            logits = logits + self.aux(batch.scenario, fields)
+        return logits
+
+
+class MultiTaskTrainModule(nn.Module):
+    """Owns the loss: weighted sum over tasks of the mean binary cross-entropy.
+
+    Returns (loss, (loss, logits, labels)) with the inner three detached, the contract of
+    torchrec's train pipelines. An empty local batch (a rank whose data ran out) gives loss 0.
+    """
+
+    def __init__(self, model: MultiScenarioModel, task_weights: list[float]) -> None:
+        super().__init__()
+        self.model = model
+        weights = task_weights or [1.0] * model.num_tasks
+        if len(weights) != model.num_tasks:
+            raise ValueError(f"train.task_weights has {len(weights)} entries for {model.num_tasks} tasks")
+        self.register_buffer("task_weights", torch.tensor(weights), persistent=False)
+
+    def forward(self, batch: Batch):
+        logits = self.model(batch)  # [B, T]
+        per_sample = nn.functional.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
+        count = torch.ones_like(batch.labels[:, 0]).sum().clamp(min=1.0)
+        loss = (per_sample * self.task_weights).sum() / count
+        return loss, (loss.detach(), logits.detach(), batch.labels.detach())
