@@ -62,7 +62,7 @@ def gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor, kernel: st
         return expert_out.new_empty((t, 0, d))
     if _use_triton(kernel, expert_out):
         return _triton_module("gate_combine").gate_combine_fwd(expert_out, gate_logits)
-    return gate_combine_ref(expert_out, gate_logits)
+    return gate_combine_ref(expert_out, gate_logits).contiguous()  # the fake is contiguous
 
 
 @gate_combine.register_fake
@@ -80,7 +80,7 @@ def gate_combine_backward(
         return torch.zeros_like(expert_out), torch.zeros_like(gate_logits)
     if _use_triton(kernel, expert_out):
         return _triton_module("gate_combine").gate_combine_bwd(grad_out, expert_out, gate_logits)
-    return gate_combine_backward_ref(grad_out, expert_out, gate_logits)
+    return tuple(t.contiguous() for t in gate_combine_backward_ref(grad_out, expert_out, gate_logits))
 
 
 @gate_combine_backward.register_fake
@@ -130,7 +130,7 @@ def field_attention(
         return torch.empty_like(q)
     if _use_triton(kernel, q):
         return _triton_module("field_attention").field_attention_fwd(q, k, v, key_padding_mask)
-    return field_attention_ref(q, k, v, key_padding_mask)
+    return field_attention_ref(q, k, v, key_padding_mask).contiguous()
 
 
 @field_attention.register_fake
@@ -149,7 +149,7 @@ def field_attention_backward(
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if _use_triton(kernel, q):
         return _triton_module("field_attention").field_attention_bwd(grad_out, q, k, v, key_padding_mask, out)
-    return field_attention_backward_ref(grad_out, q, k, v, key_padding_mask)
+    return tuple(t.contiguous() for t in field_attention_backward_ref(grad_out, q, k, v, key_padding_mask))
 
 
 @field_attention_backward.register_fake

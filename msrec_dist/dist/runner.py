@@ -21,6 +21,7 @@ from tqdm import tqdm
 from msrec_dist.config import ExperimentConfig
 from msrec_dist.data.reader import make_dataloader, validate_files
 from msrec_dist.data.schema import load_data_config
+from msrec_dist.dist.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from msrec_dist.dist.context import DistContext
 from msrec_dist.dist.loop import evaluate, train_epoch
 from msrec_dist.dist.model_parallel import build_train_state
@@ -44,8 +45,12 @@ def write_json_atomic(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def run(cfg: ExperimentConfig, ctx: DistContext) -> dict:
-    """Train, evaluate, write the run directory; returns the final metrics dict (every rank)."""
+def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
+    """Train, evaluate, write the run directory; returns the final metrics dict (every rank).
+
+    With `resume`, training continues from the newest complete checkpoint in
+    <run.dir>/checkpoints (if any): weights, optimizers, schedule, RNG and reader position.
+    """
     data = load_data_config(cfg.data)
     train_index = validate_files(data, data.train)
     validate_files(data, data.eval)
@@ -60,40 +65,52 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict:
         print(describe_plan(state.plan), flush=True)
         save_plan(state.plan, os.path.join(cfg.run.dir, "plan.json"))
         write_json_atomic(os.path.join(cfg.run.dir, "config.json"), to_dict(cfg))
+    ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
+    pos = Progress()
+    if resume and (path := latest_checkpoint(ckpt_root)) is not None:
+        pos = load_checkpoint(path, state, ctx)
+        if ctx.is_main:
+            print(f"resumed from {path} at step {pos.step}", flush=True)
     writer = _writer(cfg, ctx)
-    progress = tqdm(total=total_steps, desc=f"train {cfg.model.name}", disable=not (ctx.is_main and cfg.run.progress),
-                    dynamic_ncols=True)
-    step, samples = 0, 0
+    bar = tqdm(total=total_steps, initial=pos.step, desc=f"train {cfg.model.name}",
+               disable=not (ctx.is_main and cfg.run.progress), dynamic_ncols=True)
+    losses: list[float] = []
 
     def on_step(_: int, loss: torch.Tensor, batch) -> bool:
-        nonlocal step, samples
-        step += 1
-        samples += batch.size
-        progress.update(1)
-        if step % cfg.train.log_every == 0 or step == total_steps:
+        pos.step += 1
+        pos.batch_in_epoch += 1
+        pos.samples += batch.size
+        bar.update(1)
+        if pos.step % cfg.train.log_every == 0 or pos.step == total_steps:
             value = loss.item()  # host sync, only on logging steps
-            progress.set_postfix(loss=f"{value:.4f}")
+            losses.append(value)
+            bar.set_postfix(loss=f"{value:.4f}")
             if writer is not None:
-                writer.add_scalar("train/loss", value, step)
-                writer.add_scalar("train/dense_lr", state.scheduler.get_last_lr()[0], step)
-        return step < total_steps
+                writer.add_scalar("train/loss", value, pos.step)
+                writer.add_scalar("train/dense_lr", state.scheduler.get_last_lr()[0], pos.step)
+        if cfg.train.checkpoint_every and pos.step % cfg.train.checkpoint_every == 0:
+            save_checkpoint(ckpt_root, state, pos, ctx, cfg.train.keep_checkpoints)
+        return pos.step < total_steps
 
     start = time.perf_counter()
-    for epoch in range(cfg.train.epochs):
-        loader = make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size)
+    while pos.epoch < cfg.train.epochs and pos.step < total_steps:
+        loader = make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size,
+                                 start_batch=pos.batch_in_epoch)
         train_epoch(state, loader, data, ctx, cfg.train.grad_clip, on_step)
-        if step >= total_steps:
-            break
+        if pos.step < total_steps or pos.batch_in_epoch >= steps_per_epoch:
+            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
     wall = time.perf_counter() - start
-    progress.close()
-    samples_t = torch.tensor([samples], dtype=torch.long)
+    bar.close()
+    if cfg.train.checkpoint_every and (latest_checkpoint(ckpt_root) or "").rsplit("_", 1)[-1] != str(pos.step):
+        save_checkpoint(ckpt_root, state, pos, ctx, cfg.train.keep_checkpoints)
+    samples_t = torch.tensor([pos.samples], dtype=torch.long)
     if ctx.world_size > 1:
         torch.distributed.all_reduce(samples_t)
     eval_loader = make_dataloader(data, data.eval, cfg.reader, ctx.rank, ctx.world_size)
     metrics = evaluate(state, eval_loader, data, ctx)
     result = {
         "model": cfg.model.name,
-        "steps": step,
+        "steps": pos.step,
         "train_samples": int(samples_t.item()),
         "wall_s": wall,
         "train_samples_per_s": int(samples_t.item()) / wall if wall > 0 else 0.0,
@@ -105,7 +122,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext) -> dict:
         if writer is not None:
             for scen, tasks in metrics["per_scenario"].items():
                 for task, cell in tasks.items():
-                    writer.add_scalar(f"eval_auc/{scen}/{task}", cell["auc"], step)
+                    writer.add_scalar(f"eval_auc/{scen}/{task}", cell["auc"], pos.step)
             writer.close()
         print(format_table(metrics), flush=True)
     return result

@@ -26,6 +26,9 @@ def balanced_mixing_matrix(theta: torch.Tensor) -> torch.Tensor:
     return eye * alpha + (1 - eye) * (1 - alpha) / (k - 1)
 
 
+torch.fx.wrap("balanced_mixing_matrix")  # an FX leaf: it branches on theta's size
+
+
 class BalancedMixing(nn.Module):
     def __init__(self, in_dim: int, hidden: int, num_scenarios: int, num_tasks: int) -> None:
         super().__init__()

@@ -38,11 +38,24 @@ class StackedLinear(nn.Module):
         self.num, self.in_dim, self.out_dim = num, in_dim, out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # shared input [B, in]: one GEMM against [in, K*out]
-            w = self.weight.permute(1, 0, 2).reshape(self.in_dim, self.num * self.out_dim)
-            y = (x @ w).view(x.size(0), self.num, self.out_dim).transpose(0, 1)  # [K, B, out]
-            return y + self.bias
-        return torch.baddbmm(self.bias, x, self.weight)  # [K, B, out]
+        return stacked_linear(x, self.weight, self.bias)  # [K, B, out]
+
+
+def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x [B, in] (shared) or [K, B, in], weight [K, in, out], bias [K, 1, out] → [K, B, out].
+
+    It branches on x.dim(), so it is an FX leaf (torch.fx.wrap below): symbolic tracing records
+    one call instead of failing on control flow over a traced value.
+    """
+    if x.dim() == 2:  # shared input [B, in]: one GEMM against [in, K*out]
+        num, in_dim, out_dim = weight.shape
+        w = weight.permute(1, 0, 2).reshape(in_dim, num * out_dim)
+        y = (x @ w).view(x.size(0), num, out_dim).transpose(0, 1)  # [K, B, out]
+        return y + bias
+    return torch.baddbmm(bias, x, weight)  # [K, B, out]
+
+
+torch.fx.wrap("stacked_linear")
 
 
 class StackedMLP(nn.Module):

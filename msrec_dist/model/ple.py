@@ -34,6 +34,20 @@ def gate_mask(num_tasks: int, groups: list[int], with_shared_gate: bool) -> torc
     return mask
 
 
+def level_inputs(x: torch.Tensor, expert_group: torch.Tensor, num_gates: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs of a level's experts and gates: a shared x [B, in] feeds both as is; group outputs
+    x [T+1, B, in] feed each expert its group's row ([E, B, in]) and each gate its own ([G, B, in]).
+
+    It branches on x.dim(), so it is an FX leaf (torch.fx.wrap below).
+    """
+    if x.dim() == 2:
+        return x, x
+    return x.index_select(0, expert_group), x[:num_gates]
+
+
+torch.fx.wrap("level_inputs")
+
+
 class CGCLevel(nn.Module):
     def __init__(self, in_dim: int, hidden: int, num_tasks: int, task_experts: int, shared_experts: int,
                  last: bool, kernel: str) -> None:
@@ -49,12 +63,9 @@ class CGCLevel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, in] (first level) or [T+1, B, in]; returns [G, B, h]."""
-        if x.dim() == 2:
-            expert_out = self.experts(x)  # [E, B, h]
-            logits = self.gates(x)  # [G, B, E]
-        else:
-            expert_out = self.experts(x.index_select(0, self.expert_group))  # [E, B, h]
-            logits = self.gates(x[: self.mask.size(0)])  # [G, B, E]
+        expert_in, gate_in = level_inputs(x, self.expert_group, self.mask.size(0))
+        expert_out = self.experts(expert_in)  # [E, B, h]
+        logits = self.gates(gate_in)  # [G, B, E]
         logits = logits + self.mask
         return gate_combine(expert_out.transpose(0, 1).contiguous(), logits.contiguous(), self.kernel)
 

@@ -52,10 +52,12 @@ class PartitionedNorm(nn.Module):
         if self.training:
             mean, var, count = scenario_moments(x, onehot)
             present = (count > 0).unsqueeze(1)  # [S, 1]
-            with torch.no_grad():
+            with torch.no_grad():  # not recorded by FX tracing: hence the detach()es
                 m = self.momentum
-                self.running_mean.copy_(torch.where(present, (1 - m) * self.running_mean + m * mean, self.running_mean))
-                self.running_var.copy_(torch.where(present, (1 - m) * self.running_var + m * var, self.running_var))
+                new_mean = (1 - m) * self.running_mean + m * mean.detach()
+                new_var = (1 - m) * self.running_var + m * var.detach()
+                self.running_mean.copy_(torch.where(present, new_mean, self.running_mean))
+                self.running_var.copy_(torch.where(present, new_var, self.running_var))
         else:
             mean, var = self.running_mean, self.running_var
         row_mean = onehot @ mean  # [B, N]

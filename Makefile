@@ -1,0 +1,41 @@
+# Two commands on a fresh machine (Python 3.11, no GPU):
+#   make demo   set up .venv, generate the demo data, train + evaluate msrec, print the table
+#   make test   set up .venv, run the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO_DATA := data/demo/data.yaml
+DEMO_ROWS ?= 300000
+PYTEST_ARGS ?=
+
+.PHONY: setup demo demo-data test test-all compare bench clean
+
+$(VENV)/.installed: requirements.txt setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip==24.3.1
+	$(PY) -m pip install -q -r requirements.txt
+	# torchrec's metadata asks for the CUDA fbgemm-gpu; fbgemm-gpu-cpu (above) serves it here
+	$(PY) -m pip install -q --no-deps torchrec==1.8.0
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(DEMO_DATA): | $(VENV)/.installed
+	$(PY) -m msrec_dist.data.synth --out data/demo --rows $(DEMO_ROWS) --shards 8 --seed 0 --eval-rows 50000
+
+demo-data: $(DEMO_DATA)
+
+demo: $(VENV)/.installed $(DEMO_DATA)
+	$(PY) msrec_dist/train.py --config configs/msrec.yaml
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+compare: $(VENV)/.installed $(DEMO_DATA)
+	$(PY) -m benchmarks.compare --data $(DEMO_DATA)
+
+clean:
+	rm -rf runs build *.egg-info

@@ -1,0 +1,97 @@
+"""Sharded checkpoints with torch.distributed.checkpoint (DCP), written atomically.
+
+    <run.dir>/checkpoints/step_N/          complete checkpoints (DCP files + .metadata)
+    <run.dir>/checkpoints/.tmp_step_N/     being written; renamed to step_N by rank 0 only
+                                           after every rank finished (barrier)
+    state = {model: DMP state dict (ShardedTensors), optim: sparse (fused) + dense optimizer,
+             progress: {step, epoch, batch_in_epoch, samples}, scheduler, rng.rank<r>}
+
+A kill during a save leaves only a .tmp_ directory, which `latest_checkpoint` never returns.
+Loading through DCP reshards, so a checkpoint saved on 2 ranks loads on 1. The reader restarts
+at `batch_in_epoch`, a global batch index that means the same rows for any world size.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from msrec_dist.dist.context import DistContext
+from msrec_dist.dist.model_parallel import TrainState
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch in progress
+    batch_in_epoch: int = 0  # global batches of that epoch already trained on
+    samples: int = 0  # samples this rank trained on
+
+
+def checkpoint_dirs(root: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under root, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _STEP_DIR.match(name)
+        if m and os.path.exists(os.path.join(root, name, ".metadata")):
+            found.append((int(m.group(1)), os.path.join(root, name)))
+    return sorted(found)
+
+
+def latest_checkpoint(root: str) -> str | None:
+    dirs = checkpoint_dirs(root)
+    return dirs[-1][1] if dirs else None
+
+
+def _state(state: TrainState, progress: Progress, rank: int) -> dict:
+    return {
+        "model": state.model.state_dict(),
+        "optim": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "progress": asdict(progress),
+        f"rng.rank{rank}": torch.get_rng_state(),
+    }
+
+
+def save_checkpoint(root: str, state: TrainState, progress: Progress, ctx: DistContext, keep: int) -> str:
+    """Write step_<progress.step> atomically; keep the newest `keep` complete checkpoints."""
+    final = os.path.join(root, f"step_{progress.step}")
+    tmp = os.path.join(root, f".tmp_step_{progress.step}")
+    if ctx.is_main:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save(_state(state, progress, ctx.rank), checkpoint_id=tmp)
+    dist.barrier()  # every rank's shard is on disk
+    if ctx.is_main:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str, state: TrainState, ctx: DistContext) -> Progress:
+    """Load model, optimizers, scheduler and progress (resharding as needed); returns progress."""
+    saved_keys = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+    full = _state(state, Progress(), ctx.rank)
+    rng_key = f"rng.rank{ctx.rank}"
+    if not any(k == rng_key or k.startswith(rng_key + ".") for k in saved_keys):
+        full.pop(rng_key)  # world size changed: this rank had no RNG state saved
+    dcp.load(full, checkpoint_id=path)
+    state.model.load_state_dict(full["model"])
+    state.optimizer.load_state_dict(full["optim"])
+    state.scheduler.load_state_dict(full["scheduler"])
+    if rng_key in full:
+        torch.set_rng_state(full[rng_key])
+    return Progress(**{k: int(v) for k, v in full["progress"].items()})

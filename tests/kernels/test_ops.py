@@ -1,0 +1,159 @@
+"""gate_combine and field_attention: Triton (interpreted) vs PyTorch reference, forward and
+backward, fp64 gradcheck, opcheck, torch.compile(fullgraph=True), shape checks, routing."""
+import importlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import msrec_dist.kernels as K
+from msrec_dist.kernels.field_attention_ref import field_attention_ref
+from msrec_dist.kernels.gate_combine_ref import gate_combine_ref
+
+from .utils import key_mask, randn, run_with_grads, tol
+
+# (B, E, T, D): odd E, T, D; B not a multiple of the interpreter's BLOCK_B (4)
+GATE_SHAPES = [(5, 1, 1, 8), (5, 5, 3, 24), (13, 5, 1, 8), (6, 1, 3, 24), (3, 32, 8, 40)]
+# (B, H, F, dh): odd F and dh; B not a multiple of the interpreter's BLOCK_B (2)
+ATTN_SHAPES = [(3, 2, 3, 8), (3, 1, 7, 24), (3, 2, 13, 8), (3, 1, 39, 24), (1, 1, 2, 8)]
+
+
+def gate_inputs(B, E, T, D, dtype=torch.float32):
+    return randn(B, E, D, dtype=dtype, seed=0), randn(T, B, E, dtype=dtype, seed=1)
+
+
+def attn_inputs(B, H, F, dh, dtype=torch.float32):
+    return [randn(B, H, F, dh, dtype=dtype, seed=s) for s in range(3)]
+
+
+@pytest.mark.parametrize("B,E,T,D", GATE_SHAPES)
+def test_gate_combine_parity(B, E, T, D):
+    inputs = gate_inputs(B, E, T, D)
+    out, grads = run_with_grads(lambda y, g: K.gate_combine(y, g, kernel="triton"), inputs)
+    ref, ref_grads = run_with_grads(gate_combine_ref, inputs)
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("B,H,F,dh", ATTN_SHAPES)
+def test_field_attention_parity(B, H, F, dh, masked):
+    mask = key_mask(B, F) if masked else None
+    inputs = attn_inputs(B, H, F, dh)
+    out, grads = run_with_grads(lambda q, k, v: K.field_attention(q, k, v, mask, kernel="triton"), inputs)
+    ref, ref_grads = run_with_grads(lambda q, k, v: field_attention_ref(q, k, v, mask), inputs)
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
+def test_field_attention_ref_matches_sdpa():
+    q, k, v = attn_inputs(2, 2, 7, 8)
+    mask = key_mask(3, 7)[1:]  # no fully padded row: SDPA gives NaN there
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~mask[:, None, None, :])
+    torch.testing.assert_close(field_attention_ref(q, k, v, mask), sdpa, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_gradcheck_fp64(kernel):
+    # fast_mode checks one random projection of the Jacobian: each interpreted launch costs
+    # ~10 ms per program, and the full Jacobian needs two launches per input element.
+    y, g = gate_inputs(5, 3, 2, 8, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda y, g: K.gate_combine(y, g, kernel=kernel), (y, g), fast_mode=True)
+    q, k, v = attn_inputs(3, 2, 5, 8, dtype=torch.float64)
+    mask = key_mask(3, 5)
+    assert torch.autograd.gradcheck(lambda q, k, v: K.field_attention(q, k, v, mask, kernel=kernel), (q, k, v),
+                                    fast_mode=True)
+
+
+@pytest.mark.slow
+def test_gradcheck_fp64_full_jacobian():
+    y, g = gate_inputs(5, 3, 2, 8, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda y, g: K.gate_combine(y, g, kernel="triton"), (y, g))
+    q, k, v = attn_inputs(2, 1, 5, 8, dtype=torch.float64)
+    mask = key_mask(2, 5)
+    assert torch.autograd.gradcheck(lambda q, k, v: K.field_attention(q, k, v, mask, kernel="triton"), (q, k, v))
+
+
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_opcheck(kernel):
+    y, g = gate_inputs(5, 3, 2, 8)
+    torch.library.opcheck(torch.ops.msrec.gate_combine.default, (y, g), {"kernel": kernel})
+    q, k, v = attn_inputs(3, 2, 5, 8)
+    torch.library.opcheck(torch.ops.msrec.field_attention.default, (q, k, v, key_mask(3, 5)), {"kernel": kernel})
+    torch.library.opcheck(torch.ops.msrec.field_attention.default, (q, k, v, None), {"kernel": kernel})
+
+
+def test_torch_compile_fullgraph():
+    def block(y, g, q, k, v, mask):
+        mixed = K.gate_combine(y, g, kernel="triton")                    # [T, B, D]
+        att = K.field_attention(q, k, v, mask, kernel="triton")          # [B, H, F, dh]
+        return mixed.square().sum() + att.square().sum()
+
+    mask = key_mask(3, 7)
+    inputs = [*gate_inputs(3, 5, 2, 8), *attn_inputs(3, 2, 7, 8)]
+    loss = torch.compile(block, fullgraph=True)(*inputs, mask)
+    loss.backward()
+    grads = [x.grad.clone() for x in inputs]
+    for x in inputs:
+        x.grad = None
+    block(*inputs, mask).backward()
+    for x, got in zip(inputs, grads):
+        torch.testing.assert_close(got, x.grad, **tol(torch.float32))
+
+
+def test_fx_trace_shows_ops():
+    class Block(torch.nn.Module):
+        def forward(self, y, g, q, k, v):
+            return K.gate_combine(y, g), K.field_attention(q, k, v)
+
+    code = torch.fx.symbolic_trace(Block()).code
+    assert "torch.ops.msrec.gate_combine" in code and "torch.ops.msrec.field_attention" in code
+
+
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_empty_batch(kernel):
+    y, g = gate_inputs(0, 3, 2, 8)
+    assert K.gate_combine(y, g, kernel=kernel).shape == (2, 0, 8)
+    q, k, v = attn_inputs(0, 2, 5, 8)
+    out = K.field_attention(q, k, v, torch.zeros(0, 5, dtype=torch.bool), kernel=kernel)
+    out.sum().backward()
+    assert out.shape == (0, 2, 5, 8) and q.grad.shape == q.shape
+
+
+def test_shape_errors():
+    y, g = gate_inputs(4, 3, 2, 8)
+    with pytest.raises(ValueError, match=r"must be \[T, 4, 3\]"):
+        K.gate_combine(y, g[:, :, :2])
+    with pytest.raises(ValueError, match="dtypes differ"):
+        K.gate_combine(y, g.double())
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        K.gate_combine(y, g, kernel="cuda")
+    q, k, v = attn_inputs(2, 1, 5, 8)
+    with pytest.raises(ValueError, match="shapes differ"):
+        K.field_attention(q, k[:, :, :4], v)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \[2, 5\]"):
+        K.field_attention(q, k, v, torch.zeros(2, 4, dtype=torch.bool))
+
+
+def test_public_names_survive_kernel_module_import():
+    importlib.import_module("msrec_dist.kernels.gate_combine")
+    importlib.import_module("msrec_dist.kernels.field_attention")
+    assert callable(K.gate_combine) and callable(K.field_attention)
+    from msrec_dist.kernels import gate_combine
+    assert gate_combine is K.gate_combine
+
+
+def test_import_is_cheap_and_triton_free():
+    code = "import sys, msrec_dist.kernels; assert 'triton' not in sys.modules, 'triton imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gate_combine_prune_keeps_a_config():
+    gc = importlib.import_module("msrec_dist.kernels.gate_combine")
+    meta = gc.meta(8, 32, 512, torch.float32)
+    kept = gc._keep(gc.FWD_CONFIGS, {}, **meta)
+    assert kept and all(c.kwargs["BLOCK_B"] * meta["T_PAD"] * meta["BLOCK_D"] <= 16384 or c.kwargs["BLOCK_B"] == 4
+                        for c in kept)
