@@ -27,18 +27,23 @@ def _interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret)
 
 
-def _keep(configs, named_args, **kwargs):
-    """Drop configs whose [T_PAD, BLOCK_B, BLOCK_D] tile exceeds 16k elements."""
+def _keep(configs, named_args, budget=16384, **kwargs):
+    """Drop configs whose [T_PAD, BLOCK_B, BLOCK_D] register tile exceeds `budget` elements
+    (forward: the accumulator; backward, which also holds dg and products: a quarter)."""
     args = {**named_args, **kwargs}
-    budget = 16384 // (args["T_PAD"] * args["BLOCK_D"])
-    kept = [c for c in configs if c.kwargs["BLOCK_B"] <= max(budget, 4)]
+    rows = budget // (args["T_PAD"] * args["BLOCK_D"])
+    kept = [c for c in configs if c.kwargs["BLOCK_B"] <= max(rows, 4)]
     return kept or configs[:1]
 
 
-def _tuned(configs):
+def _keep_bwd(configs, named_args, **kwargs):
+    return _keep(configs, named_args, budget=4096, **kwargs)
+
+
+def _tuned(configs, keep):
     if _interpreting():
         return triton.autotune(configs=configs[:1], key=["E", "T", "D"])
-    return triton.autotune(configs=configs, key=["E", "T", "D"], prune_configs_by={"early_config_prune": _keep})
+    return triton.autotune(configs=configs, key=["E", "T", "D"], prune_configs_by={"early_config_prune": keep})
 
 
 @triton.jit
@@ -54,7 +59,7 @@ def _softmax_stats(X, offs_t, offs_b, offs_e, B, E, T, ACC: tl.constexpr):
     return x, m, inv, row_ok
 
 
-@_tuned(FWD_CONFIGS)
+@_tuned(FWD_CONFIGS, _keep)
 @triton.jit
 def _gate_combine_fwd(Y, X, OUT, B, E, T, D, ACC: tl.constexpr, T_PAD: tl.constexpr,
                       E_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
@@ -78,7 +83,7 @@ def _gate_combine_fwd(Y, X, OUT, B, E, T, D, ACC: tl.constexpr, T_PAD: tl.conste
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_t[:, None, None] < T) & y_ok[None, :, :])
 
 
-@_tuned(BWD_CONFIGS)
+@_tuned(BWD_CONFIGS, _keep_bwd)
 @triton.jit
 def _gate_combine_bwd(DOUT, Y, X, DY, DX, B, E, T, D, ACC: tl.constexpr, T_PAD: tl.constexpr,
                       E_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):

@@ -126,6 +126,7 @@ class RunConfig:
     seed: int = 0
     tensorboard: bool = True
     progress: bool = True
+    record_rows: bool = False  # write the global row ids each rank trained on (rows_rank<r>.txt)
 
 
 @dataclass

@@ -32,7 +32,15 @@ class Progress:
     step: int = 0  # optimizer steps done
     epoch: int = 0  # epoch in progress
     batch_in_epoch: int = 0  # global batches of that epoch already trained on
+    global_batch: int = 0  # rows per global batch when saved (to resume on another world size)
     samples: int = 0  # samples this rank trained on
+
+    def rebatch(self, global_batch: int) -> "Progress":
+        """The same global row position in batches of `global_batch` rows (rounded down)."""
+        if self.global_batch and self.global_batch != global_batch:
+            self.batch_in_epoch = self.batch_in_epoch * self.global_batch // global_batch
+        self.global_batch = global_batch
+        return self
 
 
 def checkpoint_dirs(root: str) -> list[tuple[int, str]]:

@@ -55,16 +55,18 @@ def next_or_error(it: Iterator[Batch]) -> tuple[Optional[Batch], Optional[str]]:
 @dataclass
 class Agreement:
     ranks_with_data: int
+    global_rows: int  # rows in this step's global batch
     error: Optional[str]
 
 
-def agree(has_data: bool, error: Optional[str], ctx: DistContext) -> Agreement:
-    """All-reduce [has_data, failed] over ranks; on failure every rank gets the first error."""
-    flags = torch.tensor([int(has_data), int(error is not None)], dtype=torch.long)
+def agree(batch: Optional[Batch], error: Optional[str], ctx: DistContext) -> Agreement:
+    """All-reduce [has_data, rows, failed] over ranks; on failure every rank gets the first error."""
+    flags = torch.tensor([int(batch is not None), batch.size if batch is not None else 0, int(error is not None)],
+                         dtype=torch.long)
     if ctx.world_size > 1:
         flags = flags.to(ctx.device)
         dist.all_reduce(flags)
-    ranks_with_data, failures = (int(x) for x in flags.tolist())  # host sync, once per step
+    ranks_with_data, global_rows, failures = (int(x) for x in flags.tolist())  # host sync, once per step
     if failures:
         messages = [None] * ctx.world_size
         if ctx.world_size > 1:
@@ -72,26 +74,35 @@ def agree(has_data: bool, error: Optional[str], ctx: DistContext) -> Agreement:
         else:
             messages = [error]
         first = next((r, m) for r, m in enumerate(messages) if m is not None)
-        return Agreement(ranks_with_data, f"rank {first[0]}: {first[1]}")
-    return Agreement(ranks_with_data, None)
+        return Agreement(ranks_with_data, global_rows, f"rank {first[0]}: {first[1]}")
+    return Agreement(ranks_with_data, global_rows, None)
 
 
-def agreed_batches(loader, data: DataConfig, ctx: DistContext) -> Iterator[Batch]:
-    """Yields this rank's batches (or empty ones) while any rank has data; raises on any error."""
+def agreed_batches(loader, data: DataConfig, ctx: DistContext) -> Iterator[tuple[Batch, int]]:
+    """Yields (this rank's batch or an empty one, global rows) while any rank has data;
+    raises the same DataError on every rank when any rank met bad data."""
     it = iter(loader)
     while True:
         batch, error = next_or_error(it)
-        verdict = agree(batch is not None, error, ctx)
+        verdict = agree(batch, error, ctx)
         if verdict.error is not None:
             raise DataError(verdict.error)
         if verdict.ranks_with_data == 0:
             return
-        yield batch.to(ctx.device) if batch is not None else empty_batch(data, ctx.device)
+        local = batch.to(ctx.device) if batch is not None else empty_batch(data, ctx.device)
+        yield local, verdict.global_rows
 
 
-def train_step(state: TrainState, batch: Batch, grad_clip: float) -> torch.Tensor:
+def train_step(state: TrainState, batch: Batch, global_rows: int, world_size: int, grad_clip: float) -> torch.Tensor:
+    """One optimizer step; returns this rank's share of the global-batch mean loss × world_size.
+
+    The module's loss is the local mean; rescaling it by local_rows · world / global_rows makes
+    DDP's average (and the 1/world embedding-gradient scale) the exact global-batch mean even
+    when ranks hold different numbers of rows (last batch, uneven files).
+    """
     state.model.train()
     loss, _ = state.model(batch)
+    loss = loss * (batch.size * world_size / max(global_rows, 1))
     loss.backward()  # the sparse optimizer runs inside backward (fused)
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(state.dense_params, grad_clip)
@@ -106,7 +117,7 @@ def evaluate(state: TrainState, loader, data: DataConfig, ctx: DistContext) -> d
     """Global per scenario × task metrics over the eval split (every rank gets the same dict)."""
     metrics = ScenarioTaskMetrics(data.scenario.names, data.task_names).to(ctx.device)
     state.model.eval()
-    for batch in agreed_batches(loader, data, ctx):
+    for batch, _ in agreed_batches(loader, data, ctx):
         _, (_, logits, labels) = state.model(batch)
         metrics.update(logits, labels, batch.scenario)
     state.model.train()
@@ -117,8 +128,8 @@ def train_epoch(state: TrainState, loader, data: DataConfig, ctx: DistContext, g
                 on_step: Callable[[int, torch.Tensor, Batch], bool]) -> int:
     """Runs one epoch; `on_step(local_step, loss, batch)` returns False to stop early."""
     steps = 0
-    for batch in agreed_batches(loader, data, ctx):
-        loss = train_step(state, batch, grad_clip)
+    for batch, global_rows in agreed_batches(loader, data, ctx):
+        loss = train_step(state, batch, global_rows, ctx.world_size, grad_clip)
         steps += 1
         if not on_step(steps, loss, batch):
             break

@@ -68,7 +68,7 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
 def build_train_module(cfg: ExperimentConfig, data: DataConfig, world_size: int) -> MultiTaskTrainModule:
     """The unsharded train module; dense weights from `cfg.run.seed`, EBC on the meta device."""
     torch.manual_seed(cfg.run.seed)
-    model = MultiScenarioModel(cfg.model, data, grad_scale=1.0 / world_size, embedding_device=torch.device("meta"))
+    model = MultiScenarioModel(cfg.model, data, world_size=world_size, embedding_device=torch.device("meta"))
     return MultiTaskTrainModule(model, cfg.train.task_weights)
 
 

@@ -45,6 +45,15 @@ def write_json_atomic(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+def global_mean(value: torch.Tensor, ctx: DistContext) -> float:
+    """Mean of a scalar over ranks (the global-batch loss when local batches are equal)."""
+    if ctx.world_size == 1:
+        return value.item()
+    t = value.detach().reshape(1).to(torch.float64)
+    torch.distributed.all_reduce(t)
+    return t.item() / ctx.world_size
+
+
 def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
     """Train, evaluate, write the run directory; returns the final metrics dict (every rank).
 
@@ -66,25 +75,30 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
         save_plan(state.plan, os.path.join(cfg.run.dir, "plan.json"))
         write_json_atomic(os.path.join(cfg.run.dir, "config.json"), to_dict(cfg))
     ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
-    pos = Progress()
+    pos = Progress(global_batch=global_batch)
     if resume and (path := latest_checkpoint(ckpt_root)) is not None:
-        pos = load_checkpoint(path, state, ctx)
+        pos = load_checkpoint(path, state, ctx).rebatch(global_batch)
         if ctx.is_main:
             print(f"resumed from {path} at step {pos.step}", flush=True)
     writer = _writer(cfg, ctx)
     bar = tqdm(total=total_steps, initial=pos.step, desc=f"train {cfg.model.name}",
                disable=not (ctx.is_main and cfg.run.progress), dynamic_ncols=True)
-    losses: list[float] = []
+    train_log = open(os.path.join(cfg.run.dir, "train_log.jsonl"), "a") if ctx.is_main else None
+    rows_log = open(os.path.join(cfg.run.dir, f"rows_rank{ctx.rank}.txt"), "a") if cfg.run.record_rows else None
 
     def on_step(_: int, loss: torch.Tensor, batch) -> bool:
         pos.step += 1
         pos.batch_in_epoch += 1
         pos.samples += batch.size
         bar.update(1)
+        if rows_log is not None:
+            rows_log.write("".join(f"{r}\n" for r in batch.rows.tolist()))
         if pos.step % cfg.train.log_every == 0 or pos.step == total_steps:
-            value = loss.item()  # host sync, only on logging steps
-            losses.append(value)
+            value = global_mean(loss, ctx)  # host sync, only on logging steps
             bar.set_postfix(loss=f"{value:.4f}")
+            if train_log is not None:
+                train_log.write(json.dumps({"step": pos.step, "loss": value}) + "\n")
+                train_log.flush()
             if writer is not None:
                 writer.add_scalar("train/loss", value, pos.step)
                 writer.add_scalar("train/dense_lr", state.scheduler.get_last_lr()[0], pos.step)
@@ -101,6 +115,9 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
     wall = time.perf_counter() - start
     bar.close()
+    for log in (train_log, rows_log):
+        if log is not None:
+            log.close()
     if cfg.train.checkpoint_every and (latest_checkpoint(ckpt_root) or "").rsplit("_", 1)[-1] != str(pos.step):
         save_checkpoint(ckpt_root, state, pos, ctx, cfg.train.keep_checkpoints)
     samples_t = torch.tensor([pos.samples], dtype=torch.long)

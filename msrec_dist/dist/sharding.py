@@ -5,8 +5,8 @@
       ──EmbeddingShardingPlanner.collective_plan──► ShardingPlan (same on every rank)
       ──DistributedModelParallel──► sharded EmbeddingBagCollection + DDP-wrapped dense part
 
-On CPU (gloo) the planner offers table_wise and data_parallel; on CUDA it chooses among
-table_wise, row_wise, table_row_wise, column_wise for large tables. `plan_to_json` writes the
+On CPU (gloo) the planner offers table_wise; on CUDA it chooses among table_wise, row_wise,
+table_row_wise, column_wise for large tables. data_parallel is excluded (see MODEL_PARALLEL_TYPES). `plan_to_json` writes the
 chosen plan so a run directory records where every table lives.
 """
 from __future__ import annotations
@@ -20,8 +20,10 @@ from torch import nn
 from torchrec.distributed.model_parallel import get_default_sharders
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingPlan
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from msrec_dist.config import ShardingConfig
+from msrec_dist.typed_yaml import ConfigError
 
 
 def build_topology(world_size: int, local_world_size: int, compute_device: str,
@@ -35,20 +37,38 @@ def build_topology(world_size: int, local_world_size: int, compute_device: str,
                     compute_device=compute_device, **kwargs)
 
 
-def build_constraints(cfg: ShardingConfig) -> dict[str, ParameterConstraints]:
-    return {
-        table: ParameterConstraints(
-            sharding_types=c.sharding_types or None,
-            compute_kernels=c.compute_kernels or None,
-        )
-        for table, c in cfg.constraints.items()
-    }
+# Model-parallel sharding types: a row's gradient is the sum over ranks, which the model
+# rescales by 1/world_size (embedding.scale_grad). data_parallel tables would instead be
+# averaged by DDP, so they are left out: every table is model-parallel.
+MODEL_PARALLEL_TYPES = ["table_wise", "row_wise", "table_row_wise", "column_wise", "table_column_wise"]
+
+
+def build_constraints(cfg: ShardingConfig, table_names: list[str]) -> dict[str, ParameterConstraints]:
+    unknown = sorted(set(cfg.constraints) - set(table_names))
+    if unknown:
+        raise ConfigError(f"sharding.constraints: unknown table(s) {unknown}; tables: {table_names}")
+    out = {}
+    for table in table_names:
+        c = cfg.constraints.get(table)
+        types = (c.sharding_types if c and c.sharding_types else MODEL_PARALLEL_TYPES)
+        bad = sorted(set(types) - set(MODEL_PARALLEL_TYPES))
+        if bad:
+            raise ConfigError(f"sharding.constraints.{table}.sharding_types: {bad} not allowed; "
+                              f"choose from {MODEL_PARALLEL_TYPES}")
+        out[table] = ParameterConstraints(sharding_types=list(types),
+                                          compute_kernels=(c.compute_kernels or None) if c else None)
+    return out
+
+
+def table_names(model: nn.Module) -> list[str]:
+    return [cfg.name for m in model.modules() if isinstance(m, EmbeddingBagCollection)
+            for cfg in m.embedding_bag_configs()]
 
 
 def plan_sharding(model: nn.Module, topology: Topology, cfg: ShardingConfig,
                   group: Optional[dist.ProcessGroup] = None) -> ShardingPlan:
     """The plan every rank agrees on (collective_plan) or, without a process group, a local plan."""
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=build_constraints(cfg))
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=build_constraints(cfg, table_names(model)))
     if group is not None:
         return planner.collective_plan(model, get_default_sharders(), group)
     return planner.plan(model, get_default_sharders())

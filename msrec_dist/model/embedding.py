@@ -1,7 +1,8 @@
 """Embedding layer: sparse ids, dense values and the scenario id → one stack of D-dim fields.
 
     batch.sparse  KJT, F_s features ──EmbeddingBagCollection (sum pooling)──► KeyedTensor [B, F_s * D]
-                  ──view──► [B, F_s, D]; mean-pooled features divided by their bag length
+                  ──to_dict, stacked in schema order──► [B, F_s, D]; mean-pooled features
+                  divided by their bag length
     batch.dense   [B, N_d] ──x_n * w_n + b_n per feature──► [B, N_d, D]
     batch.scenario [B] ──nn.Embedding(S, D)──► [B, 1, D]       (only if scenario_field)
     concat ──► fields [B, F, D],  F = F_s + N_d (+1)
@@ -52,15 +53,13 @@ class FieldEmbedding(nn.Module):
                     for t in tables],
             device=device,
         )
-        # EBC output order (table by table) vs. the KJT key order (schema order)
-        self.field_names = [f for t in tables for f in t.feature_names]
-        kjt_order = list(data.sparse_names)
+        # Fields follow the KJT key order (schema order). The EBC's output order is not fixed:
+        # a sharded EBC orders its KeyedTensor by shard placement, so fields are picked by name.
+        self.field_names = list(data.sparse_names)
         pooling = {f.name: f.pooling for f in data.sparse}
-        self.register_buffer("lengths_perm", torch.tensor([kjt_order.index(f) for f in self.field_names]),
-                             persistent=False)
         self.register_buffer("is_mean", torch.tensor([pooling[f] == "mean" for f in self.field_names]),
                              persistent=False)
-        self.num_sparse = len(kjt_order)
+        self.num_sparse = len(self.field_names)
         self.grad_scale = grad_scale
         num_dense = len(data.dense_names)
         self.dense_weight = nn.Parameter(torch.randn(num_dense, self.dim) * 0.1)  # [N_d, D]
@@ -70,9 +69,10 @@ class FieldEmbedding(nn.Module):
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
         batch_size = dense.size(0)
-        pooled = self.ebc(sparse).values()  # [B, F_s * D]
-        pooled = scale_grad(pooled, self.grad_scale).view(batch_size, self.num_sparse, self.dim)  # [B, F_s, D]
-        lengths = sparse.lengths().view(self.num_sparse, batch_size).index_select(0, self.lengths_perm)  # [F_s, B]
+        by_name = self.ebc(sparse).to_dict()  # {feature: [B, D]}
+        pooled = torch.stack([by_name[f] for f in self.field_names], dim=1)  # [B, F_s, D]
+        pooled = scale_grad(pooled, self.grad_scale)
+        lengths = sparse.lengths().view(self.num_sparse, batch_size)  # [F_s, B]
         divisor = torch.where(self.is_mean.unsqueeze(1), lengths.clamp(min=1), torch.ones_like(lengths))
         pooled = pooled / divisor.t().unsqueeze(2).to(pooled.dtype)  # [B, F_s, D]
         dense_fields = dense.unsqueeze(2) * self.dense_weight + self.dense_bias  # [B, N_d, D]

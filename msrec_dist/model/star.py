@@ -6,13 +6,16 @@
       ──StarLinear+ReLU ×L──► [B, H] weight = W ⊙ W_s (star topology), bias = b + b_s
     AuxiliaryNet: [scenario embedding, mean field] ──MLP──► [B, T] added to each task's logit
 
-Training normalises with the batch statistics of each scenario's rows (and updates that
+Training normalises with the global-batch statistics of each scenario's rows (summed over
+ranks when the world has more than one) (and updates that
 scenario's running statistics only when it has rows in the batch); eval uses the running
 statistics. Everything is tensor math on a one-hot [B, S], so the block is FX-traceable.
 """
 from __future__ import annotations
 
 import torch
+import torch.distributed.nn.functional as dist_fn
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -24,23 +27,36 @@ def star_weight(shared: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
     return shared.unsqueeze(0) * scenario
 
 
-def scenario_moments(x: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@torch.fx.wrap
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum over ranks (its backward sums the gradients over ranks too)."""
+    return dist_fn.all_reduce(t)
+
+
+def scenario_moments(x: torch.Tensor, onehot: torch.Tensor, sync: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-scenario mean and (biased) variance of x [B, N] over its rows; onehot [B, S].
 
     Returns mean [S, N], var [S, N], count [S]; scenarios without rows get mean 0, var 0.
+    With `sync`, the statistics are those of the global batch (all ranks), so 2 ranks of
+    B/2 rows normalise exactly like 1 rank of B rows.
     """
-    count = onehot.sum(0)  # [S]
+    sums = torch.cat([onehot.sum(0).unsqueeze(1), onehot.t() @ x, onehot.t() @ (x * x)], dim=1)  # [S, 1+2N]
+    if sync:
+        sums = all_reduce_sum(sums)
+    n = x.size(1)
+    count = sums[:, 0]  # [S]
     denom = count.clamp(min=1.0).unsqueeze(1)  # [S, 1]
-    mean = onehot.t() @ x / denom  # [S, N]
-    centered = x - onehot @ mean  # [B, N]
-    var = onehot.t() @ (centered * centered) / denom  # [S, N]
+    mean = sums[:, 1:1 + n] / denom  # [S, N]
+    var = (sums[:, 1 + n:] / denom - mean * mean).clamp(min=0.0)  # [S, N]
     return mean, var, count
 
 
 class PartitionedNorm(nn.Module):
-    def __init__(self, num_features: int, num_scenarios: int, momentum: float = 0.1, eps: float = 1e-5) -> None:
+    def __init__(self, num_features: int, num_scenarios: int, momentum: float = 0.1, eps: float = 1e-5,
+                 sync: bool = False) -> None:
         super().__init__()
-        self.momentum, self.eps, self.num_scenarios = momentum, eps, num_scenarios
+        self.momentum, self.eps, self.num_scenarios, self.sync = momentum, eps, num_scenarios, sync
         self.shared_gamma = nn.Parameter(torch.ones(num_features))
         self.shared_beta = nn.Parameter(torch.zeros(num_features))
         self.scenario_gamma = nn.Parameter(torch.ones(num_scenarios, num_features))
@@ -50,7 +66,7 @@ class PartitionedNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         if self.training:
-            mean, var, count = scenario_moments(x, onehot)
+            mean, var, count = scenario_moments(x, onehot, self.sync)
             present = (count > 0).unsqueeze(1)  # [S, 1]
             with torch.no_grad():  # not recorded by FX tracing: hence the detach()es
                 m = self.momentum
@@ -87,10 +103,10 @@ class StarTrunk(nn.Module):
     """Partitioned norm (optional) followed by star FC layers with ReLU; [B, N] → [B, H]."""
 
     def __init__(self, in_dim: int, hidden: list[int], num_scenarios: int, partitioned_norm: bool,
-                 momentum: float) -> None:
+                 momentum: float, sync_norm: bool = False) -> None:
         super().__init__()
         self.num_scenarios = num_scenarios
-        self.norm = PartitionedNorm(in_dim, num_scenarios, momentum) if partitioned_norm else None
+        self.norm = PartitionedNorm(in_dim, num_scenarios, momentum, sync=sync_norm) if partitioned_norm else None
         dims = [in_dim] + list(hidden)
         self.layers = nn.ModuleList(StarLinear(a, b, num_scenarios) for a, b in zip(dims[:-1], dims[1:]))
         self.out_dim = dims[-1]

@@ -27,12 +27,14 @@ from msrec_dist.model.star import AuxiliaryNet, StarTrunk, scenario_onehot
 
 
 class MultiScenarioModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, data: DataConfig, grad_scale: float = 1.0,
+    def __init__(self, cfg: ModelConfig, data: DataConfig, world_size: int = 1,
                  embedding_device: torch.device | None = None) -> None:
+        """world_size > 1 scales the embedding gradients by 1/world_size (see embedding.scale_grad)
+        and makes the partitioned norm use global-batch statistics."""
         super().__init__()
         self.num_scenarios = data.num_scenarios
         self.num_tasks = num_tasks = len(data.task_names)
-        self.embedding = FieldEmbedding(data, cfg.scenario_field, grad_scale, embedding_device)
+        self.embedding = FieldEmbedding(data, cfg.scenario_field, 1.0 / world_size, embedding_device)
         field_dim = self.embedding.dim
         att = cfg.attention
         self.attention = (FieldSelfAttention(field_dim, att.heads, att.head_dim, att.layers, cfg.kernels)
@@ -41,7 +43,7 @@ class MultiScenarioModel(nn.Module):
         star = cfg.star
         if star.enabled:
             self.trunk: nn.Module = StarTrunk(flat_dim, star.hidden, data.num_scenarios, star.partitioned_norm,
-                                              star.norm_momentum)
+                                              star.norm_momentum, sync_norm=world_size > 1)
         else:
             self.trunk = MLP(flat_dim, cfg.bottom.hidden)
             self.trunk.out_dim = self.trunk.out_dim if cfg.bottom.hidden else flat_dim

@@ -154,6 +154,7 @@ def test_import_is_cheap_and_triton_free():
 def test_gate_combine_prune_keeps_a_config():
     gc = importlib.import_module("msrec_dist.kernels.gate_combine")
     meta = gc.meta(8, 32, 512, torch.float32)
-    kept = gc._keep(gc.FWD_CONFIGS, {}, **meta)
-    assert kept and all(c.kwargs["BLOCK_B"] * meta["T_PAD"] * meta["BLOCK_D"] <= 16384 or c.kwargs["BLOCK_B"] == 4
-                        for c in kept)
+    for keep, configs, budget in [(gc._keep, gc.FWD_CONFIGS, 16384), (gc._keep_bwd, gc.BWD_CONFIGS, 4096)]:
+        kept = keep(configs, {}, **meta)
+        assert kept and all(c.kwargs["BLOCK_B"] * meta["T_PAD"] * meta["BLOCK_D"] <= budget
+                            or c.kwargs["BLOCK_B"] == 4 for c in kept)

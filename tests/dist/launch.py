@@ -1,0 +1,76 @@
+"""Start msrec_dist/train.py on N gloo ranks (torchrun, standalone rendezvous) for tests."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY_MODEL = [
+    "model.star.hidden=[32,16]", "model.experts.hidden=16", "model.mixing.hidden=16",
+    "model.tower.hidden=[8]", "run.progress=false", "run.tensorboard=false", "train.log_every=1",
+]
+
+
+def command(nproc: int, data: str, run_dir: str, sets: list[str], config: str = "configs/msrec.yaml",
+            resume: bool = False) -> list[str]:
+    args = ["--config", config, "--data", data, "--set", f"run.dir={run_dir}"]
+    for s in TINY_MODEL + sets:
+        args += ["--set", s]
+    if resume:
+        args.append("--resume")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "msrec_dist/train.py", *args]
+
+
+def train(nproc: int, data: str, run_dir: str, sets: list[str] = (), resume: bool = False,
+          timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(command(nproc, data, run_dir, list(sets), resume=resume), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def train_and_kill(nproc: int, data: str, run_dir: str, sets: list[str], kill_when: str,
+                   timeout: float = 300) -> bool:
+    """Start a run, SIGKILL its whole process group once `kill_when` exists; True if killed."""
+    proc = subprocess.Popen(command(nproc, data, run_dir, list(sets)), cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(kill_when):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    return False
+
+
+def metrics(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "final_metrics.json")) as f:
+        return json.load(f)
+
+
+def losses(run_dir: str) -> list[float]:
+    with open(os.path.join(run_dir, "train_log.jsonl")) as f:
+        return [json.loads(line)["loss"] for line in f]
+
+
+def auc_cells(m: dict) -> dict[str, float]:
+    """Flat {scenario/task/metric: value} of a final_metrics dict (overall included)."""
+    out = {}
+    for scen, tasks in [("overall", m["overall"]), *m["per_scenario"].items()]:
+        for task, cell in tasks.items():
+            for key in ("auc", "logloss", "n"):
+                out[f"{scen}/{task}/{key}"] = cell[key]
+    return out
+
+
+def errors(proc: subprocess.CompletedProcess) -> str:
+    """The lines of a failed run worth reading (tracebacks' last lines), for assertion messages."""
+    lines = (proc.stdout + proc.stderr).splitlines()
+    keep = [ln for ln in lines if "Error" in ln or "error" in ln.split(":")[0]]
+    return "\n".join(keep[-20:]) or "\n".join(lines[-40:])

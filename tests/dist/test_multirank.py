@@ -1,0 +1,113 @@
+"""Distributed training on 2 gloo ranks (torchrun): equivalence with 1 rank, SIGKILL + exact
+resume, resume on another world size, uneven ranks, a bad shard stopping every rank."""
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from msrec_dist.data.synth import generate
+from tests.dist.launch import auc_cells, errors, losses, metrics, train, train_and_kill
+
+pytestmark = pytest.mark.dist
+STEPS = 40  # interleave, 8k rows, local batch 256 on 2 ranks: 16 steps per epoch
+CKPT = ["train.checkpoint_every=8", "train.keep_checkpoints=10", f"train.max_steps={STEPS}", "train.epochs=3",
+        "reader.batch_size=256"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return generate(str(tmp_path_factory.mktemp("dist_data")), rows=8_000, shards=4, seed=1, eval_rows=2_000,
+                    users=500, items=300)
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(data, tmp_path_factory) -> str:
+    run_dir = str(tmp_path_factory.mktemp("two_rank"))
+    proc = train(2, data, run_dir, CKPT)
+    assert proc.returncode == 0, errors(proc)
+    return run_dir
+
+
+def assert_same_metrics(a: dict, b: dict, tol: float) -> None:
+    ca, cb = auc_cells(a), auc_cells(b)
+    for key in ca:
+        assert abs(ca[key] - cb[key]) <= tol, (key, ca[key], cb[key])
+
+
+def test_two_ranks_match_one_rank_losses(data, two_rank_run, tmp_path):
+    one = str(tmp_path / "one")
+    proc = train(1, data, one, ["reader.batch_size=512", "train.max_steps=20", "train.epochs=3"])
+    assert proc.returncode == 0, errors(proc)
+    two_losses, one_losses = losses(two_rank_run)[:20], losses(one)
+    assert len(one_losses) == 20
+    np.testing.assert_allclose(two_losses, one_losses, rtol=0, atol=1e-4)
+
+
+def test_plan_saved_and_table_wise(two_rank_run):
+    import json
+    with open(os.path.join(two_rank_run, "plan.json")) as f:
+        plan = json.load(f)["model.embedding.ebc"]
+    assert {t["sharding_type"] for t in plan.values()} <= {"table_wise", "data_parallel"}
+    assert {r for t in plan.values() if t["sharding_type"] == "table_wise" for r in t["ranks"]} == {0, 1}
+
+
+def test_sigkill_then_resume_matches_uninterrupted(data, two_rank_run, tmp_path):
+    run_dir = str(tmp_path / "killed")
+    killed = train_and_kill(2, data, run_dir, CKPT, kill_when=os.path.join(run_dir, "checkpoints", "step_16"))
+    assert killed, "the run ended before it could be killed"
+    assert not os.path.exists(os.path.join(run_dir, "final_metrics.json"))
+    proc = train(2, data, run_dir, CKPT, resume=True)
+    assert proc.returncode == 0, errors(proc)
+    assert "resumed from" in proc.stdout + proc.stderr
+    resumed, full = metrics(run_dir), metrics(two_rank_run)
+    assert resumed["steps"] == full["steps"] == STEPS
+    assert_same_metrics(resumed, full, 1e-6)
+
+
+def test_resume_on_one_rank_loads_the_same_weights(data, two_rank_run, tmp_path):
+    """A 2-rank checkpoint at the last step, evaluated by 1 rank, gives the 2-rank metrics."""
+    run_dir = str(tmp_path / "one_rank")
+    shutil.copytree(os.path.join(two_rank_run, "checkpoints"), os.path.join(run_dir, "checkpoints"))
+    proc = train(1, data, run_dir, CKPT[:-1] + ["reader.batch_size=512"], resume=True)
+    assert proc.returncode == 0, errors(proc)
+    assert_same_metrics(metrics(run_dir), metrics(two_rank_run), 1e-6)
+
+
+def test_uneven_ranks_finish_and_see_every_row_once(tmp_path):
+    # files mode: file i → rank i % 2; rank 0 gets 3x the rows of rank 1
+    data = generate(str(tmp_path / "d"), rows=4_000, shards=2, seed=2, eval_rows=500, users=300, items=200)
+    train_dir = os.path.join(os.path.dirname(data), "train")
+    files = sorted(os.listdir(train_dir))
+    big = pq.read_table(os.path.join(train_dir, files[0]))
+    pq.write_table(pa.concat_tables([big, big, big]), os.path.join(train_dir, files[0]))
+    run_dir = str(tmp_path / "run")
+    proc = train(2, data, run_dir, ["reader.split=files", "reader.batch_size=200", "run.record_rows=true"],
+                 timeout=240)
+    assert proc.returncode == 0, errors(proc)
+    rows = [int(x) for r in (0, 1) for x in open(os.path.join(run_dir, f"rows_rank{r}.txt")).read().split()]
+    counts = [len(open(os.path.join(run_dir, f"rows_rank{r}.txt")).read().split()) for r in (0, 1)]
+    total = sum(pq.ParquetFile(os.path.join(train_dir, f)).metadata.num_rows for f in files)
+    assert sorted(rows) == list(range(total))
+    assert counts[0] >= 2.5 * counts[1]
+
+
+def test_bad_shard_on_one_rank_stops_every_rank(tmp_path):
+    data = generate(str(tmp_path / "d"), rows=4_000, shards=4, seed=3, eval_rows=500, users=300, items=200)
+    train_dir = os.path.join(os.path.dirname(data), "train")
+    bad = os.path.join(train_dir, sorted(os.listdir(train_dir))[3])  # files mode: rank 1's second file
+    table = pq.read_table(bad)
+    items = table.column("item_id").to_numpy().copy()
+    items[123] = 10**9
+    pq.write_table(table.set_column(table.schema.get_field_index("item_id"), "item_id", [items]), bad)
+    run_dir = str(tmp_path / "run")
+    proc = train(2, data, run_dir, ["reader.split=files", "reader.batch_size=250", "train.checkpoint_every=2"],
+                 timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert out.count(os.path.basename(bad)) >= 2 and "item_id" in out and "123" in out, out[-3000:]
+    ckpts = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert ckpts and all(os.path.exists(os.path.join(run_dir, "checkpoints", c, ".metadata"))
+                         for c in ckpts if c.startswith("step_"))

@@ -1,0 +1,94 @@
+"""Field embedding (msrec_dist/model/embedding.py) on the hand-made 4-row Batch (conftest.py):
+field order and shape [B, F, D], sum/mean pooling (empty bag → zeros), dense and scenario
+fields, scale_grad, eager vs FX-traced (torchrec's tracer)."""
+from __future__ import annotations
+
+import torch
+from torchrec.fx import symbolic_trace
+
+from msrec_dist.model.embedding import FieldEmbedding, scale_grad
+from tests.model.conftest import BAGS, D
+
+# EBC output order: table `item` (item_id, hist_item_ids), then table `user` (user_id)
+FIELD_ORDER = ["item_id", "hist_item_ids", "user_id"]
+
+
+def _embedding(data, **kw) -> FieldEmbedding:
+    torch.manual_seed(0)
+    return FieldEmbedding(data, scenario_field=True, **kw)
+
+
+def _fields(emb: FieldEmbedding, batch) -> torch.Tensor:
+    return emb(batch.sparse, batch.dense, batch.scenario)
+
+
+def test_field_count_order_and_shape(model_data, batch4):
+    emb = _embedding(model_data)
+    assert emb.field_names == FIELD_ORDER
+    assert list(emb.ebc.embedding_bags.keys()) == ["item", "user"]  # item_id and hist share `item`
+    assert emb.num_fields == 3 + 2 + 1  # sparse + dense + scenario
+    assert _fields(emb, batch4).shape == (4, 6, D)
+    no_scen = FieldEmbedding(model_data, scenario_field=False)
+    assert no_scen.num_fields == 5
+    assert no_scen(batch4.sparse, batch4.dense, batch4.scenario).shape == (4, 5, D)
+
+
+def test_sum_and_mean_pooling_empty_bag_is_zero(model_data, batch4):
+    emb = _embedding(model_data)
+    fields = _fields(emb, batch4)
+    item_w = emb.ebc.embedding_bags["item"].weight
+    user_w = emb.ebc.embedding_bags["user"].weight
+    for b in range(4):
+        torch.testing.assert_close(fields[b, 0], item_w[BAGS["item_id"][b]].sum(0))
+        torch.testing.assert_close(fields[b, 2], user_w[BAGS["user_id"][b]].sum(0))
+        hist = BAGS["hist_item_ids"][b]
+        if hist:  # mean = sum / length
+            torch.testing.assert_close(fields[b, 1], item_w[hist].sum(0) / len(hist))
+        else:
+            torch.testing.assert_close(fields[b, 1], torch.zeros(D), rtol=0, atol=0)
+    assert BAGS["hist_item_ids"][1] == [] and BAGS["hist_item_ids"][2] == [4, 6, 8]
+
+
+def test_dense_and_scenario_fields(model_data, batch4):
+    emb = _embedding(model_data)
+    with torch.no_grad():
+        emb.dense_bias.normal_()
+    fields = _fields(emb, batch4)
+    for n in range(2):
+        expected = batch4.dense[:, n : n + 1] * emb.dense_weight[n] + emb.dense_bias[n]  # [B, D]
+        torch.testing.assert_close(fields[:, 3 + n], expected)
+    torch.testing.assert_close(fields[:, 5], emb.scenario_emb.weight[batch4.scenario])
+
+
+def test_scale_grad_identity_forward_scaled_gradient():
+    x = torch.randn(3, 4, requires_grad=True)
+    upstream = torch.randn(3, 4)
+    y = scale_grad(x, 0.25)
+    torch.testing.assert_close(y, x.detach(), rtol=0, atol=0)
+    y.backward(upstream)
+    torch.testing.assert_close(x.grad, 0.25 * upstream)
+    assert scale_grad(x, 1.0) is x
+
+
+def test_grad_scale_scales_only_embedding_table_gradients(model_data, batch4):
+    grads = {}
+    for scale in (1.0, 0.5):
+        emb = _embedding(model_data, grad_scale=scale)
+        fields = _fields(emb, batch4)
+        fields.pow(2).sum().backward()
+        grads[scale] = ({n: p.grad.clone() for n, p in emb.named_parameters()}, fields.detach())
+    (g1, f1), (g2, f2) = grads[1.0], grads[0.5]
+    torch.testing.assert_close(f2, f1, rtol=0, atol=0)
+    for name in g1:
+        if name.startswith("ebc."):
+            assert g1[name].abs().sum() > 0
+            torch.testing.assert_close(g2[name], 0.5 * g1[name])
+        else:  # dense and scenario fields are not scaled
+            torch.testing.assert_close(g2[name], g1[name])
+
+
+def test_eager_and_fx_traced(model_data, batch4):
+    emb = _embedding(model_data)
+    traced = symbolic_trace(emb)
+    torch.testing.assert_close(traced(batch4.sparse, batch4.dense, batch4.scenario), _fields(emb, batch4),
+                               rtol=0, atol=0)
