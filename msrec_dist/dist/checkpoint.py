@@ -4,7 +4,7 @@
     <run.dir>/checkpoints/.tmp_step_N/     being written; renamed to step_N by rank 0 only
                                            after every rank finished (barrier)
     state = {model: DMP state dict (ShardedTensors), optim: sparse (fused) + dense optimizer,
-             progress: {step, epoch, batch_in_epoch, samples}, scheduler, rng.rank<r>}
+             progress: [step, epoch, batch_in_epoch, global_batch, samples], rng.rank<r>}
 
 A kill during a save leaves only a .tmp_ directory, which `latest_checkpoint` never returns.
 Loading through DCP reshards, so a checkpoint saved on 2 ranks loads on 1. The reader restarts
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -60,12 +60,16 @@ def latest_checkpoint(root: str) -> str | None:
     return dirs[-1][1] if dirs else None
 
 
+_PROGRESS_FIELDS = [f.name for f in fields(Progress)]
+
+
 def _state(state: TrainState, progress: Progress, rank: int) -> dict:
+    # progress as one int64 tensor: DCP handles tensors uniformly across ranks. The LR
+    # schedule is a pure function of the step (optimizer param_groups carry the current lr).
     return {
         "model": state.model.state_dict(),
         "optim": state.optimizer.state_dict(),
-        "scheduler": state.scheduler.state_dict(),
-        "progress": asdict(progress),
+        "progress": torch.tensor([getattr(progress, f) for f in _PROGRESS_FIELDS], dtype=torch.long),
         f"rng.rank{rank}": torch.get_rng_state(),
     }
 
@@ -99,7 +103,9 @@ def load_checkpoint(path: str, state: TrainState, ctx: DistContext) -> Progress:
     dcp.load(full, checkpoint_id=path)
     state.model.load_state_dict(full["model"])
     state.optimizer.load_state_dict(full["optim"])
-    state.scheduler.load_state_dict(full["scheduler"])
     if rng_key in full:
         torch.set_rng_state(full[rng_key])
-    return Progress(**{k: int(v) for k, v in full["progress"].items()})
+    progress = Progress(**dict(zip(_PROGRESS_FIELDS, full["progress"].tolist())))
+    state.scheduler.last_epoch = progress.step
+    state.scheduler._step_count = progress.step + 1
+    return progress

@@ -41,14 +41,18 @@ def scenario_moments(x: torch.Tensor, onehot: torch.Tensor, sync: bool = False
     With `sync`, the statistics are those of the global batch (all ranks), so 2 ranks of
     B/2 rows normalise exactly like 1 rank of B rows.
     """
-    sums = torch.cat([onehot.sum(0).unsqueeze(1), onehot.t() @ x, onehot.t() @ (x * x)], dim=1)  # [S, 1+2N]
+    # two passes (mean, then centred squares): E[x²] − mean² cancels badly when |mean| ≫ std
+    sums = torch.cat([onehot.sum(0).unsqueeze(1), onehot.t() @ x], dim=1)  # [S, 1+N]
     if sync:
         sums = all_reduce_sum(sums)
-    n = x.size(1)
     count = sums[:, 0]  # [S]
     denom = count.clamp(min=1.0).unsqueeze(1)  # [S, 1]
-    mean = sums[:, 1:1 + n] / denom  # [S, N]
-    var = (sums[:, 1 + n:] / denom - mean * mean).clamp(min=0.0)  # [S, N]
+    mean = sums[:, 1:] / denom  # [S, N]
+    centered = x - onehot @ mean  # [B, N]
+    squares = onehot.t() @ (centered * centered)  # [S, N]
+    if sync:
+        squares = all_reduce_sum(squares)
+    var = squares / denom  # [S, N]
     return mean, var, count
 
 

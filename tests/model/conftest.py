@@ -7,7 +7,7 @@ DataConfig (`model_data`): S = 3 scenarios, T = 2 tasks, D = 4.
       hist_item_ids  (a list feature)  item    mean   ← shares table `item` with item_id
     dense: price, age                  (N_d = 2)
 The EBC pools table by table, so its output order is [item_id, hist_item_ids, user_id], not
-the KJT order: the fixture exercises FieldEmbedding's length permutation.
+the KJT order: the fixture checks that FieldEmbedding picks its fields by name.
 
 Batch (`batch4`), B = 4; the KJT as a grid of bags (feature f, sample b):
 
