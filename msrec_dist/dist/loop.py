@@ -28,10 +28,15 @@ from msrec_dist.metrics.evaluator import ScenarioTaskMetrics
 
 
 def empty_batch(data: DataConfig, device: torch.device) -> Batch:
-    """A zero-row batch for a rank whose data ran out while others still train."""
+    """A zero-row batch for a rank whose data ran out while others still train.
+
+    Its dtypes match the reader's (int64 values, int32 lengths): the sparse all-to-all sends
+    lengths between ranks, and gloo crashes on ranks that disagree about their dtype.
+    """
     return Batch(
-        sparse=KeyedJaggedTensor(keys=list(data.sparse_names), values=torch.zeros(0, dtype=torch.long),
-                                 lengths=torch.zeros(0, dtype=torch.long), stride=0).to(device),
+        sparse=KeyedJaggedTensor.from_lengths_sync(keys=list(data.sparse_names),
+                                                   values=torch.zeros(0, dtype=torch.long),
+                                                   lengths=torch.zeros(0, dtype=torch.int32)).to(device),
         dense=torch.zeros(0, len(data.dense_names), device=device),
         labels=torch.zeros(0, len(data.task_names), device=device),
         scenario=torch.zeros(0, dtype=torch.long, device=device),

@@ -1,7 +1,7 @@
 """One training run, end to end, on however many ranks the launcher started.
 
     ExperimentConfig + DistContext
-      ──load_data_config / validate_files──► files checked before any step
+      ──load_data_config, validate_files (via make_dataloader)──► files checked before any step
       ──build_train_state──► DMP + optimizers (plan printed, saved to <run.dir>/plan.json)
       ──epochs of train_epoch (tqdm, TensorBoard loss, checkpoints)──►
       ──evaluate on the eval split──► <run.dir>/final_metrics.json (+ TensorBoard AUCs)
@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
@@ -54,6 +53,15 @@ def global_mean(value: torch.Tensor, ctx: DistContext) -> float:
     return t.item() / ctx.world_size
 
 
+def epoch_steps(loader, ctx: DistContext) -> int:
+    """Steps in one epoch: the most batches any rank holds (ranks that run out train on empty
+    batches until then). From Parquet metadata, no data read."""
+    steps = torch.tensor([len(loader)], dtype=torch.long)
+    if ctx.world_size > 1:
+        torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX)
+    return int(steps.item())
+
+
 def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
     """Train, evaluate, write the run directory; returns the final metrics dict (every rank).
 
@@ -61,10 +69,9 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
     <run.dir>/checkpoints (if any): weights, optimizers, schedule, RNG and reader position.
     """
     data = load_data_config(cfg.data)
-    train_index = validate_files(data, data.train)
     validate_files(data, data.eval)
     global_batch = cfg.reader.batch_size * ctx.world_size
-    steps_per_epoch = math.ceil(train_index.total / global_batch)
+    steps_per_epoch = epoch_steps(make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size), ctx)
     total_steps = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)

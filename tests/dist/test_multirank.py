@@ -91,7 +91,8 @@ def test_uneven_ranks_finish_and_see_every_row_once(tmp_path):
     big = pq.read_table(os.path.join(train_dir, files[0]))
     pq.write_table(pa.concat_tables([big, big, big]), os.path.join(train_dir, files[0]))
     run_dir = str(tmp_path / "run")
-    proc = train(2, data, run_dir, ["reader.split=files", "reader.batch_size=200", "run.record_rows=true"],
+    proc = train(2, data, run_dir, ["reader.split=files", "reader.batch_size=200", "run.record_rows=true",
+                                    "train.epochs=1"],
                  timeout=240)
     assert proc.returncode == 0, errors(proc)
     rows = [int(x) for r in (0, 1) for x in open(os.path.join(run_dir, f"rows_rank{r}.txt")).read().split()]
