@@ -1,6 +1,6 @@
 """Train and evaluate one msrec_dist model.
 
-    python msrec_dist/train.py --config configs/msrec.yaml [--data DATA.yaml] [--set key.sub=value ...]
+    python msrec_dist/train.py --config configs/msrec.yaml [--data DATA.yaml] [--set key.sub=value ...] [--resume]
     torchrun --nproc-per-node 2 msrec_dist/train.py --config configs/msrec.yaml
     torchx run -s local_cwd dist.ddp -j 1x2 --script msrec_dist/train.py -- --config configs/msrec.yaml
 
@@ -30,8 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="experiment YAML, e.g. configs/msrec.yaml")
     p.add_argument("--data", help="data config YAML (overrides the experiment's `data:`)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.epochs=2 (repeatable)")
+    # nargs="+" as well as repeatable: torchx refuses a script argument given twice
+    p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. --set train.epochs=2 reader.batch_size=512")
     p.add_argument("--resume", action="store_true",
                    help="continue from the newest complete checkpoint in <run.dir>/checkpoints")
     return p.parse_args(argv)

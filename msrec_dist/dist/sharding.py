@@ -41,16 +41,19 @@ def build_topology(world_size: int, local_world_size: int, compute_device: str,
 # rescales by 1/world_size (embedding.scale_grad). data_parallel tables would instead be
 # averaged by DDP, so they are left out: every table is model-parallel.
 MODEL_PARALLEL_TYPES = ["table_wise", "row_wise", "table_row_wise", "column_wise", "table_column_wise"]
+# On CPU (gloo, the fbgemm CPU kernels) table_wise is the supported, tested layout.
+DEFAULT_TYPES = {"cuda": MODEL_PARALLEL_TYPES, "cpu": ["table_wise"]}
 
 
-def build_constraints(cfg: ShardingConfig, table_names: list[str]) -> dict[str, ParameterConstraints]:
+def build_constraints(cfg: ShardingConfig, table_names: list[str], compute_device: str
+                      ) -> dict[str, ParameterConstraints]:
     unknown = sorted(set(cfg.constraints) - set(table_names))
     if unknown:
         raise ConfigError(f"sharding.constraints: unknown table(s) {unknown}; tables: {table_names}")
     out = {}
     for table in table_names:
         c = cfg.constraints.get(table)
-        types = (c.sharding_types if c and c.sharding_types else MODEL_PARALLEL_TYPES)
+        types = (c.sharding_types if c and c.sharding_types else DEFAULT_TYPES[compute_device])
         bad = sorted(set(types) - set(MODEL_PARALLEL_TYPES))
         if bad:
             raise ConfigError(f"sharding.constraints.{table}.sharding_types: {bad} not allowed; "
@@ -68,7 +71,8 @@ def table_names(model: nn.Module) -> list[str]:
 def plan_sharding(model: nn.Module, topology: Topology, cfg: ShardingConfig,
                   group: Optional[dist.ProcessGroup] = None) -> ShardingPlan:
     """The plan every rank agrees on (collective_plan) or, without a process group, a local plan."""
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=build_constraints(cfg, table_names(model)))
+    constraints = build_constraints(cfg, table_names(model), topology.compute_device)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     if group is not None:
         return planner.collective_plan(model, get_default_sharders(), group)
     return planner.plan(model, get_default_sharders())
