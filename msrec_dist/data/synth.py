@@ -6,8 +6,10 @@ Parquet shards `DIR/train/part-*.parquet`, `DIR/eval/part-*.parquet` → `DIR/da
 
 Click logit = scenario bias + shared part (dense d0, d1; segment×category affinity; user and
 item id bias; history match = <item factor, mean history item factor>) + m_s * (d2 coef *
-d2 + segment×category affinity B), where m_s scales B/d2 per scenario and is -1 in the last
-(smallest) scenario, so a model ignoring the scenario loses there.
+d2 + category effect c_s), where m_s scales c_s/d2 per scenario and is -1 in the last
+(smallest) scenario, so a model ignoring the scenario loses there. The scenario-specific part
+is low-cardinality (50 categories, one dense feature) so that the smallest scenario's ~8% of
+rows suffice to learn it.
 convert = click * Bernoulli(sigmoid(conv bias + conv_shared * shared + d3 coef * d3 +
 scenario effect)); eval files carry the true p_click, p_convert (`oracle_auc` scores them).
 
@@ -45,7 +47,7 @@ class SynthSpec:
     id_bias_scale: float = 0.3
     hist_match_scale: float = 1.0
     scen_d2_coef: float = 0.6
-    scen_affinity_scale: float = 0.8  # scenario-specific segment×category affinity
+    scen_category_scale: float = 0.8  # scenario-specific category effect (learnable from a small scenario)
     last_scenario_mult: float = -1.0  # sign flip in the smallest scenario
     conv_bias: float = -1.6
     conv_shared: float = 0.5
@@ -105,7 +107,7 @@ class _World:
         cat_f = rng.normal(size=(nc, r))
         self.item_f = (cat_f[self.item_cat] + 0.5 * rng.normal(size=(items, r))) / np.sqrt(r)  # [I, r]
         self.aff = spec.affinity_scale * rng.normal(size=(ns, nc))  # shared [Sg, C]
-        self.aff_s = spec.scen_affinity_scale * rng.normal(size=(ns, nc))  # scenario-specific
+        self.cat_s = spec.scen_category_scale * rng.normal(size=nc)  # scenario-specific [C]
         self.user_bias = spec.id_bias_scale * rng.normal(size=users)
         self.item_bias = spec.id_bias_scale * rng.normal(size=items)
         self.scen_bias = spec.click_bias + spec.scenario_bias_scale * rng.normal(size=scenarios)
@@ -131,7 +133,7 @@ class _World:
         match = (self.item_f[item] * hmean).sum(1)
         shared = (s.dense_coef * (dense[0] + dense[1]) + self.aff[seg, cat] + self.user_bias[user]
                   + self.item_bias[item] + s.hist_match_scale * match)
-        specific = self.scen_mult[scen] * (s.scen_d2_coef * dense[2] + self.aff_s[seg, cat])
+        specific = self.scen_mult[scen] * (s.scen_d2_coef * dense[2] + self.cat_s[cat])
         p_click = 1 / (1 + np.exp(-(self.scen_bias[scen] + shared + specific)))
         conv_logit = s.conv_bias + s.conv_shared * shared + s.conv_d3_coef * dense[3] + self.conv_scen[scen]
         p_conv_given_click = 1 / (1 + np.exp(-conv_logit))
