@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements.txt setup.py
 setup: $(VENV)/.installed
 
 $(DEMO_DATA): | $(VENV)/.installed
-	$(PY) -m msrec_dist.data.synth --out data/demo --rows $(DEMO_ROWS) --shards 8 --seed 0 --eval-rows 50000
+	$(PY) -m msrec_dist.data.synth --out data/demo --rows $(DEMO_ROWS) --shards 8 --seed 0 --eval-rows 100000 --users 2000 --items 1000
 
 demo-data: $(DEMO_DATA)
 
@@ -35,7 +35,7 @@ test-all: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 compare: $(VENV)/.installed $(DEMO_DATA)
-	$(PY) -m benchmarks.compare --data $(DEMO_DATA)
+	$(PY) -m benchmarks.compare --data $(DEMO_DATA) --seeds 0 1 2
 
 clean:
 	rm -rf runs build *.egg-info

@@ -36,7 +36,7 @@ class SynthSpec:
     zipf_exponent: float = 1.1
     num_categories: int = 50
     num_segments: int = 20
-    scenario_props: list[float] | None = None  # None: 0.62/0.30/0.08 for 3, a similar profile otherwise
+    scenario_props: list[float] | None = None  # None: 0.60/0.30/0.10 for 3, a similar profile otherwise
     factor_dim: int = 4  # rank of the item factors behind the history match
     hist_max_len: int = 20  # history lengths uniform in 0..hist_max_len
     hist_pref_prob: float = 0.7  # share of history items from the user's preferred category
@@ -44,7 +44,7 @@ class SynthSpec:
     scenario_bias_scale: float = 0.3
     dense_coef: float = 0.5  # d0, d1 (shared)
     affinity_scale: float = 0.6  # shared segment×category affinity
-    id_bias_scale: float = 0.3
+    id_bias_scale: float = 0.2
     hist_match_scale: float = 1.0
     scen_d2_coef: float = 0.6
     scen_category_scale: float = 0.8  # scenario-specific category effect (learnable from a small scenario)
@@ -66,7 +66,7 @@ def scenario_props(scenarios: int, spec: SynthSpec) -> np.ndarray:
     if spec.scenario_props is not None:
         p = np.asarray(spec.scenario_props, np.float64)
     elif scenarios == 3:
-        p = np.array([0.62, 0.30, 0.08])
+        p = np.array([0.60, 0.30, 0.10])
     elif scenarios == 1:
         p = np.ones(1)
     else:
