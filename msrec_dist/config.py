@@ -102,6 +102,9 @@ class TrainConfig:
     lr_decay: Literal["none", "cosine", "linear"] = "none"
     grad_clip: float = 10.0
     task_weights: list[float] = field(default_factory=list)  # [] = 1 per task
+    # sparse_dist = torchrec's TrainPipelineSparseDist (input dist overlapped with compute);
+    # auto = sparse_dist on CUDA, the plain loop on CPU (exact global-batch loss weighting)
+    pipeline: Literal["auto", "sparse_dist", "plain"] = "auto"
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     log_every: int = 50

@@ -13,11 +13,13 @@ besides the logged loss.
 """
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from msrec_dist.data.batch import Batch
@@ -98,7 +100,28 @@ def agreed_batches(loader, data: DataConfig, ctx: DistContext) -> Iterator[tuple
         yield local, verdict.global_rows
 
 
-def train_step(state: TrainState, batch: Batch, global_rows: int, world_size: int, grad_clip: float) -> torch.Tensor:
+class DenseStep:
+    """The optimizer step after backward: clip dense grads, dense optimizer, LR schedule.
+
+    The sparse optimizer already ran inside backward (fused). Has the `zero_grad`/`step`
+    interface torchrec's train pipelines call.
+    """
+
+    def __init__(self, state: TrainState, grad_clip: float) -> None:
+        self.state, self.grad_clip = state, grad_clip
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.state.dense_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.state.dense_params, self.grad_clip)
+        self.state.dense_optimizer.step()
+        self.zero_grad()
+        self.state.scheduler.step()
+
+
+def train_step(state: TrainState, batch: Batch, global_rows: int, world_size: int, step: DenseStep) -> torch.Tensor:
     """One optimizer step; returns this rank's share of the global-batch mean loss × world_size.
 
     The module's loss is the local mean; rescaling it by local_rows · world / global_rows makes
@@ -109,11 +132,7 @@ def train_step(state: TrainState, batch: Batch, global_rows: int, world_size: in
     loss, _ = state.model(batch)
     loss = loss * (batch.size * world_size / max(global_rows, 1))
     loss.backward()  # the sparse optimizer runs inside backward (fused)
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(state.dense_params, grad_clip)
-    state.dense_optimizer.step()
-    state.dense_optimizer.zero_grad(set_to_none=True)
-    state.scheduler.step()
+    step.step()
     return loss.detach()
 
 
@@ -130,12 +149,42 @@ def evaluate(state: TrainState, loader, data: DataConfig, ctx: DistContext) -> d
 
 
 def train_epoch(state: TrainState, loader, data: DataConfig, ctx: DistContext, grad_clip: float,
-                on_step: Callable[[int, torch.Tensor, Batch], bool]) -> int:
-    """Runs one epoch; `on_step(local_step, loss, batch)` returns False to stop early."""
+                on_step: Callable[[int, torch.Tensor, Batch], bool], pipelined: bool = False) -> int:
+    """Runs one epoch; `on_step(local_step, loss, batch)` returns False to stop early.
+
+    `pipelined` drives the steps with torchrec's TrainPipelineSparseDist (the input
+    all-to-all of batch i+1 overlaps the compute of batch i; on CUDA also the host-to-device
+    copy). It uses the module's local-mean loss as is, so a partial last batch is weighted per
+    rank rather than per row.
+    """
+    dense_step = DenseStep(state, grad_clip)
+    batches = agreed_batches(loader, data, ctx)
     steps = 0
-    for batch, global_rows in agreed_batches(loader, data, ctx):
-        loss = train_step(state, batch, global_rows, ctx.world_size, grad_clip)
-        steps += 1
-        if not on_step(steps, loss, batch):
-            break
-    return steps
+    if not pipelined:
+        for batch, global_rows in batches:
+            loss = train_step(state, batch, global_rows, ctx.world_size, dense_step)
+            steps += 1
+            if not on_step(steps, loss, batch):
+                break
+        return steps
+    fetched: deque[Batch] = deque()  # the pipeline reads ahead; step i trains the i-th batch
+
+    def feed() -> Iterator[Batch]:
+        for batch, _ in batches:
+            fetched.append(batch)
+            yield batch
+
+    state.model.train()
+    pipeline = TrainPipelineSparseDist(state.model, dense_step, ctx.device)
+    it = feed()
+    try:
+        while True:
+            try:
+                loss, _, _ = pipeline.progress(it)
+            except StopIteration:
+                return steps
+            steps += 1
+            if not on_step(steps, loss, fetched.popleft()):
+                return steps
+    finally:
+        pipeline.detach()  # restore the modules' own forward (evaluation, checkpoints, next epoch)

@@ -113,11 +113,12 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
             save_checkpoint(ckpt_root, state, pos, ctx, cfg.train.keep_checkpoints)
         return pos.step < total_steps
 
+    pipelined = cfg.train.pipeline == "sparse_dist" or (cfg.train.pipeline == "auto" and ctx.device.type == "cuda")
     start = time.perf_counter()
     while pos.epoch < cfg.train.epochs and pos.step < total_steps:
         loader = make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size,
                                  start_batch=pos.batch_in_epoch)
-        train_epoch(state, loader, data, ctx, cfg.train.grad_clip, on_step)
+        train_epoch(state, loader, data, ctx, cfg.train.grad_clip, on_step, pipelined)
         if pos.step < total_steps or pos.batch_in_epoch >= steps_per_epoch:
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
     wall = time.perf_counter() - start

@@ -119,3 +119,16 @@ def test_bad_shard_on_one_rank_stops_every_rank(tmp_path):
     ckpts = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
     assert ckpts and all(os.path.exists(os.path.join(run_dir, "checkpoints", c, ".metadata"))
                          for c in ckpts if c.startswith("step_"))
+
+
+def test_sparse_dist_pipeline_matches_plain_loop(data, tmp_path):
+    """torchrec's TrainPipelineSparseDist (the CUDA default) gives the plain loop's losses."""
+    sets = ["train.max_steps=12", "reader.batch_size=256"]
+    runs = {}
+    for mode in ("plain", "sparse_dist"):
+        run_dir = str(tmp_path / mode)
+        proc = train(2, data, run_dir, sets + [f"train.pipeline={mode}"])
+        assert proc.returncode == 0, errors(proc)
+        runs[mode] = losses(run_dir)
+    assert len(runs["plain"]) == 12
+    np.testing.assert_allclose(runs["sparse_dist"], runs["plain"], rtol=0, atol=1e-5)

@@ -1,0 +1,344 @@
+"""Shared helpers of the throughput benchmarks and the perf regression tests (tests/perf).
+
+    machine()            platform, cores, torch version and threads: every result names it
+    ensure_data()        synthetic Parquet data (msrec_dist.data.synth), cached under runs/bench_data
+    make_state()         config + data + TrainState for a world of one (DMP, like a real run)
+    prebuilt_batches()   in-memory Batches from the real reader (no reader in the timed loop)
+    matmul_flops()       this machine's fp32 matmul FLOP/s (the calibration for compute)
+    CASES / measure_case / check_ratio   the perf-test cases: throughput / calibration ratios
+    write_results()      benchmarks/results/<name>.json + .md
+
+Import this module before torch in an entry point: it sets OMP_WAIT_POLICY=PASSIVE (spinning
+OpenMP threads starve DataLoader workers on a small CPU machine; msrec_dist/train.py does the same).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import torch  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+BASELINES = os.path.join(REPO, "benchmarks", "baselines", "cpu.json")
+MODELS = ["msrec", "ple", "star", "mmoe", "shared_bottom"]
+QUIET = ("run.progress=false", "run.tensorboard=false")
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+def machine_line(m: dict | None = None) -> str:
+    m = m or machine()
+    return (f"{m['cpu_model']} ({m['processor']}), {m['cores']} cores, {m['platform']}, "
+            f"torch {m['torch']}, {m['torch_threads']} torch threads")
+
+
+def ensure_data(rows: int = 200_000, seed: int = 0, eval_rows: int = 50_000, root: str | None = None) -> str:
+    """data.yaml of synthetic data with `rows` train rows (generated once, then reused)."""
+    from msrec_dist.data.synth import generate
+
+    root = root or os.path.join(REPO, "runs", "bench_data")
+    out = os.path.join(root, f"rows{rows}_eval{eval_rows}_seed{seed}")
+    path, done = os.path.join(out, "data.yaml"), os.path.join(out, ".complete")
+    if not os.path.exists(done):
+        generate(out, rows, shards=4, seed=seed, eval_rows=eval_rows)
+        open(done, "w").close()
+    return path
+
+
+def init_world():
+    from msrec_dist.dist.context import init_distributed
+
+    return init_distributed()
+
+
+def make_state(model: str, data_path: str, batch_size: int, overrides: tuple[str, ...] = (), ctx=None,
+               total_steps: int = 10_000):
+    """(cfg, data, ctx, TrainState) of configs/<model>.yaml with local batch `batch_size`."""
+    from msrec_dist.config import load_experiment
+    from msrec_dist.data.schema import load_data_config
+    from msrec_dist.dist.model_parallel import build_train_state
+
+    ctx = ctx or init_world()
+    cfg = load_experiment(os.path.join(CONFIGS, f"{model}.yaml"), data_path,
+                          QUIET + (f"reader.batch_size={batch_size}",) + tuple(overrides))
+    data = load_data_config(cfg.data)
+    return cfg, data, ctx, build_train_state(cfg, data, ctx, total_steps)
+
+
+def prebuilt_batches(cfg, data, n: int, rank: int = 0, world_size: int = 1) -> list:
+    """The first n batches of this rank, read once (in-process, no workers) and kept in memory."""
+    import dataclasses
+
+    from msrec_dist.data.reader import make_dataloader
+
+    reader = dataclasses.replace(cfg.reader, num_workers=0)
+    out = []
+    for b in make_dataloader(data, data.train, reader, rank, world_size):
+        out.append(b)
+        if len(out) == n:
+            break
+    return out
+
+
+def step_fn(state, cfg, world_size: int = 1) -> Callable:
+    """msrec_dist.dist.loop.train_step bound to a state (works with the grad_clip-float and the
+    DenseStep-object signatures of train_step)."""
+    from msrec_dist.dist import loop
+
+    last = loop.DenseStep(state, cfg.train.grad_clip) if hasattr(loop, "DenseStep") else cfg.train.grad_clip
+
+    def step(batch, global_rows=None):
+        return loop.train_step(state, batch, global_rows or batch.size * world_size, world_size, last)
+    return step
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# ---- calibrations ---------------------------------------------------------------------------
+
+_CAL: dict = {}
+
+
+def matmul_workload(n: int = 512, reps: int = 4) -> Callable[[], None]:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    c = torch.empty(n, n)
+
+    def run():
+        for _ in range(reps):
+            torch.mm(a, b, out=c)
+    return run
+
+
+def matmul_flops(n: int = 1024, reps: int = 5, repeats: int = 7) -> float:
+    """fp32 FLOP/s of an n×n×n torch.mm at the current thread count (median of repeats)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    c = torch.empty(n, n)
+    torch.mm(a, b, out=c)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b, out=c)
+        times.append((time.perf_counter() - t) / reps)
+    return 2 * n ** 3 / median(times)
+
+
+def numpy_workload(n: int = 1 << 20) -> Callable[[], None]:
+    """Memory-bound numpy work like the reader's (astype, diff, concatenate, bounds check)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 5000, n).astype(np.int32)
+    off = np.sort(rng.integers(0, n, 1 << 16)).astype(np.int64)
+
+    def run():
+        v = ids.astype(np.int64)
+        bad = (v < 0) | (v >= 5000)
+        bad.any()
+        np.concatenate([v[: n // 2], v[n // 2:]])
+        np.diff(off).astype(np.int32)
+    return run
+
+
+# ---- perf-test cases ------------------------------------------------------------------------
+
+@dataclass
+class Case:
+    """One regression case: `setup()` returns (work, calibration, units per work call)."""
+    name: str
+    unit: str
+    calibration: str
+    setup: Callable[[], tuple[Callable[[], None], Callable[[], None], float]]
+
+
+def _train_case(model: str, batch_size: int, steps: int):
+    def setup():
+        data_path = _test_data()
+        cfg, data, _, state = make_state(model, data_path, batch_size, ("train.warmup_steps=1",))
+        batches = prebuilt_batches(cfg, data, steps)
+        step = step_fn(state, cfg)
+        for b in batches[:2]:
+            step(b)  # warm-up
+
+        def work():
+            for b in batches:
+                step(b)
+        return work, matmul_workload(), float(steps * batch_size)
+    return setup
+
+
+def _reader_case(batch_size: int, batches: int):
+    def setup():
+        from msrec_dist.data.reader import ParquetBatchDataset, ReaderConfig, validate_files
+        from msrec_dist.data.schema import load_data_config
+
+        data = load_data_config(_test_data())
+        index = validate_files(data, data.train)
+        ds = ParquetBatchDataset(data, index, ReaderConfig(batch_size=batch_size, num_workers=0))
+
+        def work():
+            it = iter(ds)
+            for _ in range(batches):
+                next(it)
+        work()
+        return work, numpy_workload(), float(batches * batch_size)
+    return setup
+
+
+def _gate_case(B: int = 4096, E: int = 4, T: int = 2, D: int = 64, reps: int = 3):
+    def setup():
+        import msrec_dist.kernels as K
+
+        g = torch.Generator().manual_seed(0)
+        y = torch.randn(B, E, D, generator=g, requires_grad=True)
+        logits = torch.randn(T, B, E, generator=g, requires_grad=True)
+        grad = torch.randn(T, B, D, generator=g)
+
+        def work():
+            for _ in range(reps):
+                y.grad = logits.grad = None
+                K.gate_combine(y, logits, kernel="reference").backward(grad)
+        work()
+        return work, matmul_workload(), float(reps * B)
+    return setup
+
+
+def _attn_case(B: int = 1024, H: int = 2, F: int = 16, dh: int = 16, reps: int = 3):
+    def setup():
+        import msrec_dist.kernels as K
+
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(B, H, F, dh, generator=g, requires_grad=True) for _ in range(3))
+        grad = torch.randn(B, H, F, dh, generator=g)
+
+        def work():
+            for _ in range(reps):
+                q.grad = k.grad = v.grad = None
+                K.field_attention(q, k, v, None, kernel="reference").backward(grad)
+        work()
+        return work, matmul_workload(), float(reps * B)
+    return setup
+
+
+_DATA_ROOT: list[str] = []
+
+
+def _test_data() -> str:
+    """Small data set for the perf tests (60k rows, generated in about a second)."""
+    root = _DATA_ROOT[0] if _DATA_ROOT else None
+    return ensure_data(rows=60_000, eval_rows=5_000, root=root)
+
+
+def set_test_data_root(root: str) -> None:
+    _DATA_ROOT[:] = [root]
+
+
+CASES = {
+    "train_step_msrec": Case("train_step_msrec", "samples", "matmul", _train_case("msrec", 1024, 2)),
+    "train_step_ple": Case("train_step_ple", "samples", "matmul", _train_case("ple", 1024, 3)),
+    "reader": Case("reader", "rows", "numpy", _reader_case(1024, 48)),
+    "gate_combine_reference": Case("gate_combine_reference", "samples", "matmul", _gate_case()),
+    "field_attention_reference": Case("field_attention_reference", "samples", "matmul", _attn_case()),
+}
+
+
+def measure_case(work: Callable[[], None], calib: Callable[[], None], repeats: int = 15,
+                 slowdown: float = 0.0) -> dict:
+    """Interleaved repeats of (work, calibration). ratio = work time / time of one calibration
+    call (higher = slower); the calibration is repeated to last about as long as the work.
+
+    Estimator: min(work) / min(calibration) over the repeats. Another process on the machine
+    only ever slows a repeat down, so the minimum is the least disturbed sample of each; the
+    median of the per-pair ratios is reported too.
+    `slowdown` > 0 injects that fraction of extra work time (a sleep after each work call),
+    which is what a real regression of that size looks like to the test."""
+    tw0, tc0 = timed(work), timed(calib)
+    reps = max(1, round(tw0 / max(tc0, 1e-6)))
+    works, cals = [], []
+    for _ in range(repeats):
+        tw = timed(work)
+        if slowdown:
+            time.sleep(tw * slowdown)
+            tw *= 1.0 + slowdown
+        t = time.perf_counter()
+        for _ in range(reps):
+            calib()
+        tc = (time.perf_counter() - t) / reps
+        works.append(tw)
+        cals.append(tc)
+    pair = [w / c for w, c in zip(works, cals)]
+    return {"ratio": min(works) / min(cals), "median_pair_ratio": median(pair), "work_s": min(works),
+            "calib_s": min(cals), "calib_reps": reps, "repeats": repeats}
+
+
+def load_baselines(path: str = BASELINES) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_ratio(name: str, measured: float, baselines: dict) -> tuple[bool, str]:
+    """(passed, message): fails when the work/calibration ratio exceeds baseline × (1 + tol)."""
+    entry = baselines["cases"][name]
+    tol = entry.get("tolerance", baselines["tolerance"])
+    limit = entry["ratio"] * (1.0 + tol)
+    rel = measured / entry["ratio"] - 1.0
+    msg = (f"{name}: work/calibration ratio {measured:.4f} vs baseline {entry['ratio']:.4f} "
+           f"({rel:+.1%}, tolerance +{tol:.0%})")
+    return measured <= limit, msg
+
+
+# ---- results --------------------------------------------------------------------------------
+
+def write_results(name: str, payload: dict, markdown: str) -> tuple[str, str]:
+    os.makedirs(RESULTS, exist_ok=True)
+    js, md = os.path.join(RESULTS, f"{name}.json"), os.path.join(RESULTS, f"{name}.md")
+    with open(js, "w") as f:
+        json.dump(payload, f, indent=2)
+    with open(md, "w") as f:
+        f.write(markdown.rstrip() + "\n")
+    return js, md
+
+
+def table(head: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)

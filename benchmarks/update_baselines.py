@@ -1,0 +1,75 @@
+"""Rewrite benchmarks/baselines/cpu.json from fresh measurements of the perf-test cases.
+
+    python -m benchmarks.update_baselines [--runs 5] [--cases train_step_msrec reader ...] [--tolerance 0.15]
+
+Each case (benchmarks/perf_common.CASES) is measured `--runs` times, each run the way
+tests/perf measures it (interleaved work / calibration repeats, min/min ratio). The baseline
+ratio is the median over runs; the run-to-run spread (max/min - 1) is stored beside it so
+that the tolerance can be judged against it. Run it on an otherwise idle machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+from benchmarks import perf_common as P  # sets OMP_WAIT_POLICY before torch loads
+
+
+def measure(names: list[str], runs: int) -> dict:
+    out = {}
+    for name in names:
+        case = P.CASES[name]
+        work, calib, units = case.setup()
+        ratios, results = [], []
+        for _ in range(runs):
+            r = P.measure_case(work, calib)
+            ratios.append(r["ratio"])
+            results.append(r)
+        best = results[ratios.index(sorted(ratios)[len(ratios) // 2])]
+        out[name] = {
+            "ratio": P.median(ratios),
+            "spread": max(ratios) / min(ratios) - 1.0,
+            "runs": ratios,
+            "unit": case.unit,
+            "calibration": case.calibration,
+            f"{case.unit}_per_s": units / best["work_s"],
+        }
+        print(f"{name}: ratio {out[name]['ratio']:.4f} spread {out[name]['spread']:.1%} "
+              f"({out[name][f'{case.unit}_per_s']:,.0f} {case.unit}/s)", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--cases", nargs="+", default=list(P.CASES))
+    ap.add_argument("--tolerance", type=float, default=0.15)
+    ap.add_argument("--out", default=P.BASELINES)
+    a = ap.parse_args(argv)
+    logging.disable(logging.WARNING)
+    P.set_test_data_root(os.path.join(P.REPO, "runs", "perf_test_data"))
+    start = time.time()
+    cases = measure(a.cases, a.runs)
+    old = {}
+    if os.path.exists(a.out) and set(a.cases) != set(P.CASES):
+        old = P.load_baselines(a.out).get("cases", {})  # keep the cases not re-measured
+    payload = {
+        "machine": P.machine(),
+        "command": "python -m benchmarks.update_baselines " + " ".join(argv or []),
+        "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "tolerance": a.tolerance,
+        "note": "ratio = work time / calibration time (min over interleaved repeats); a test fails when "
+                "its ratio > ratio * (1 + tolerance) on every attempt",
+        "cases": {**old, **cases},
+    }
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {a.out} in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
