@@ -274,14 +274,14 @@ def set_test_data_root(root: str) -> None:
 
 CASES = {
     "train_step_msrec": Case("train_step_msrec", "samples", "matmul", _train_case("msrec", 1024, 2)),
-    "train_step_ple": Case("train_step_ple", "samples", "matmul", _train_case("ple", 1024, 3)),
+    "train_step_ple": Case("train_step_ple", "samples", "matmul", _train_case("ple", 1024, 5)),
     "reader": Case("reader", "rows", "numpy", _reader_case(1024, 48)),
     "gate_combine_reference": Case("gate_combine_reference", "samples", "matmul", _gate_case()),
     "field_attention_reference": Case("field_attention_reference", "samples", "matmul", _attn_case()),
 }
 
 
-def measure_case(work: Callable[[], None], calib: Callable[[], None], repeats: int = 15,
+def measure_case(work: Callable[[], None], calib: Callable[[], None], repeats: int = 21,
                  slowdown: float = 0.0) -> dict:
     """Interleaved repeats of (work, calibration). ratio = work time / time of one calibration
     call (higher = slower); the calibration is repeated to last about as long as the work.

@@ -1,68 +1,59 @@
 """Throughput regression tests: each case measures its work and a calibration (a fixed matmul,
-or numpy work for the reader) interleaved in this process, and compares the ratio with
+or numpy work for the reader) interleaved in one process, and compares the ratio with
 benchmarks/baselines/cpu.json (rewrite it with `python -m benchmarks.update_baselines`).
 
-A case fails when its ratio exceeds baseline × (1 + tolerance) on `ATTEMPTS` separate
-measurements: noise from other processes has to strike every attempt to fail a test, while a
-real slowdown of 25% fails them all. test_injected_slowdown_fails shows the latter.
-MSREC_PERF_SLOWDOWN=0.25 injects that slowdown into every case (they must then fail).
+The measurements run in a fresh process (`python -m benchmarks.update_baselines --check`),
+exactly as the baselines were measured: OMP_WAIT_POLICY=PASSIVE set before torch loads, no
+state left by other tests (measured: in the pytest process every ratio came out 40-200% higher).
+A case fails when its ratio exceeds baseline × (1 + tolerance) on both of 2 measurements: noise
+from other processes has to strike every attempt to fail a test, while a real slowdown of 25%
+fails them all; test_injected_slowdown_fails shows that. MSREC_PERF_SLOWDOWN=0.25 injects the
+slowdown into every case (they must then fail).
 """
 from __future__ import annotations
 
-import logging
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from benchmarks import perf_common as P
 
 pytestmark = pytest.mark.perf
-ATTEMPTS = 3
-INJECT = float(os.environ.get("MSREC_PERF_SLOWDOWN", "0") or 0)
+INJECT = os.environ.get("MSREC_PERF_SLOWDOWN", "0") or "0"
+
+
+def run_checks(tmp_path, cases: list[str], slowdown: str) -> dict:
+    out = tmp_path / "check.json"
+    cmd = [sys.executable, "-m", "benchmarks.update_baselines", "--check", str(out), "--slowdown", slowdown,
+           "--cases", *cases]
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    proc = subprocess.run(cmd, cwd=P.REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
-def baselines(tmp_path_factory):
+def checks(tmp_path_factory):
     if not os.path.exists(P.BASELINES):
         pytest.skip("no baseline file; run python -m benchmarks.update_baselines")
-    P.set_test_data_root(str(tmp_path_factory.mktemp("perf_data")))
-    logging.disable(logging.WARNING)
-    yield P.load_baselines()
-    logging.disable(logging.NOTSET)
-
-
-@pytest.fixture(scope="module")
-def threads(baselines):
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(baselines["machine"]["torch_threads"])
-    yield
-    torch.set_num_threads(old)
-
-
-def run_check(name: str, baselines: dict, slowdown: float, attempts: int = ATTEMPTS) -> tuple[bool, list[str]]:
-    work, calib, _ = P.CASES[name].setup()
-    messages = []
-    for _ in range(attempts):
-        ok, msg = P.check_ratio(name, P.measure_case(work, calib, slowdown=slowdown)["ratio"], baselines)
-        messages.append(msg)
-        if ok:
-            return True, messages
-    return False, messages
+    names = [n for n in P.CASES if n in P.load_baselines()["cases"]]
+    return run_checks(tmp_path_factory.mktemp("perf"), names, INJECT)
 
 
 @pytest.mark.parametrize("name", list(P.CASES))
-def test_throughput_ratio(name, baselines, threads):
-    if name not in baselines["cases"]:
+def test_throughput_ratio(name, checks):
+    if name not in checks:
         pytest.skip(f"{name} not in the baseline file")
-    ok, messages = run_check(name, baselines, INJECT)
-    print("\n".join(messages))
-    assert ok, "slower than the baseline on every attempt:\n" + "\n".join(messages)
+    r = checks[name]
+    assert r["passed"], "slower than the baseline on every attempt:\n" + "\n".join(r["messages"])
 
 
-def test_injected_slowdown_fails(baselines, threads):
+def test_injected_slowdown_fails(tmp_path):
     """A real 25% slowdown (injected into the ple train step) must fail the check."""
-    ok, messages = run_check("train_step_ple", baselines, slowdown=0.25)
-    print("\n".join(messages))
-    assert not ok, "a 25% slowdown passed the check:\n" + "\n".join(messages)
+    if not os.path.exists(P.BASELINES):
+        pytest.skip("no baseline file")
+    r = run_checks(tmp_path, ["train_step_ple"], "0.25")["train_step_ple"]
+    assert not r["passed"], "a 25% slowdown passed the check:\n" + "\n".join(r["messages"])

@@ -5,7 +5,9 @@ oracle AUC of the true probabilities in the eval files:
 - a model that ignores the scenario (shared bottom without the scenario field) is clearly worse
   on the scenario whose effects flip (the smallest, `cart`);
 - msrec is not worse than shared_bottom, mmoe, ple and star on the smallest scenario, mean AUC
-  over 3 seeds (a tolerance of 0.002 AUC, well under the ±0.01 seed-to-seed spread measured here).
+  over 3 seeds (a tolerance of 0.002 AUC). That one trains 15 models (~6 min here), so it is
+  marked `slow`: `make test-all` runs it, `make test` (CI) does not; `make compare` measures the
+  same comparison on the demo data for the README.
 """
 import statistics
 
@@ -27,26 +29,33 @@ def data(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(data, tmp_path_factory) -> dict:
-    return train_models(data, ["msrec"] + BASELINES, SEEDS, [], str(tmp_path_factory.mktemp("quality_runs")))
+def msrec(data, tmp_path_factory) -> dict:
+    return train_models(data, ["msrec"], [0], [], str(tmp_path_factory.mktemp("msrec")))["msrec"][0]
 
 
-def test_msrec_reaches_85_percent_of_oracle_lift(data, runs):
+@pytest.fixture(scope="module")
+def runs(data, msrec, tmp_path_factory) -> dict:
+    more = train_models(data, ["msrec"] + BASELINES, SEEDS[1:], [], str(tmp_path_factory.mktemp("quality_runs")))
+    first = train_models(data, BASELINES, SEEDS[:1], [], str(tmp_path_factory.mktemp("quality_runs0")))
+    return {m: ([msrec] if m == "msrec" else first[m]) + more[m] for m in more}
+
+
+def test_msrec_reaches_85_percent_of_oracle_lift(data, msrec):
     oracle = oracle_table(data)
-    msrec = runs["msrec"][0]
     for scenario, tasks in oracle["per_scenario"].items():
         for task, best in tasks.items():
             auc = msrec["per_scenario"][scenario][task]["auc"]
             assert auc - 0.5 >= 0.85 * (best - 0.5), (scenario, task, auc, best)
 
 
-def test_ignoring_the_scenario_loses_where_effects_flip(data, runs, tmp_path):
+def test_ignoring_the_scenario_loses_where_effects_flip(data, msrec, tmp_path):
     blind = train_models(data, ["shared_bottom"], [0], ["model.scenario_field=false"], str(tmp_path))["shared_bottom"][0]
     for task in ("click", "convert"):
-        aware = runs["msrec"][0]["per_scenario"][SMALLEST][task]["auc"]
+        aware = msrec["per_scenario"][SMALLEST][task]["auc"]
         assert aware - blind["per_scenario"][SMALLEST][task]["auc"] >= 0.03, (task, aware, blind)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("baseline", BASELINES)
 def test_msrec_not_worse_on_smallest_scenario(runs, baseline):
     def mean_auc(model: str, task: str) -> float:

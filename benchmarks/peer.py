@@ -1,0 +1,202 @@
+"""Peer comparison: torch-rechub's PLE vs msrec_dist's ple config, same data, side by side in one run.
+
+torch-rechub is NOT a project dependency. It (and what its import needs) lives outside the
+project venv, in /tmp/rechub, installed with exactly:
+
+    .venv/bin/pip install --no-deps --target /tmp/rechub torch-rechub==0.9.0 pandas==3.1.1 \
+        scikit-learn==1.9.1 scipy==1.17.1 joblib==1.6.0 threadpoolctl==3.8.0 \
+        python-dateutil==4.0.0 six==1.17.0 tzdata==2026.6 narwhals==2.29.0
+
+(torch_rechub.basic.features imports torch_rechub.utils.data, which imports pandas and
+sklearn). This script adds that directory to sys.path (--rechub-dir), nothing else does.
+
+    python -m benchmarks.peer [--rows 200000] [--epochs 2] [--batch-size 1024] [--rechub-dir /tmp/rechub]
+
+Both models see the same synthetic Parquet train/eval split (msrec_dist.data.synth, seed 0), in
+the same row order (no shuffling), the same batch size and epochs, embedding dim 16, 2 CGC levels
+with 1 task-specific + 2 shared experts of width 64 and one tower [32] per task (configs/ple.yaml).
+  msrec_dist: msrec_dist.dist.runner.run (world of one, DMP, the real Parquet reader, row-wise
+      Adagrad on the embeddings, Adam lr 0.002 on the rest); samples/s = run's train_samples_per_s.
+  torch-rechub: torch_rechub.models.multi_task.PLE over the same columns read into tensors
+      (sparse ids → SparseFeature, history → SequenceFeature mean pooling (ids + 1, padding 0),
+      the scenario id → SparseFeature like msrec's scenario field, d0..d3 → DenseFeature), Adam
+      lr 0.002 on everything, sum of per-task BCE (as its MTLTrainer); its batches are sliced from
+      in-memory tensors (no reader cost, an advantage to it); samples/s = train rows / train loop wall.
+AUC per task (overall and per scenario) on the eval split with torchmetrics' binary_auroc.
+Writes benchmarks/results/peer.json and .md.
+"""
+from __future__ import annotations
+
+from benchmarks import perf_common as P  # sets OMP_WAIT_POLICY before torch loads
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import torch  # noqa: E402
+
+RECHUB_VERSION = "0.9.0"
+
+
+def load_columns(files: list[str], data) -> dict[str, torch.Tensor]:
+    t = pa.concat_tables(pq.read_table(f) for f in files)
+    out = {}
+    for feat in data.sparse:
+        col = t.column(feat.name).combine_chunks()
+        if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+            off = col.offsets.to_numpy().astype(np.int64)
+            vals = col.values.to_numpy().astype(np.int64) + 1  # 0 = padding
+            lens = np.diff(off)
+            pad = np.zeros((len(lens), max(int(lens.max()), 1)), np.int64)
+            rows = np.repeat(np.arange(len(lens)), lens)
+            pos = np.arange(len(vals)) - np.repeat(off[:-1], lens)
+            pad[rows, pos] = vals
+            out[feat.name] = torch.from_numpy(pad)
+        else:
+            out[feat.name] = torch.from_numpy(col.to_numpy().astype(np.int64))
+    for d in data.dense_names:
+        out[d] = torch.from_numpy(t.column(d).to_numpy().astype(np.float32))
+    out["scenario"] = torch.from_numpy(t.column(data.scenario.column).to_numpy().astype(np.int64))
+    out["__labels__"] = torch.from_numpy(np.stack([t.column(task.column).to_numpy() for task in data.tasks], 1)
+                                         .astype(np.float32))
+    return out
+
+
+def auc_table(probs: torch.Tensor, labels: torch.Tensor, scenario: torch.Tensor, data) -> dict:
+    from torchmetrics.functional.classification import binary_auroc
+
+    res = {"overall": {}, "per_scenario": {s: {} for s in data.scenario.names}}
+    for t, task in enumerate(data.task_names):
+        res["overall"][task] = float(binary_auroc(probs[:, t], labels[:, t].long()))
+        for i, s in enumerate(data.scenario.names):
+            keep = scenario == i
+            res["per_scenario"][s][task] = float(binary_auroc(probs[keep, t], labels[keep, t].long()))
+    return res
+
+
+def run_rechub(data, cfg, batch_size: int, epochs: int, lr: float, seed: int) -> dict:
+    from torch_rechub.basic.features import DenseFeature, SequenceFeature, SparseFeature
+    from torch_rechub.models.multi_task import PLE
+
+    torch.manual_seed(seed)
+    ex, D = cfg.model.experts, data.tables()[0].dim
+    features = []
+    for feat in data.sparse:
+        if feat.pooling == "mean":
+            features.append(SequenceFeature(feat.name, feat.num_embeddings + 1, D, pooling="mean", padding_idx=0))
+        else:
+            features.append(SparseFeature(feat.name, feat.num_embeddings, D))
+    features.append(SparseFeature("scenario", data.num_scenarios, D))
+    features += [DenseFeature(d) for d in data.dense_names]
+    model = PLE(features, ["classification"] * len(data.tasks), n_level=ex.levels, n_expert_specific=ex.task_experts,
+                n_expert_shared=ex.shared_experts, expert_params={"dims": [ex.hidden]},
+                tower_params_list=[{"dims": list(cfg.model.tower.hidden)}] * len(data.tasks))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    bce = torch.nn.BCELoss()
+    train = load_columns(data.train, data)
+    n = len(train["__labels__"])
+    keys = [k for k in train if k != "__labels__"]
+    samples, start = 0, time.perf_counter()
+    model.train()
+    for _ in range(epochs):
+        for a in range(0, n, batch_size):
+            x = {k: train[k][a:a + batch_size] for k in keys}
+            y = train["__labels__"][a:a + batch_size]
+            p = model(x)
+            loss = sum(bce(p[:, t], y[:, t]) for t in range(y.size(1)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            samples += y.size(0)
+    wall = time.perf_counter() - start
+    ev = load_columns(data.eval, data)
+    model.eval()
+    with torch.no_grad():
+        probs = torch.cat([model({k: ev[k][a:a + 8192] for k in keys})
+                           for a in range(0, len(ev["__labels__"]), 8192)])
+    return {"train_samples": samples, "wall_s": wall, "train_samples_per_s": samples / wall,
+            "params": sum(p.numel() for p in model.parameters()),
+            **auc_table(probs, ev["__labels__"], ev["scenario"], data)}
+
+
+def run_msrec(data_path: str, batch_size: int, epochs: int, run_dir: str) -> dict:
+    from msrec_dist.config import load_experiment
+    from msrec_dist.dist.runner import run
+
+    cfg = load_experiment(os.path.join(P.CONFIGS, "ple.yaml"), data_path,
+                          P.QUIET + (f"reader.batch_size={batch_size}", f"train.epochs={epochs}", f"run.dir={run_dir}"))
+    r = run(cfg, P.init_world())
+    out = {"train_samples": r["train_samples"], "wall_s": r["wall_s"], "train_samples_per_s": r["train_samples_per_s"],
+           "overall": {t: c["auc"] for t, c in r["overall"].items()},
+           "per_scenario": {s: {t: c["auc"] for t, c in cells.items()} for s, cells in r["per_scenario"].items()}}
+    return out
+
+
+def markdown(res: dict, command: str) -> str:
+    ms, rh = res["msrec_dist"], res["torch_rechub"]
+    tasks = list(ms["overall"])
+    scen = list(ms["per_scenario"])
+    head = ["implementation", "samples/s", "wall s"] + [f"AUC {t}" for t in tasks] + \
+        [f"AUC {s}/{t}" for s in scen for t in tasks]
+
+    def row(name, r):
+        return [name, f"{r['train_samples_per_s']:,.0f}", f"{r['wall_s']:.1f}"] + \
+            [f"{r['overall'][t]:.4f}" for t in tasks] + [f"{r['per_scenario'][s][t]:.4f}" for s in scen for t in tasks]
+    ratio = ms["train_samples_per_s"] / rh["train_samples_per_s"]
+    dauc = {t: ms["overall"][t] - rh["overall"][t] for t in tasks}
+    lines = ["# Peer: torch-rechub PLE vs msrec_dist ple", "",
+             f"Machine: {P.machine_line(res['machine'])}", "", f"Command: `{command}`", "",
+             f"torch-rechub {res['rechub_version']} (installed outside the venv, see benchmarks/peer.py). "
+             f"Data: synthetic, {res['rows']} train rows, {res['eval_rows']} eval rows; batch {res['batch_size']}, "
+             f"{res['epochs']} epochs, embedding dim 16, 2 CGC levels, 1 task + 2 shared experts of 64, tower [32].", "",
+             P.table(head, [row("msrec_dist ple", ms), row(f"torch-rechub PLE", rh)]), "",
+             f"msrec_dist / torch-rechub samples/s: **{ratio:.2f}x** (target >= 3x); AUC difference "
+             "(msrec_dist - torch-rechub): " + ", ".join(f"{t} {d:+.4f}" for t, d in dauc.items()) + ".", "",
+             "msrec_dist's samples/s include its Parquet reader; torch-rechub's batches are slices of in-memory tensors.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--eval-rows", type=int, default=50_000)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--rechub-dir", default="/tmp/rechub")
+    ap.add_argument("--out", default="peer")
+    a = ap.parse_args(argv)
+    logging.disable(logging.WARNING)
+    if a.rechub_dir not in sys.path:
+        sys.path.insert(0, a.rechub_dir)
+    import torch_rechub  # noqa: F401  (fail early with the install command in the docstring)
+
+    from msrec_dist.config import load_experiment
+    from msrec_dist.data.schema import load_data_config
+
+    data_path = P.ensure_data(rows=a.rows, eval_rows=a.eval_rows)
+    data = load_data_config(data_path)
+    cfg = load_experiment(os.path.join(P.CONFIGS, "ple.yaml"), data_path)
+    res = {"machine": P.machine(), "rows": a.rows, "eval_rows": a.eval_rows, "epochs": a.epochs,
+           "batch_size": a.batch_size, "rechub_version": torch_rechub.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        res["msrec_dist"] = run_msrec(data_path, a.batch_size, a.epochs, tmp)
+    print(f"msrec_dist ple: {res['msrec_dist']['train_samples_per_s']:,.0f} samples/s, AUC {res['msrec_dist']['overall']}",
+          flush=True)
+    res["torch_rechub"] = run_rechub(data, cfg, a.batch_size, a.epochs, cfg.train.dense_lr, cfg.run.seed)
+    print(f"torch-rechub PLE: {res['torch_rechub']['train_samples_per_s']:,.0f} samples/s, "
+          f"AUC {res['torch_rechub']['overall']}", flush=True)
+    res["speed_ratio"] = res["msrec_dist"]["train_samples_per_s"] / res["torch_rechub"]["train_samples_per_s"]
+    command = "python -m benchmarks.peer " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["command"] = command
+    js, md = P.write_results(a.out, res, markdown(res, command))
+    print(open(md).read())
+
+
+if __name__ == "__main__":
+    main()

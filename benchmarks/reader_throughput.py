@@ -1,0 +1,130 @@
+"""Throughput of the Parquet → KJT reader alone, and its overhead on the train step.
+
+    python -m benchmarks.reader_throughput [--workers 0 1 2 4] [--batch-size 1024] [--models msrec ple]
+                                           [--rounds 3] [--steps 12]
+
+1. rows/s of make_dataloader (the real DataLoader: workers decode row groups, build Batches with
+   KJTs, the main process receives them) over one epoch of the synthetic train split, for each
+   worker count (0 = in the main process).
+2. Per model: trainer samples/s with pre-built in-memory batches vs with the real reader (the
+   config's default workers), in interleaved rounds (fresh loader each round, warm-up steps
+   excluded); overhead = step time with reader / step time in memory - 1 (median over rounds).
+   Target: reader rows/s at the default workers >= 10x the trainer's samples/s; overhead <= 5%.
+Writes benchmarks/results/reader_throughput.json and .md.
+"""
+from __future__ import annotations
+
+from benchmarks import perf_common as P  # sets OMP_WAIT_POLICY before torch loads
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+
+def reader_rows_per_s(data, reader_cfg, max_batches: int | None = None) -> tuple[float, int]:
+    from msrec_dist.data.reader import make_dataloader
+
+    loader = make_dataloader(data, data.train, reader_cfg)
+    rows, start = 0, time.perf_counter()
+    for i, b in enumerate(loader):
+        rows += b.size
+        if max_batches and i + 1 >= max_batches:
+            break
+    return rows / (time.perf_counter() - start), rows
+
+
+def step_overhead(model: str, data_path: str, batch_size: int, rounds: int, steps: int, warmup: int = 3) -> dict:
+    from msrec_dist.data.reader import make_dataloader
+
+    cfg, data, _, state = P.make_state(model, data_path, batch_size)
+    step = P.step_fn(state, cfg)
+    mem = P.prebuilt_batches(cfg, data, steps + warmup)
+    real_t, mem_t = [], []
+    for r in range(rounds):
+        # real reader: fresh loader (its workers start), warm-up excluded
+        it = iter(make_dataloader(data, data.train, cfg.reader))
+        for _ in range(warmup):
+            step(next(it))
+        t = time.perf_counter()
+        for _ in range(steps):
+            step(next(it))
+        real_t.append((time.perf_counter() - t) / steps)
+        del it
+        for b in mem[:warmup]:
+            step(b)
+        t = time.perf_counter()
+        for b in mem[warmup:]:
+            step(b)
+        mem_t.append((time.perf_counter() - t) / steps)
+    overheads = [a / b - 1 for a, b in zip(real_t, mem_t)]
+    return {"batch_size": batch_size, "workers": cfg.reader.num_workers,
+            "step_ms_reader": [x * 1e3 for x in real_t], "step_ms_memory": [x * 1e3 for x in mem_t],
+            "overhead": P.median(overheads), "overheads": overheads,
+            "samples_per_s_memory": batch_size / P.median(mem_t),
+            "samples_per_s_reader": batch_size / P.median(real_t)}
+
+
+def markdown(res: dict, command: str) -> str:
+    lines = ["# Reader throughput (Parquet → KJT) and its step-time overhead", "",
+             f"Machine: {P.machine_line(res['machine'])}", "", f"Command: `{command}`", "",
+             f"Data: synthetic, {res['rows']} train rows in 4 files, row groups of 16384; batch {res['batch_size']}.", "",
+             "## Reader alone (make_dataloader over one epoch)", "",
+             P.table(["workers", "rows/s"], [[w, f"{v:,.0f}"] for w, v in res["reader_rows_per_s"].items()]), ""]
+    rows = []
+    for model, o in res["overhead"].items():
+        rd = res["reader_rows_per_s"][str(o["workers"])]
+        rows.append([model, o["workers"], f"{o['samples_per_s_memory']:,.0f}", f"{o['samples_per_s_reader']:,.0f}",
+                     f"{rd:,.0f}", f"{rd / o['samples_per_s_memory']:.1f}x",
+                     f"{100 * o['overhead']:+.1f}% ({', '.join(f'{100 * x:+.1f}' for x in o['overheads'])})"])
+    lines += ["## Trainer with the real reader vs pre-built in-memory batches (1 rank)", "",
+              "Reader rows/s (default workers) over trainer samples/s (in memory): target >= 10x. "
+              "Overhead = median over interleaved rounds of step time with reader / in memory - 1 (each round's "
+              "value in brackets): target <= 5%.", "",
+              P.table(["model", "default workers", "train samples/s (memory)", "train samples/s (reader)",
+                       "reader rows/s", "reader / trainer", "step-time overhead"], rows), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2, 4])
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--models", nargs="+", default=["msrec", "ple"])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--rows", type=int, default=200_000)
+    ap.add_argument("--out", default="reader_throughput")
+    a = ap.parse_args(argv)
+    logging.disable(logging.WARNING)
+    from msrec_dist.data.reader import ReaderConfig
+    from msrec_dist.data.schema import load_data_config
+
+    data_path = P.ensure_data(rows=a.rows)
+    data = load_data_config(data_path)
+    P.init_world()
+    res = {"machine": P.machine(), "rows": a.rows, "batch_size": a.batch_size, "reader_rows_per_s": {}, "overhead": {}}
+    for w in a.workers:
+        rps, n = reader_rows_per_s(data, dataclasses.replace(ReaderConfig(), batch_size=a.batch_size, num_workers=w))
+        res["reader_rows_per_s"][str(w)] = rps
+        print(f"reader, {w} workers: {rps:,.0f} rows/s ({n} rows)", flush=True)
+    for model in a.models:
+        o = step_overhead(model, data_path, a.batch_size, a.rounds, a.steps)
+        if str(o["workers"]) not in res["reader_rows_per_s"]:
+            res["reader_rows_per_s"][str(o["workers"])] = reader_rows_per_s(
+                data, dataclasses.replace(ReaderConfig(), batch_size=a.batch_size, num_workers=o["workers"]))[0]
+        res["overhead"][model] = o
+        print(f"{model}: memory {o['samples_per_s_memory']:,.0f} samples/s, reader {o['samples_per_s_reader']:,.0f}, "
+              f"overhead {100 * o['overhead']:+.1f}%", flush=True)
+    command = "python -m benchmarks.reader_throughput " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["command"] = command
+    res["torch_threads"] = torch.get_num_threads()
+    js, md = P.write_results(a.out, res, markdown(res, command))
+    print(open(md).read())
+
+
+if __name__ == "__main__":
+    main()
