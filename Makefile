@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DATA := data/demo/data.yaml
-DEMO_ROWS ?= 300000
+DEMO_ROWS ?= 400000
 PYTEST_ARGS ?=
 
 .PHONY: setup demo demo-data test test-all compare bench clean
@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements.txt setup.py
 setup: $(VENV)/.installed
 
 $(DEMO_DATA): | $(VENV)/.installed
-	$(PY) -m msrec_dist.data.synth --out data/demo --rows $(DEMO_ROWS) --shards 8 --seed 0 --eval-rows 100000 --users 2000 --items 1000
+	$(PY) -m msrec_dist.data.synth --out data/demo --rows $(DEMO_ROWS) --shards 8 --seed 0 --eval-rows 150000 --users 2000 --items 1000
 
 demo-data: $(DEMO_DATA)
 

@@ -96,7 +96,7 @@ class TrainConfig:
     sparse_optimizer: Literal["rowwise_adagrad", "sgd", "adagrad", "adam"] = "rowwise_adagrad"
     sparse_lr: float = 0.05
     dense_optimizer: Literal["adam", "adagrad", "sgd"] = "adam"
-    dense_lr: float = 0.002
+    dense_lr: float = 0.005
     weight_decay: float = 0.0
     warmup_steps: int = 50
     lr_decay: Literal["none", "cosine", "linear"] = "none"

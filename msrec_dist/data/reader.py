@@ -40,7 +40,7 @@ Range = tuple[int, int]  # [start, end) global rows
 @dataclass
 class ReaderConfig:
     batch_size: int = 1024  # local (per-rank) batch
-    num_workers: int = 1
+    num_workers: int = 0  # in-process: on few cores, worker IPC costs more than reading (benchmarks/results/reader_throughput.md)
     split: Literal["interleave", "files"] = "interleave"
     prefetch_factor: int = 4
 

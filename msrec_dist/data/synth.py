@@ -43,8 +43,8 @@ class SynthSpec:
     click_bias: float = -2.3
     scenario_bias_scale: float = 0.3
     dense_coef: float = 0.5  # d0, d1 (shared)
-    affinity_scale: float = 0.6  # shared segment×category affinity
-    id_bias_scale: float = 0.2
+    affinity_scale: float = 0.4  # shared segment×category affinity
+    id_bias_scale: float = 0.1
     hist_match_scale: float = 1.0
     scen_d2_coef: float = 0.6
     scen_category_scale: float = 0.8  # scenario-specific category effect (learnable from a small scenario)

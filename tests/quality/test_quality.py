@@ -1,4 +1,4 @@
-"""Quality on a synthetic set small enough for CI (200k rows, 2 epochs), measured against the
+"""Quality on a synthetic set small enough for CI (400k rows, 2 epochs), measured against the
 oracle AUC of the true probabilities in the eval files:
 
 - msrec reaches (AUC − 0.5) ≥ 0.85 × (oracle AUC − 0.5) on every scenario × task;
@@ -24,7 +24,7 @@ SMALLEST = "cart"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
-    return generate(str(tmp_path_factory.mktemp("quality")), rows=200_000, shards=4, seed=0, eval_rows=60_000,
+    return generate(str(tmp_path_factory.mktemp("quality")), rows=400_000, shards=4, seed=0, eval_rows=150_000,
                     users=2_000, items=1_000)
 
 
