@@ -224,7 +224,7 @@ def _reader_case(batch_size: int, batches: int):
     return setup
 
 
-def _gate_case(B: int = 4096, E: int = 4, T: int = 2, D: int = 64, reps: int = 3):
+def _gate_case(B: int = 4096, E: int = 4, T: int = 2, D: int = 64, reps: int = 10):
     def setup():
         import msrec_dist.kernels as K
 
@@ -242,7 +242,7 @@ def _gate_case(B: int = 4096, E: int = 4, T: int = 2, D: int = 64, reps: int = 3
     return setup
 
 
-def _attn_case(B: int = 1024, H: int = 2, F: int = 16, dh: int = 16, reps: int = 3):
+def _attn_case(B: int = 1024, H: int = 2, F: int = 16, dh: int = 16, reps: int = 10):
     def setup():
         import msrec_dist.kernels as K
 
