@@ -28,8 +28,11 @@ demo-data: $(DEMO_DATA)
 demo: $(VENV)/.installed $(DEMO_DATA)
 	$(PY) msrec_dist/train.py --config configs/msrec.yaml
 
+# perf ratios first, in their own session: measured after the rest of the suite they came out
+# 25-120% slower than alone (the state other tests leave in the pytest process and machine)
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -m perf tests/perf
+	$(PY) -m pytest -q -m "not slow and not perf" $(PYTEST_ARGS) tests
 
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

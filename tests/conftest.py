@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import os
 
+# The Triton interpreter must be chosen before anything imports triton; kernel tests need it and
+# every other test uses the PyTorch reference on CPU, so it is set for the whole session.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
