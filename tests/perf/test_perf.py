@@ -5,7 +5,7 @@ benchmarks/baselines/cpu.json (rewrite it with `python -m benchmarks.update_base
 The measurements run in a fresh process (`python -m benchmarks.update_baselines --check`),
 exactly as the baselines were measured: OMP_WAIT_POLICY=PASSIVE set before torch loads, no
 state left by other tests (measured: in the pytest process every ratio came out 40-200% higher).
-A case fails when its ratio exceeds baseline × (1 + tolerance) on both of 2 measurements: noise
+A case fails when its ratio exceeds baseline × (1 + tolerance) on all of 3 measurements: noise
 from other processes has to strike every attempt to fail a test, while a real slowdown of 25%
 fails them all; test_injected_slowdown_fails shows that. MSREC_PERF_SLOWDOWN=0.25 injects the
 slowdown into every case (they must then fail).
@@ -51,9 +51,18 @@ def test_throughput_ratio(name, checks):
     assert r["passed"], "slower than the baseline on every attempt:\n" + "\n".join(r["messages"])
 
 
-def test_injected_slowdown_fails(tmp_path):
-    """A real 25% slowdown (injected into the ple train step) must fail the check."""
-    if not os.path.exists(P.BASELINES):
-        pytest.skip("no baseline file")
-    r = run_checks(tmp_path, ["train_step_ple"], "0.25")["train_step_ple"]
-    assert not r["passed"], "a 25% slowdown passed the check:\n" + "\n".join(r["messages"])
+def test_injected_slowdown_fails(tmp_path, checks):
+    """A real 25% slowdown (injected into the ple train step) must fail the check.
+
+    The reference is the unslowed ratio measured in this same session (`checks`), with the
+    baseline file's tolerance: between sessions the ratios themselves drifted by up to ±15% here
+    (measured), so comparing an injected slowdown with the committed file would test that drift
+    rather than the tolerance.
+    """
+    name = "train_step_ple"
+    if name not in checks:
+        pytest.skip(f"{name} not in the baseline file")
+    reference = {"tolerance": P.load_baselines()["tolerance"], "cases": {name: {"ratio": min(checks[name]["ratios"])}}}
+    slowed = run_checks(tmp_path, [name], "0.25")[name]
+    passed, msg = P.check_ratio(name, min(slowed["ratios"]), reference)
+    assert not passed, "a 25% slowdown passed the check:\n" + msg
