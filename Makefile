@@ -7,7 +7,7 @@ DEMO_DATA := data/demo/data.yaml
 DEMO_ROWS ?= 400000
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-data test test-all compare bench clean
+.PHONY: setup demo demo-data test test-all perf compare clean
 
 $(VENV)/.installed: requirements.txt setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,11 +28,13 @@ demo-data: $(DEMO_DATA)
 demo: $(VENV)/.installed $(DEMO_DATA)
 	$(PY) msrec_dist/train.py --config configs/msrec.yaml
 
-# perf ratios first, in their own session: measured after the rest of the suite they came out
-# 25-120% slower than alone (the state other tests leave in the pytest process and machine)
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m perf tests/perf
 	$(PY) -m pytest -q -m "not slow and not perf" $(PYTEST_ARGS) tests
+
+# Throughput-ratio regression tests. Not part of `make test` (CI) yet: on this VM the ratios
+# drift by up to ±30% between fresh processes (measured), more than the 25% they must catch.
+perf: $(VENV)/.installed
+	$(PY) -m pytest -q -m perf tests/perf
 
 test-all: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

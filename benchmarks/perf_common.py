@@ -289,15 +289,17 @@ def measure_case(work: Callable[[], None], calib: Callable[[], None], repeats: i
     Estimator: min(work) / min(calibration) over the repeats. Another process on the machine
     only ever slows a repeat down, so the minimum is the least disturbed sample of each; the
     median of the per-pair ratios is reported too.
-    `slowdown` > 0 injects that fraction of extra work time (a sleep after each work call),
-    which is what a real regression of that size looks like to the test."""
+    `slowdown` > 0 injects that fraction of extra work time after each work call
+    (a busy wait), which is what a real regression of that size looks like to the test."""
     tw0, tc0 = timed(work), timed(calib)
     reps = max(1, round(tw0 / max(tc0, 1e-6)))
     works, cals = [], []
     for _ in range(repeats):
         tw = timed(work)
-        if slowdown:
-            time.sleep(tw * slowdown)
+        if slowdown:  # spin, not sleep: after a sleep the calibration ran slower (CPU idled)
+            end = time.perf_counter() + tw * slowdown
+            while time.perf_counter() < end:
+                pass
             tw *= 1.0 + slowdown
         t = time.perf_counter()
         for _ in range(reps):
