@@ -51,12 +51,8 @@ def next_or_error(it: Iterator[Batch]) -> tuple[Optional[Batch], Optional[str]]:
         return next(it), None
     except StopIteration:
         return None, None
-    except DataError as e:
+    except DataError as e:  # the reader hands workers' DataErrors back unwrapped
         return None, str(e)
-    except Exception as e:  # DataLoader workers re-raise wrapped; keep the original text
-        if "DataError" in repr(e) or "DataError" in str(e):
-            return None, str(e).strip().splitlines()[-1]
-        raise
 
 
 @dataclass

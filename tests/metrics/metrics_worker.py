@@ -3,7 +3,6 @@ prediction set to ScenarioTaskMetrics; rank 0 writes the synced result as JSON."
 import json
 import sys
 
-import torch
 import torch.distributed as dist
 
 from msrec_dist.metrics.evaluator import ScenarioTaskMetrics
