@@ -9,13 +9,13 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo demo-data test test-all perf compare clean
 
-$(VENV)/.installed: requirements.txt setup.py
+$(VENV)/.installed: requirements.txt setup.py $(wildcard csrc/*.cpp)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip==24.3.1
 	$(PY) -m pip install -q -r requirements.txt
 	# torchrec's metadata asks for the CUDA fbgemm-gpu; fbgemm-gpu-cpu (above) serves it here
 	$(PY) -m pip install -q --no-deps torchrec==1.8.0
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	MSREC_BUILD_CSRC=1 $(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 setup: $(VENV)/.installed
@@ -43,4 +43,4 @@ compare: $(VENV)/.installed $(DEMO_DATA)
 	$(PY) -m benchmarks.compare --data $(DEMO_DATA) --seeds 0 1 2
 
 clean:
-	rm -rf runs build *.egg-info
+	rm -rf runs build *.egg-info msrec_dist/_C*.so

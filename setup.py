@@ -1,6 +1,9 @@
 """Installs msrec_dist; `kernels/` is installed as `msrec_dist.kernels` (package_dir) so no
-top-level name shadows another distribution. C++ ops under csrc/ are built as torch
-extensions when present (`MSREC_BUILD_CSRC=1 pip install -e .`)."""
+top-level name shadows another distribution. The C++ ops in csrc/*.cpp are built into the torch
+extension `msrec_dist._C` when MSREC_BUILD_CSRC=1 (`MSREC_BUILD_CSRC=1 pip install
+--no-build-isolation -e .`, as `make setup` does; the editable install puts the .so next to
+msrec_dist/__init__.py). Without it nothing is compiled and msrec_dist/data/native.py uses its
+numpy fallbacks. See csrc/README.md."""
 import glob
 import os
 
@@ -17,6 +20,8 @@ def _extensions():
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
+    # One .so for all ops; each .cpp registers its ops (TORCH_LIBRARY_FRAGMENT(msrec, ...)) and
+    # check_ids.cpp defines the module init, so `import msrec_dist._C` loads them.
     ext = CppExtension("msrec_dist._C", sources, extra_compile_args=["-O3"])
     return [ext], {"build_ext": BuildExtension}
 

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from msrec_dist.data.batch import Batch
+from msrec_dist.data.native import first_bad_id
 from msrec_dist.data.schema import DataConfig, DataError, open_parquet, validate_file_schema
 from msrec_dist.typed_yaml import ConfigError
 
@@ -152,9 +153,8 @@ def _decode(table: pa.Table, cfg: DataConfig, path: str, row0: int) -> _Chunk:
         else:
             vals = arr.to_numpy(zero_copy_only=False).astype(np.int64)
             off = np.arange(n + 1, dtype=np.int64)
-        bad = (vals < 0) | (vals >= feat.num_embeddings)
-        if bad.any():
-            j = int(bad.argmax())
+        j = first_bad_id(vals, feat.num_embeddings)  # C++ op when built (data/native.py)
+        if j >= 0:
             i = int(np.searchsorted(off, j, side="right")) - 1
             where = f" (element {j - off[i]} of the list)" if is_list else ""
             raise _fail(path, feat.name, row0 + i,
