@@ -7,7 +7,8 @@ Per shape and path: median time, GB/s from the ideal byte count (each input read
 output written once), % of the device's copy bandwidth measured in the same run, and speedup
 vs the eager reference. Ideal bytes, with s the element size and mask bytes ignored:
     gate_combine     fwd  s*(B*E*D + T*B*E + T*B*D)           fwd+bwd  fwd + s*(2*B*E*D + 2*T*B*E + T*B*D)
-    field_attention  fwd  s*4*B*H*F*dh (q, k, v read; out)    fwd+bwd  fwd + s*8*B*H*F*dh (q, k, v, out, dout; dq, dk, dv)
+    field_attention  fwd  s*4*B*H*F*dh + 4*B*H*F (q, k, v read; out and the fp32 row lse written)
+                     fwd+bwd  fwd + s*8*B*H*F*dh + 4*B*H*F (q, k, v, out, dout, lse read; dq, dk, dv)
 Paths: triton (CUDA only), eager reference, torch.compile(reference), SDPA (attention).
 Writes benchmarks/results/kernels_<cuda|cpu>.json and .md.
 """
@@ -97,9 +98,9 @@ def attn_rows(shape, device, dtype, paths):
         fn = fns[path]
         with torch.no_grad():
             yield dict(op="field_attention", mode="fwd", path=path, shape=dict(B=B, H=H, F=F, dh=dh),
-                       bytes=s * 4 * n, seconds=bench(lambda: fn(*qkv), device))
+                       bytes=s * 4 * n + 4 * n // dh, seconds=bench(lambda: fn(*qkv), device))
         yield dict(op="field_attention", mode="fwd+bwd", path=path, shape=dict(B=B, H=H, F=F, dh=dh),
-                   bytes=s * 12 * n, seconds=bench(_fwd_bwd(fn, qkv, grad), device))
+                   bytes=s * 12 * n + 8 * n // dh, seconds=bench(_fwd_bwd(fn, qkv, grad), device))
 
 
 def add_ratios(rows, copy_bw):

@@ -2,7 +2,7 @@
 
     gate_combine(expert_out [B, E, D], gate_logits [T, B, E], kernel="auto") -> [T, B, D]
     field_attention(q, k, v [B, H, F, dh], key_padding_mask [B, F] | None, kernel="auto")
-        -> [B, H, F, dh]
+        -> [B, H, F, dh]  (the op also returns the row log-sum-exp its backward uses; dropped here)
 
 kernel: "auto" (Triton on CUDA, PyTorch reference elsewhere) | "triton" | "reference".
 The wrappers call torch.ops.msrec.*, so FX traces and torch.compile graphs show the op.
@@ -38,7 +38,7 @@ def field_attention(
     key_padding_mask: Optional[torch.Tensor] = None, kernel: str = "auto",
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(dh)) v over fields: [B, H, F, dh] x3, [B, F] bool -> [B, H, F, dh]."""
-    return torch.ops.msrec.field_attention(q, k, v, key_padding_mask, kernel)
+    return torch.ops.msrec.field_attention(q, k, v, key_padding_mask, kernel)[0]
 
 
 class _Package(types.ModuleType):

@@ -2,21 +2,26 @@
 
     q, k, v, out      [B, H, F, dh]
     key_padding_mask  [B, F] bool, True = padded key (optional)
+    lse               [B, H, F] row log-sum-exp of the scaled scores, fp32 (fp64 for fp64 inputs)
 
 A program takes BLOCK_B samples of one head (batch tiles on grid axis 0, which has room for
 B in the millions; heads on axis 1) and keeps each sample's whole [F, F] score tile in
 registers. F is padded to F_PAD = max(16, next_pow2(F)) and dh to DH_PAD = max(16,
-next_pow2(dh)) so every tl.dot has M, N, K >= 16; the padding is masked. Backward recomputes
-the probabilities from the row log-sum-exp (max + log of sum) of the recomputed scores, which
-needs no extra traffic since the whole row is in registers; one program owns every gradient of
-its samples, so no atomics. A query whose keys are all padded gets zero output and gradients.
-Accumulation is fp32 (fp64 for fp64 inputs). Reference: field_attention_ref.py.
+next_pow2(dh)) so every tl.dot has M, N, K >= 16; the padding is masked. Forward saves the
+row log-sum-exp (max + log of sum) of the scores; backward recomputes the scores and the
+probabilities P = exp(q k^T * scale - lse) from it, with no max or sum. One program owns every
+gradient of its samples, so no atomics. A query whose keys are all padded gets lse = +inf, so
+P = 0 there: zero output and gradients. Accumulation is fp32 (fp64 for fp64 inputs).
+Reference: field_attention_ref.py.
 """
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
 
-from .field_attention_ref import field_attention_backward_ref, field_attention_ref  # noqa: F401
+from .field_attention_ref import field_attention_backward_ref, field_attention_forward_ref  # noqa: F401
+from .gate_combine_ref import acc_dtype
 
 # Autotuned over samples per program and warps, keyed on (F, DH), never on B; one config
 # when interpreting.
@@ -30,22 +35,26 @@ def _tuned(configs):
 
 
 @triton.jit
-def _scores_to_probs(q, k, mask_row, f_ok, scale, ACC: tl.constexpr, PREC: tl.constexpr):
-    """P [F_PAD, F_PAD] = softmax(q k^T * scale) over unpadded keys; all-padded rows give 0."""
+def _scores(q, k, mask_row, f_ok, scale, ACC: tl.constexpr, PREC: tl.constexpr):
+    """S [F_PAD, F_PAD] = q k^T * scale, -inf at padded keys."""
     s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC) * scale
     key_ok = f_ok & (mask_row == 0)                                             # [F_PAD]
-    s = tl.where(key_ok[None, :], s, float("-inf"))
+    return tl.where(key_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _row_lse(s):
+    """[F_PAD] log-sum-exp of each row of S; +inf where every key is padded (exp(s - lse) = 0)."""
     m = tl.max(s, axis=1)
     m = tl.where(m == float("-inf"), 0.0, m)                                    # all-padded rows
-    p = tl.exp(s - m[:, None])
-    l = tl.sum(p, axis=1)
-    lse = m + tl.log(tl.where(l == 0.0, 1.0, l))                                # row log-sum-exp
-    return tl.exp(s - lse[:, None])
+    l = tl.sum(tl.exp(s - m[:, None]), axis=1)
+    lse = m + tl.log(tl.where(l == 0.0, 1.0, l))
+    return tl.where(l == 0.0, float("inf"), lse)
 
 
 @_tuned(CONFIGS)
 @triton.jit
-def _field_attention_fwd(Q, K, V, MASK, OUT, B, H, F, DH, scale, HAS_MASK: tl.constexpr,
+def _field_attention_fwd(Q, K, V, MASK, OUT, LSE, B, H, F, DH, scale, HAS_MASK: tl.constexpr,
                          ACC: tl.constexpr, PREC: tl.constexpr, F_PAD: tl.constexpr,
                          DH_PAD: tl.constexpr, BLOCK_B: tl.constexpr):
     # 1. one [F_PAD, DH_PAD] tile of offsets, shared by q, k, v, out of every (sample, head)
@@ -66,15 +75,19 @@ def _field_attention_fwd(Q, K, V, MASK, OUT, B, H, F, DH, scale, HAS_MASK: tl.co
         mask_row = tl.zeros([F_PAD], dtype=tl.int8)
         if HAS_MASK:
             mask_row = tl.load(MASK + b * F + offs_f, mask=row_ok, other=1).to(tl.int8)
-        # 3. probabilities [F_PAD, F_PAD], then out = P v with P in v's dtype
-        p = _scores_to_probs(q, k, mask_row, f_ok, scale, ACC, PREC)
+        # 3. scores [F_PAD, F_PAD], row log-sum-exp [F_PAD] (saved), P = exp(S - lse)
+        s = _scores(q, k, mask_row, f_ok, scale, ACC, PREC)
+        lse = _row_lse(s)
+        p = tl.exp(s - lse[:, None])
+        # 4. out = P v with P in v's dtype
         o = tl.dot(p.to(v.dtype), v, out_dtype=ACC, input_precision=PREC)
         tl.store(OUT + base + tile, o.to(OUT.dtype.element_ty), mask=tile_ok)
+        tl.store(LSE + (b * H + h) * F + offs_f, lse.to(LSE.dtype.element_ty), mask=row_ok)
 
 
 @_tuned(CONFIGS)
 @triton.jit
-def _field_attention_bwd(DOUT, Q, K, V, MASK, OUT, DQ, DK, DV, B, H, F, DH, scale,
+def _field_attention_bwd(DOUT, Q, K, V, MASK, OUT, LSE, DQ, DK, DV, B, H, F, DH, scale,
                          HAS_MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                          F_PAD: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_B: tl.constexpr):
     # 1. offsets as in forward
@@ -88,17 +101,19 @@ def _field_attention_bwd(DOUT, Q, K, V, MASK, OUT, DQ, DK, DV, B, H, F, DH, scal
         row_ok = offs_f < tl.where(b < B, F, 0)                                 # none past B
         tile_ok = row_ok[:, None] & (offs_d[None, :] < DH)
         base = (b * H + h) * F * DH
-        # 2. load q, k, v, out, dout [F_PAD, DH_PAD] and the key mask
+        # 2. load q, k, v, out, dout [F_PAD, DH_PAD], the saved lse [F_PAD] (+inf in the
+        #    padding, so P = 0 there) and the key mask
         q = tl.load(Q + base + tile, mask=tile_ok, other=0.0)
         k = tl.load(K + base + tile, mask=tile_ok, other=0.0)
         v = tl.load(V + base + tile, mask=tile_ok, other=0.0)
         o = tl.load(OUT + base + tile, mask=tile_ok, other=0.0).to(ACC)
         do = tl.load(DOUT + base + tile, mask=tile_ok, other=0.0)
+        lse = tl.load(LSE + (b * H + h) * F + offs_f, mask=row_ok, other=float("inf")).to(ACC)
         mask_row = tl.zeros([F_PAD], dtype=tl.int8)
         if HAS_MASK:
             mask_row = tl.load(MASK + b * F + offs_f, mask=row_ok, other=1).to(tl.int8)
-        # 3. recompute P [F_PAD, F_PAD] from the row log-sum-exp
-        p = _scores_to_probs(q, k, mask_row, f_ok, scale, ACC, PREC)
+        # 3. recompute P [F_PAD, F_PAD] from the saved row log-sum-exp
+        p = tl.exp(_scores(q, k, mask_row, f_ok, scale, ACC, PREC) - lse[:, None])
         # 4. dv = P^T dout; dP = dout v^T; dS = P * (dP - rowsum(dout * out))
         dv = tl.dot(tl.trans(p).to(do.dtype), do, out_dtype=ACC, input_precision=PREC)
         dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision=PREC)
@@ -126,23 +141,24 @@ def _mask_arg(key_padding_mask, q):
     return q if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
 
 
-def field_attention_fwd(q, k, v, key_padding_mask=None) -> torch.Tensor:
-    """q, k, v [B, H, F, dh] -> out [B, H, F, dh]; shapes already checked by ops.py."""
+def field_attention_fwd(q, k, v, key_padding_mask=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v [B, H, F, dh] -> (out [B, H, F, dh], lse [B, H, F]); shapes already checked by ops.py."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, F, DH = q.shape
     out = torch.empty_like(q)
+    lse = q.new_empty((B, H, F), dtype=acc_dtype(q.dtype))
     grid = lambda cfg: (triton.cdiv(B, cfg["BLOCK_B"]), H)  # noqa: E731
-    _field_attention_fwd[grid](q, k, v, _mask_arg(key_padding_mask, q), out, B, H, F, DH, DH ** -0.5,
+    _field_attention_fwd[grid](q, k, v, _mask_arg(key_padding_mask, q), out, lse, B, H, F, DH, DH ** -0.5,
                                **meta(F, DH, q.dtype, key_padding_mask is not None))
-    return out
+    return out, lse
 
 
-def field_attention_bwd(grad_out, q, k, v, key_padding_mask, out):
-    """grad_out [B, H, F, dh] -> (dq, dk, dv), each [B, H, F, dh]."""
-    do, q, k, v, out = (t.contiguous() for t in (grad_out, q, k, v, out))
+def field_attention_bwd(grad_out, q, k, v, key_padding_mask, out, lse):
+    """grad_out [B, H, F, dh], lse [B, H, F] saved by forward -> (dq, dk, dv), each [B, H, F, dh]."""
+    do, q, k, v, out, lse = (t.contiguous() for t in (grad_out, q, k, v, out, lse))
     B, H, F, DH = q.shape
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     grid = lambda cfg: (triton.cdiv(B, cfg["BLOCK_B"]), H)  # noqa: E731
-    _field_attention_bwd[grid](do, q, k, v, _mask_arg(key_padding_mask, q), out, dq, dk, dv,
+    _field_attention_bwd[grid](do, q, k, v, _mask_arg(key_padding_mask, q), out, lse, dq, dk, dv,
                                B, H, F, DH, DH ** -0.5, **meta(F, DH, q.dtype, key_padding_mask is not None))
     return dq, dk, dv

@@ -3,9 +3,12 @@
     q, k, v          [B, H, F, dh]
     key_padding_mask [B, F] bool, True = padded field (ignored as a key), optional
     out              [B, H, F, dh]
+    lse              [B, H, F] row log-sum-exp of the scaled scores (saved for backward)
 
-Math runs in fp32 (fp64 for fp64 inputs). A query whose keys are all padded gets a zero
-output and zero gradients (no NaN), the convention the Triton kernel follows too.
+Math runs in fp32 (fp64 for fp64 inputs); lse stays in that dtype. Backward recomputes the
+probabilities from the saved lse: P = exp(q k^T / sqrt(dh) - lse). A query whose keys are all
+padded gets lse = +inf, so P = 0 there: a zero output and zero gradients (no NaN), the
+convention the Triton kernel follows too.
 """
 from typing import Optional, Tuple
 
@@ -14,35 +17,44 @@ import torch
 from .gate_combine_ref import acc_dtype
 
 
-def _probs(q, k, key_padding_mask):
-    """Attention probabilities P [B, H, F, F] in the accumulation dtype."""
+def _scores(q, k, key_padding_mask):
+    """Scaled scores [B, H, F, F], -inf at padded keys."""
     scores = torch.einsum("bhid,bhjd->bhij", q, k) * q.shape[-1] ** -0.5  # [B, H, F, F]
     if key_padding_mask is None:
-        return torch.softmax(scores, dim=-1)
-    all_padded = key_padding_mask.all(dim=-1)                            # [B]
-    masked = key_padding_mask & ~all_padded[:, None]                     # keep rows finite
-    probs = torch.softmax(scores.masked_fill(masked[:, None, None, :], float("-inf")), dim=-1)
-    return probs * (~all_padded).to(probs.dtype)[:, None, None, None]
+        return scores
+    return scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+
+
+def field_attention_forward_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    key_padding_mask: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out [B, H, F, dh], lse [B, H, F])."""
+    acc = acc_dtype(q.dtype)
+    scores = _scores(q.to(acc), k.to(acc), key_padding_mask)             # [B, H, F, F]
+    lse = torch.logsumexp(scores, dim=-1)                                # [B, H, F]
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))            # all keys padded: P = 0
+    probs = torch.exp(scores - lse[..., None])                           # [B, H, F, F]
+    return torch.einsum("bhij,bhjd->bhid", probs, v.to(acc)).to(q.dtype), lse
 
 
 def field_attention_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    acc = acc_dtype(q.dtype)
-    probs = _probs(q.to(acc), k.to(acc), key_padding_mask)               # [B, H, F, F]
-    return torch.einsum("bhij,bhjd->bhid", probs, v.to(acc)).to(q.dtype)
+    """out [B, H, F, dh] alone."""
+    return field_attention_forward_ref(q, k, v, key_padding_mask)[0]
 
 
 def field_attention_backward_ref(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor] = None,
+    key_padding_mask: Optional[torch.Tensor], lse: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), each [B, H, F, dh], recomputing P from q and k."""
+    """(dq, dk, dv), each [B, H, F, dh], recomputing P from q, k and the saved lse."""
     acc = acc_dtype(q.dtype)
     q32, k32, v32, do = q.to(acc), k.to(acc), v.to(acc), grad_out.to(acc)
     scale = q.shape[-1] ** -0.5
-    probs = _probs(q32, k32, key_padding_mask)                           # [B, H, F, F]
+    probs = torch.exp(_scores(q32, k32, key_padding_mask) - lse.to(acc)[..., None])  # [B, H, F, F]
     d_v = torch.einsum("bhij,bhid->bhjd", probs, do)                     # P^T dO
     d_p = torch.einsum("bhid,bhjd->bhij", do, v32)                       # dO V^T
     d_s = probs * (d_p - (probs * d_p).sum(dim=-1, keepdim=True))        # softmax backward

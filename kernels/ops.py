@@ -2,10 +2,13 @@
 
     msrec::gate_combine(Tensor expert_out, Tensor gate_logits, str kernel="auto") -> Tensor
     msrec::field_attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None,
-                           str kernel="auto") -> Tensor
+                           str kernel="auto") -> (Tensor out, Tensor lse)
 
 plus their backward ops (msrec::gate_combine_backward, msrec::field_attention_backward), each
-a custom op with a fake so torch.compile traces through forward and backward.
+a custom op with a fake so torch.compile traces through forward and backward. field_attention
+also returns the row log-sum-exp lse [B, H, F] (fp32, fp64 for fp64 inputs; not
+differentiable), which its backward takes to recompute the probabilities;
+msrec_dist.kernels.field_attention returns out alone.
 
 kernel: "auto" runs Triton on CUDA tensors and the PyTorch reference elsewhere; "triton" runs
 the Triton kernel on any device (on CPU only under TRITON_INTERPRET=1); "reference" always runs
@@ -17,8 +20,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .field_attention_ref import field_attention_backward_ref, field_attention_ref
-from .gate_combine_ref import gate_combine_backward_ref, gate_combine_ref
+from .field_attention_ref import field_attention_backward_ref, field_attention_forward_ref
+from .gate_combine_ref import acc_dtype, gate_combine_backward_ref, gate_combine_ref
 
 KERNELS = ("auto", "triton", "reference")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -119,53 +122,62 @@ def _check_field_attention(q, k, v, key_padding_mask) -> None:
         _check(key_padding_mask.device == q.device, "field_attention: key_padding_mask on another device")
 
 
+def _empty_lse(q: torch.Tensor) -> torch.Tensor:
+    """[B, H, F] in the accumulation dtype (fp32, fp64 for fp64 inputs)."""
+    return q.new_empty(q.shape[:3], dtype=acc_dtype(q.dtype))
+
+
 @torch.library.custom_op("msrec::field_attention", mutates_args=())
 def field_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     key_padding_mask: Optional[torch.Tensor] = None, kernel: str = "auto",
-) -> torch.Tensor:
-    """q, k, v [B, H, F, dh], key_padding_mask [B, F] (True = padded) -> [B, H, F, dh]."""
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v [B, H, F, dh], key_padding_mask [B, F] (True = padded) -> (out [B, H, F, dh],
+    lse [B, H, F]; +inf for a query whose keys are all padded)."""
     _check_field_attention(q, k, v, key_padding_mask)
     if q.shape[0] == 0:
-        return torch.empty_like(q)
+        return torch.empty_like(q), _empty_lse(q)
     if _use_triton(kernel, q):
         return _triton_module("field_attention").field_attention_fwd(q, k, v, key_padding_mask)
-    return field_attention_ref(q, k, v, key_padding_mask).contiguous()
+    out, lse = field_attention_forward_ref(q, k, v, key_padding_mask)
+    return out.contiguous(), lse.contiguous()  # the fakes are contiguous
 
 
 @field_attention.register_fake
 def _(q, k, v, key_padding_mask=None, kernel="auto"):
     _check_field_attention(q, k, v, key_padding_mask)
-    return torch.empty_like(q)
+    return torch.empty_like(q), _empty_lse(q)
 
 
 @torch.library.custom_op("msrec::field_attention_backward", mutates_args=())
 def field_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, kernel: str,
+    key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, kernel: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """grad_out [B, H, F, dh] -> (dq, dk, dv), each [B, H, F, dh]."""
+    """grad_out [B, H, F, dh], lse [B, H, F] saved by forward -> (dq, dk, dv), each [B, H, F, dh]."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     if _use_triton(kernel, q):
-        return _triton_module("field_attention").field_attention_bwd(grad_out, q, k, v, key_padding_mask, out)
-    return tuple(t.contiguous() for t in field_attention_backward_ref(grad_out, q, k, v, key_padding_mask))
+        return _triton_module("field_attention").field_attention_bwd(grad_out, q, k, v, key_padding_mask, out, lse)
+    return tuple(t.contiguous() for t in field_attention_backward_ref(grad_out, q, k, v, key_padding_mask, lse))
 
 
 @field_attention_backward.register_fake
-def _(grad_out, q, k, v, key_padding_mask, out, kernel):
+def _(grad_out, q, k, v, key_padding_mask, out, lse, kernel):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _field_attention_setup(ctx, inputs, output):
     q, k, v, key_padding_mask, kernel = inputs
-    ctx.save_for_backward(q, k, v, key_padding_mask, output)
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
     ctx.kernel = kernel
 
 
-def _field_attention_grad(ctx, grad_out):
-    q, k, v, key_padding_mask, out = ctx.saved_tensors
-    d_q, d_k, d_v = field_attention_backward(grad_out, q, k, v, key_padding_mask, out, ctx.kernel)
+def _field_attention_grad(ctx, grad_out, _grad_lse):
+    q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
+    d_q, d_k, d_v = field_attention_backward(grad_out, q, k, v, key_padding_mask, out, lse, ctx.kernel)
     return d_q, d_k, d_v, None, None
 
 

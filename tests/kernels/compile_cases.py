@@ -49,9 +49,13 @@ def compile_case(case: str) -> dict:
         constexprs["BLOCK_B"] = max(c.kwargs["BLOCK_B"] for c in keep(autotuner.configs, {}, **constexprs))
     else:
         F, DH = classes[cls]
-        signature.update(MASK="*u8", B="i32", H="i32", F="i32", DH="i32", scale="fp32")
+        # the saved row log-sum-exp is fp32 for every input dtype here (fp64 only for fp64 inputs)
+        signature.update(MASK="*u8", LSE="*fp32", B="i32", H="i32", F="i32", DH="i32", scale="fp32")
         constexprs = mod.meta(F, DH, torch_dtype, has_mask=True)
         constexprs["BLOCK_B"] = 2
+    unknown = [name for name in autotuner.fn.arg_names if name not in signature and name not in constexprs]
+    if unknown:  # would be taken as constexprs below and compile a kernel that was never meant
+        return dict(case=case, ok=False, error=f"no signature entry for kernel argument(s) {unknown}")
     signature = {name: signature.get(name, "constexpr") for name in autotuner.fn.arg_names}
     start = time.time()
     try:

@@ -1,6 +1,8 @@
 """gate_combine and field_attention: Triton (interpreted) vs PyTorch reference, forward and
-backward, fp64 gradcheck, opcheck, torch.compile(fullgraph=True), shape checks, routing."""
+backward, field_attention's saved log-sum-exp, fp64 gradcheck, opcheck,
+torch.compile(fullgraph=True), shape checks, routing."""
 import importlib
+import math
 import subprocess
 import sys
 
@@ -47,6 +49,53 @@ def test_field_attention_parity(B, H, F, dh, masked):
     torch.testing.assert_close(out, ref, **tol(torch.float32))
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **tol(torch.float32))
+    if masked:  # sample 0 has every key padded: exact zeros, no NaN
+        assert not any(t.isnan().any() for t in (out, *grads))
+        assert all(t[0].eq(0).all() for t in (out, *grads))
+
+
+def lse_of_scores(q, k, mask):
+    """torch.logsumexp of the masked scaled scores [B, H, F]; +inf where every key is padded."""
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return lse.masked_fill(lse == float("-inf"), float("inf"))
+
+
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("B,H,F,dh", ATTN_SHAPES)
+def test_field_attention_lse(B, H, F, dh, masked, kernel):
+    mask = key_mask(B, F) if masked else None
+    q, k, v = attn_inputs(B, H, F, dh)
+    out, lse = torch.ops.msrec.field_attention(q, k, v, mask, kernel)
+    assert lse.shape == (B, H, F) and lse.dtype == torch.float32 and not lse.requires_grad
+    torch.testing.assert_close(lse, lse_of_scores(q, k, mask).detach(), **tol(torch.float32))
+    if masked:
+        assert lse[0].eq(float("inf")).all()
+
+
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_field_attention_lse_fp64(kernel):
+    q, k, v = attn_inputs(3, 2, 5, 8, dtype=torch.float64)
+    mask = key_mask(3, 5)
+    _, lse = torch.ops.msrec.field_attention(q, k, v, mask, kernel)
+    assert lse.dtype == torch.float64
+    torch.testing.assert_close(lse, lse_of_scores(q, k, mask).detach(), **tol(torch.float64))
+
+
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_field_attention_backward_uses_saved_lse(kernel):
+    # P = exp(s - lse): lse + log 2 halves P, hence dv = P^T dout, in both backward paths
+    q, k, v = attn_inputs(3, 2, 7, 8, dtype=torch.float64)
+    mask = key_mask(3, 7)
+    do = randn(3, 2, 7, 8, dtype=torch.float64, seed=5, requires_grad=False)
+    with torch.no_grad():
+        out, lse = torch.ops.msrec.field_attention(q, k, v, mask, kernel)
+        _, _, dv = torch.ops.msrec.field_attention_backward(do, q, k, v, mask, out, lse, kernel)
+        _, _, dv_half = torch.ops.msrec.field_attention_backward(do, q, k, v, mask, out, lse + math.log(2), kernel)
+    torch.testing.assert_close(dv_half, dv / 2, **tol(torch.float64))
 
 
 def test_field_attention_ref_matches_sdpa():
@@ -84,6 +133,10 @@ def test_opcheck(kernel):
     q, k, v = attn_inputs(3, 2, 5, 8)
     torch.library.opcheck(torch.ops.msrec.field_attention.default, (q, k, v, key_mask(3, 5)), {"kernel": kernel})
     torch.library.opcheck(torch.ops.msrec.field_attention.default, (q, k, v, None), {"kernel": kernel})
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = torch.ops.msrec.field_attention(q, k, v, key_mask(3, 5), kernel)
+    torch.library.opcheck(torch.ops.msrec.field_attention_backward.default,
+                          (torch.randn_like(out), q, k, v, key_mask(3, 5), out, lse, kernel))
 
 
 def test_torch_compile_fullgraph():
