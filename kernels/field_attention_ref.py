@@ -32,9 +32,15 @@ def field_attention_forward_ref(
     """(out [B, H, F, dh], lse [B, H, F])."""
     acc = acc_dtype(q.dtype)
     scores = _scores(q.to(acc), k.to(acc), key_padding_mask)             # [B, H, F, F]
-    lse = torch.logsumexp(scores, dim=-1)                                # [B, H, F]
-    lse = lse.masked_fill(lse == float("-inf"), float("inf"))            # all keys padded: P = 0
-    probs = torch.exp(scores - lse[..., None])                           # [B, H, F, F]
+    # max / exp / sum by hand rather than torch.logsumexp + exp: faster on CPU (measured 1.9 vs
+    # 2.8 ms at B=1024, H=2, F=16, one thread)
+    row_max = scores.amax(dim=-1, keepdim=True)                          # [B, H, F, 1]
+    row_max = row_max.masked_fill(row_max == float("-inf"), 0.0)         # all keys padded
+    probs = (scores - row_max).exp()                                     # [B, H, F, F]
+    row_sum = probs.sum(dim=-1, keepdim=True)                            # [B, H, F, 1]
+    empty = row_sum == 0                                                 # all keys padded: P = 0
+    probs = probs / row_sum.masked_fill(empty, 1.0)  # out of place: tests differentiate the reference
+    lse = (row_max + row_sum.log()).masked_fill(empty, float("inf")).squeeze(-1)  # [B, H, F]
     return torch.einsum("bhij,bhjd->bhid", probs, v.to(acc)).to(q.dtype), lse
 
 
