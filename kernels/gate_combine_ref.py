@@ -16,9 +16,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-# The sums over experts run as bmm over the batch ([T, E] @ [E, D] per sample): on CPU the
-# einsum of the same contraction ("tbe,bed->tbd") was 13x slower forward+backward at B=1024,
-# E=4, T=2, D=64 (measured; it copied into a layout MKL batches badly).
+# The sums over experts run as bmm over the batch ([T, E] @ [E, D] per sample), which is what
+# einsum("tbe,bed->tbd") lowers to as well; written out it skips einsum's permute copies (5-15%
+# faster forward+backward on this CPU at B=1024..4096, E=4..8, measured on a quiet machine).
 def gate_combine_ref(expert_out: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
     acc = acc_dtype(expert_out.dtype)
     gates = torch.softmax(gate_logits.to(acc), dim=-1)                  # [T, B, E]
