@@ -4,7 +4,8 @@
     ensure_data()        synthetic Parquet data (msrec_dist.data.synth), cached under runs/bench_data
     make_state()         config + data + TrainState for a world of one (DMP, like a real run)
     prebuilt_batches()   in-memory Batches from the real reader (no reader in the timed loop)
-    matmul_flops()       this machine's fp32 matmul FLOP/s (the calibration for compute)
+    matmul_flops()       this machine's fp32 matmul FLOP/s (for the FLOP-share tables)
+    *_workload()         fixed calibration workloads of the perf tests
     CASES / measure_case / check_ratio   the perf-test cases: throughput / calibration ratios
     write_results()      benchmarks/results/<name>.json + .md
 
@@ -138,16 +139,6 @@ def timed(fn: Callable[[], object]) -> float:
 _CAL: dict = {}
 
 
-def matmul_workload(n: int = 512, reps: int = 4) -> Callable[[], None]:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    c = torch.empty(n, n)
-
-    def run():
-        for _ in range(reps):
-            torch.mm(a, b, out=c)
-    return run
-
-
 def matmul_flops(n: int = 1024, reps: int = 5, repeats: int = 7) -> float:
     """fp32 FLOP/s of an n×n×n torch.mm at the current thread count (median of repeats)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -162,20 +153,75 @@ def matmul_flops(n: int = 1024, reps: int = 5, repeats: int = 7) -> float:
     return 2 * n ** 3 / median(times)
 
 
-def numpy_workload(n: int = 1 << 20) -> Callable[[], None]:
-    """Memory-bound numpy work like the reader's (astype, diff, concatenate, bounds check)."""
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    ids = rng.integers(0, 5000, n).astype(np.int32)
-    off = np.sort(rng.integers(0, n, 1 << 16)).astype(np.int64)
+def mlp_train_workload(batch: int = 1024, dims: tuple[int, ...] = (256, 256, 128, 64, 2),
+                       steps: int = 2) -> Callable[[], None]:
+    """A fixed plain-PyTorch train loop (MLP forward, BCE, backward, Adam): the same mix of small
+    GEMMs, elementwise ops, autograd and Python dispatch as a model train step, so machine noise
+    moves it and the step alike (a lone matmul tracked the step less well: measured)."""
+    g = torch.Generator().manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for a, b in zip(dims[:-2], dims[1:-1]):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    net = torch.nn.Sequential(*layers, torch.nn.Linear(dims[-2], dims[-1]))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x = torch.randn(batch, dims[0], generator=g)
+    y = (torch.rand(batch, dims[-1], generator=g) < 0.3).float()
 
     def run():
-        v = ids.astype(np.int64)
-        bad = (v < 0) | (v >= 5000)
-        bad.any()
-        np.concatenate([v[: n // 2], v[n // 2:]])
-        np.diff(off).astype(np.int32)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x), y)
+            loss.backward()
+            opt.step()
+    return run
+
+
+def arrow_decode_workload(path: str) -> Callable[[], None]:
+    """A fixed pyarrow + numpy decode of one Parquet file (row groups → numpy int64/float32
+    columns, list offsets → lengths): the reader's own kind of work, without the reader."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    def run():
+        f = pq.ParquetFile(path)
+        for g in range(f.num_row_groups):
+            t = f.read_row_group(g)
+            for col in t.columns:
+                arr = col.combine_chunks()
+                if hasattr(arr, "offsets"):
+                    np.diff(arr.offsets.to_numpy()).astype(np.int32)
+                    arr = arr.values
+                arr.to_numpy(zero_copy_only=False).astype(np.float32 if arr.type == "float" else np.int64)
+    return run
+
+
+def softmax_mix_workload(B: int, E: int, T: int, D: int, reps: int) -> Callable[[], None]:
+    """A fixed copy of gate_combine's math (softmax over E, weighted sum) written inline with
+    autograd: the calibration of the gate_combine reference case, so the ratio isolates the
+    project's own overheads (op dispatch, dtype handling, its backward)."""
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(B, E, D, generator=g, requires_grad=True)
+    logits = torch.randn(T, B, E, generator=g, requires_grad=True)
+    grad = torch.randn(T, B, D, generator=g)
+
+    def run():
+        for _ in range(reps):
+            y.grad = logits.grad = None
+            torch.einsum("tbe,bed->tbd", logits.softmax(-1), y).backward(grad)
+    return run
+
+
+def plain_attention_workload(B: int, H: int, F: int, dh: int, reps: int) -> Callable[[], None]:
+    """A fixed inline softmax(q kᵀ/√dh) v with autograd: the calibration of field_attention's
+    reference case (see softmax_mix_workload)."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, H, F, dh, generator=g, requires_grad=True) for _ in range(3))
+    grad = torch.randn(B, H, F, dh, generator=g)
+
+    def run():
+        for _ in range(reps):
+            q.grad = k.grad = v.grad = None
+            (torch.softmax(q @ k.transpose(-1, -2) * dh ** -0.5, -1) @ v).backward(grad)
     return run
 
 
@@ -202,7 +248,7 @@ def _train_case(model: str, batch_size: int, steps: int):
         def work():
             for b in batches:
                 step(b)
-        return work, matmul_workload(), float(steps * batch_size)
+        return work, mlp_train_workload(), float(steps * batch_size)
     return setup
 
 
@@ -220,7 +266,7 @@ def _reader_case(batch_size: int, batches: int):
             for _ in range(batches):
                 next(it)
         work()
-        return work, numpy_workload(), float(batches * batch_size)
+        return work, arrow_decode_workload(index.files[0]), float(batches * batch_size)
     return setup
 
 
@@ -238,7 +284,7 @@ def _gate_case(B: int = 4096, E: int = 4, T: int = 2, D: int = 64, reps: int = 1
                 y.grad = logits.grad = None
                 K.gate_combine(y, logits, kernel="reference").backward(grad)
         work()
-        return work, matmul_workload(), float(reps * B)
+        return work, softmax_mix_workload(B, E, T, D, reps), float(reps * B)
     return setup
 
 
@@ -255,7 +301,7 @@ def _attn_case(B: int = 1024, H: int = 2, F: int = 16, dh: int = 16, reps: int =
                 q.grad = k.grad = v.grad = None
                 K.field_attention(q, k, v, None, kernel="reference").backward(grad)
         work()
-        return work, matmul_workload(), float(reps * B)
+        return work, plain_attention_workload(B, H, F, dh, reps), float(reps * B)
     return setup
 
 
@@ -273,12 +319,19 @@ def set_test_data_root(root: str) -> None:
 
 
 CASES = {
-    "train_step_msrec": Case("train_step_msrec", "samples", "matmul", _train_case("msrec", 1024, 2)),
-    "train_step_ple": Case("train_step_ple", "samples", "matmul", _train_case("ple", 1024, 5)),
-    "reader": Case("reader", "rows", "numpy", _reader_case(1024, 48)),
-    "gate_combine_reference": Case("gate_combine_reference", "samples", "matmul", _gate_case()),
-    "field_attention_reference": Case("field_attention_reference", "samples", "matmul", _attn_case()),
+    "train_step_msrec": Case("train_step_msrec", "samples", "mlp_train", _train_case("msrec", 1024, 2)),
+    "train_step_ple": Case("train_step_ple", "samples", "mlp_train", _train_case("ple", 1024, 5)),
+    "reader": Case("reader", "rows", "arrow_decode", _reader_case(1024, 48)),
+    "gate_combine_reference": Case("gate_combine_reference", "samples", "inline_softmax_mix", _gate_case()),
+    "field_attention_reference": Case("field_attention_reference", "samples", "inline_attention", _attn_case()),
 }
+
+
+def cpu_timed(fn: Callable[[], object]) -> float:
+    """CPU seconds of this process (all its threads) spent in fn()."""
+    t = time.process_time()
+    fn()
+    return time.process_time() - t
 
 
 def measure_case(work: Callable[[], None], calib: Callable[[], None], repeats: int = 21,
@@ -286,25 +339,28 @@ def measure_case(work: Callable[[], None], calib: Callable[[], None], repeats: i
     """Interleaved repeats of (work, calibration). ratio = work time / time of one calibration
     call (higher = slower); the calibration is repeated to last about as long as the work.
 
-    Estimator: min(work) / min(calibration) over the repeats. Another process on the machine
-    only ever slows a repeat down, so the minimum is the least disturbed sample of each; the
-    median of the per-pair ratios is reported too.
-    `slowdown` > 0 injects that fraction of extra work time after each work call
+    Times are CPU seconds of this process (time.process_time), not wall time: another process
+    on the machine (or the hypervisor) taking the core away shows up in wall time only, so the
+    CPU clock removes the largest noise source of a shared 2-core VM; what remains (caches and
+    memory bandwidth shared with neighbours) is cut by the estimator, min(work) / min(calibration)
+    over the repeats: interference only ever slows a repeat down. The median of the per-pair
+    ratios is reported too.
+    `slowdown` > 0 injects that fraction of extra work CPU time after each work call
     (a busy wait), which is what a real regression of that size looks like to the test."""
-    tw0, tc0 = timed(work), timed(calib)
+    tw0, tc0 = cpu_timed(work), cpu_timed(calib)
     reps = max(1, round(tw0 / max(tc0, 1e-6)))
     works, cals = [], []
     for _ in range(repeats):
-        tw = timed(work)
-        if slowdown:  # spin, not sleep: after a sleep the calibration ran slower (CPU idled)
-            end = time.perf_counter() + tw * slowdown
-            while time.perf_counter() < end:
+        tw = cpu_timed(work)
+        if slowdown:  # spin, not sleep: a sleep costs no CPU time
+            end = time.process_time() + tw * slowdown
+            while time.process_time() < end:
                 pass
             tw *= 1.0 + slowdown
-        t = time.perf_counter()
+        t = time.process_time()
         for _ in range(reps):
             calib()
-        tc = (time.perf_counter() - t) / reps
+        tc = (time.process_time() - t) / reps
         works.append(tw)
         cals.append(tc)
     pair = [w / c for w, c in zip(works, cals)]

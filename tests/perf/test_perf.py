@@ -1,14 +1,19 @@
-"""Throughput regression tests: each case measures its work and a calibration (a fixed matmul,
-or numpy work for the reader) interleaved in one process, and compares the ratio with
-benchmarks/baselines/cpu.json (rewrite it with `python -m benchmarks.update_baselines`).
+"""Throughput regression tests (part of `make test`): each case measures its work and a
+calibration interleaved in one process and compares the ratio with benchmarks/baselines/cpu.json
+(rewrite it with `python -m benchmarks.update_baselines`, a reviewed commit of its own).
+
+Calibrations are fixed workloads of the same kind as the work (benchmarks/perf_common.py): a
+plain-PyTorch MLP train loop for the train steps, a pyarrow+numpy decode of one file for the
+reader, inline copies of each op's math for the kernels' reference paths; both sides are timed
+in CPU seconds of the process, so another process taking the core away does not move the ratio.
 
 The measurements run in a fresh process (`python -m benchmarks.update_baselines --check`),
 exactly as the baselines were measured: OMP_WAIT_POLICY=PASSIVE set before torch loads, no
 state left by other tests (measured: in the pytest process every ratio came out 40-200% higher).
 A case fails when its ratio exceeds baseline × (1 + tolerance) on all of 3 measurements: noise
-from other processes has to strike every attempt to fail a test, while a real slowdown of 25%
-fails them all; test_injected_slowdown_fails shows that. MSREC_PERF_SLOWDOWN=0.25 injects the
-slowdown into every case (they must then fail).
+has to strike every attempt to fail a test, while a real slowdown of 25% fails them all;
+test_injected_slowdown_fails shows that. MSREC_PERF_SLOWDOWN=0.25 injects the slowdown into
+every case (they must then fail).
 """
 from __future__ import annotations
 
