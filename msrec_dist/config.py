@@ -41,6 +41,7 @@ class StarConfig:
     norm_momentum: float = 0.1
     aux_net: bool = True
     aux_hidden: list[int] = field(default_factory=lambda: [32])
+    aux_input: Literal["mean", "concat"] = "mean"  # the fields the auxiliary net sees: their mean, or all
     scenario_emb_dim: int = 8
 
 
@@ -58,6 +59,8 @@ class ExpertsConfig:
     shared_experts: int = 2
     task_experts: int = 1
     hidden: int = 64
+    scenario_gates: bool = False  # + per-scenario gate logits (each scenario weighs the experts its own way)
+    residual: bool = False  # + the trunk output itself (trunk width must equal hidden): towers keep the STAR features
 
     def validate(self, where: str) -> None:
         if self.kind == "cgc" and (self.levels < 1 or self.shared_experts + self.task_experts < 1):
@@ -69,6 +72,8 @@ class MixingConfig:
     """Balanced scenario/task expert mixing added to the expert mix before the towers."""
     enabled: bool = True
     hidden: int = 64
+    own_weight_init: float = 0.5  # initial α_d (and β_t): weight of a row's own scenario (task) expert
+    scale_init: float = 0.5  # initial weights of the scenario and task mixes in the sum
 
 
 @dataclass

@@ -30,14 +30,16 @@ torch.fx.wrap("balanced_mixing_matrix")  # an FX leaf: it branches on theta's si
 
 
 class BalancedMixing(nn.Module):
-    def __init__(self, in_dim: int, hidden: int, num_scenarios: int, num_tasks: int) -> None:
+    def __init__(self, in_dim: int, hidden: int, num_scenarios: int, num_tasks: int,
+                 own_weight_init: float = 0.5, scale_init: float = 0.5) -> None:
         super().__init__()
+        theta0 = torch.logit(torch.tensor(own_weight_init)).item()  # σ(θ0) = own_weight_init
         self.scenario_experts = StackedMLP(num_scenarios, in_dim, [hidden])
         self.task_experts = StackedMLP(num_tasks, in_dim, [hidden])
-        self.scenario_theta = nn.Parameter(torch.zeros(num_scenarios))
-        self.task_theta = nn.Parameter(torch.zeros(num_tasks))
-        self.scenario_scale = nn.Parameter(torch.full((num_tasks, 1, 1), 0.5))
-        self.task_scale = nn.Parameter(torch.full((num_tasks, 1, 1), 0.5))
+        self.scenario_theta = nn.Parameter(torch.full((num_scenarios,), theta0))
+        self.task_theta = nn.Parameter(torch.full((num_tasks,), theta0))
+        self.scenario_scale = nn.Parameter(torch.full((num_tasks, 1, 1), scale_init))
+        self.task_scale = nn.Parameter(torch.full((num_tasks, 1, 1), scale_init))
         self.out_dim = hidden
 
     def forward(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,9 @@
     level inputs  [G, B, in], G = T task groups + 1 shared group (level 0: one shared [B, in])
     experts       E = T * task_experts + shared_experts, stacked: one batched GEMM → [B, E, h]
     gates         one Linear per group → logits [G, B, E]; a task gate sees only its own task
-                  experts and the shared experts (others masked to -inf), the shared gate all
+                  experts and the shared experts (others masked to -inf), the shared gate all;
+                  with scenario_gates, + a learned per-scenario logit bias [G, S, E] picked by the
+                  row's scenario (one-hot [B, S]), so each scenario can weigh the experts its own way
     combine       torch.ops.msrec.gate_combine(experts [B, E, h], logits [G, B, E]) → [G, B, h]
     last level    has no shared gate: output [T, B, h]
 
@@ -50,7 +52,8 @@ torch.fx.wrap("level_inputs")
 
 class CGCLevel(nn.Module):
     def __init__(self, in_dim: int, hidden: int, num_tasks: int, task_experts: int, shared_experts: int,
-                 last: bool, kernel: str) -> None:
+                 last: bool, kernel: str, num_scenarios: int = 0) -> None:
+        """num_scenarios > 0 adds scenario-specific gate logits (forward then needs the one-hot)."""
         super().__init__()
         groups = expert_groups(num_tasks, task_experts, shared_experts)
         self.num_tasks, self.kernel = num_tasks, kernel
@@ -59,29 +62,33 @@ class CGCLevel(nn.Module):
         self.register_buffer("mask", gate_mask(num_tasks, groups, not last).unsqueeze(1), persistent=False)  # [G, 1, E]
         self.experts = StackedMLP(self.num_experts, in_dim, [hidden])
         self.gates = StackedLinear(self.mask.size(0), in_dim, self.num_experts)
+        self.scenario_gate_bias = (nn.Parameter(torch.zeros(self.mask.size(0), num_scenarios, self.num_experts))
+                                   if num_scenarios > 0 else None)  # [G, S, E]
         self.out_dim = hidden
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, in] (first level) or [T+1, B, in]; returns [G, B, h]."""
+    def forward(self, x: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, in] (first level) or [T+1, B, in]; onehot [B, S] with scenario gates; returns [G, B, h]."""
         expert_in, gate_in = level_inputs(x, self.expert_group, self.mask.size(0))
         expert_out = self.experts(expert_in)  # [E, B, h]
         logits = self.gates(gate_in)  # [G, B, E]
+        if self.scenario_gate_bias is not None:
+            logits = logits + torch.matmul(onehot, self.scenario_gate_bias)  # [B, S] @ [G, S, E] → [G, B, E]
         logits = logits + self.mask
         return gate_combine(expert_out.transpose(0, 1).contiguous(), logits.contiguous(), self.kernel)
 
 
 class PLE(nn.Module):
     def __init__(self, in_dim: int, hidden: int, num_tasks: int, levels: int, task_experts: int,
-                 shared_experts: int, kernel: str) -> None:
+                 shared_experts: int, kernel: str, num_scenarios: int = 0) -> None:
         super().__init__()
         self.levels = nn.ModuleList()
         for i in range(levels):
             self.levels.append(CGCLevel(in_dim, hidden, num_tasks, task_experts, shared_experts,
-                                        last=i == levels - 1, kernel=kernel))
+                                        last=i == levels - 1, kernel=kernel, num_scenarios=num_scenarios))
             in_dim = hidden
         self.out_dim = hidden
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
         for level in self.levels:
-            x = level(x)
+            x = level(x, onehot)
         return x  # [T, B, h]

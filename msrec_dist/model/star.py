@@ -124,16 +124,19 @@ class StarTrunk(nn.Module):
 
 
 class AuxiliaryNet(nn.Module):
-    """Scenario embedding + mean field → per-task logit offset [B, T]."""
+    """Scenario embedding + the fields (their mean, or all of them) → per-task logit offset [B, T]."""
 
-    def __init__(self, num_scenarios: int, emb_dim: int, field_dim: int, hidden: list[int], num_tasks: int) -> None:
+    def __init__(self, num_scenarios: int, emb_dim: int, field_dim: int, hidden: list[int], num_tasks: int,
+                 num_fields: int = 1, concat: bool = False) -> None:
         super().__init__()
+        self.concat = concat
         self.scenario_emb = nn.Embedding(num_scenarios, emb_dim)
-        self.mlp = MLP(emb_dim + field_dim, hidden)
+        self.mlp = MLP(emb_dim + field_dim * (num_fields if concat else 1), hidden)
         self.out = nn.Linear(self.mlp.out_dim, num_tasks)
 
     def forward(self, scenario: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([self.scenario_emb(scenario), fields.mean(1)], dim=1)  # [B, Ds + D]
+        x = fields.flatten(1) if self.concat else fields.mean(1)  # [B, F·D] or [B, D]
+        x = torch.cat([self.scenario_emb(scenario), x], dim=1)  # [B, Ds + F·D] or [B, Ds + D]
         return self.out(self.mlp(x))  # [B, T]
 
 

@@ -48,18 +48,25 @@ class MultiScenarioModel(nn.Module):
             self.trunk = MLP(flat_dim, cfg.bottom.hidden)
             self.trunk.out_dim = self.trunk.out_dim if cfg.bottom.hidden else flat_dim
         trunk_dim = self.trunk.out_dim
-        self.aux = (AuxiliaryNet(data.num_scenarios, star.scenario_emb_dim, field_dim, star.aux_hidden, num_tasks)
+        self.aux = (AuxiliaryNet(data.num_scenarios, star.scenario_emb_dim, field_dim, star.aux_hidden, num_tasks,
+                                 self.embedding.num_fields, star.aux_input == "concat")
                     if star.enabled and star.aux_net else None)
         ex = cfg.experts
         self.experts = (PLE(trunk_dim, ex.hidden, num_tasks, ex.levels, ex.task_experts, ex.shared_experts,
-                            cfg.kernels) if ex.kind == "cgc" else None)
+                            cfg.kernels, data.num_scenarios if ex.scenario_gates else 0)
+                        if ex.kind == "cgc" else None)
         expert_dim = self.experts.out_dim if self.experts else trunk_dim
+        self.expert_residual = self.experts is not None and ex.residual
+        if self.expert_residual and trunk_dim != expert_dim:
+            raise ValueError(f"model.experts.residual needs the trunk width ({trunk_dim}) to equal "
+                             f"model.experts.hidden ({expert_dim})")
         self.mixing = None
         if cfg.mixing.enabled:
             if self.experts is not None and cfg.mixing.hidden != expert_dim:
                 raise ValueError(f"model.mixing.hidden ({cfg.mixing.hidden}) must equal model.experts.hidden "
                                  f"({expert_dim}): the mix is added to the expert output")
-            self.mixing = BalancedMixing(trunk_dim, cfg.mixing.hidden, data.num_scenarios, num_tasks)
+            self.mixing = BalancedMixing(trunk_dim, cfg.mixing.hidden, data.num_scenarios, num_tasks,
+                                         cfg.mixing.own_weight_init, cfg.mixing.scale_init)
             expert_dim = cfg.mixing.hidden
         self.towers = StackedMLP(num_tasks, expert_dim, list(cfg.tower.hidden) + [1], final_activation=False)
 
@@ -71,7 +78,9 @@ class MultiScenarioModel(nn.Module):
         x = x.flatten(1)  # [B, F·D']
         h = self.trunk(x, onehot) if isinstance(self.trunk, StarTrunk) else self.trunk(x)  # [B, H]
         if self.experts is not None:
-            task_in = self.experts(h)  # [T, B, h]
+            task_in = self.experts(h, onehot)  # [T, B, h]
+            if self.expert_residual:
+                task_in = task_in + h.unsqueeze(0)  # [T, B, h]
         else:
             task_in = h.unsqueeze(0).expand(self.num_tasks, -1, -1)  # [T, B, H]
         if self.mixing is not None:

@@ -84,3 +84,12 @@ def test_balanced_mixing_matches_docstring_formula_and_fx_trace():
             expected = mix.scenario_scale[t, 0] * scen_mix + mix.task_scale[t, 0] * task_mix[b]
             torch.testing.assert_close(out[t, b], expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(symbolic_trace(mix)(x, onehot), out, rtol=0, atol=0)
+
+
+def test_own_weight_init_sets_initial_alpha():
+    mix = BalancedMixing(in_dim=2, hidden=1, num_scenarios=3, num_tasks=2, own_weight_init=0.9, scale_init=0.25)
+    torch.testing.assert_close(torch.sigmoid(mix.scenario_theta.detach()), torch.full((3,), 0.9))
+    torch.testing.assert_close(torch.sigmoid(mix.task_theta.detach()), torch.full((2,), 0.9))
+    m = balanced_mixing_matrix(mix.scenario_theta.detach())
+    torch.testing.assert_close(m, torch.tensor([[0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.05, 0.05, 0.9]]))
+    assert (mix.scenario_scale == 0.25).all() and (mix.task_scale == 0.25).all()

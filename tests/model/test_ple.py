@@ -107,3 +107,34 @@ def test_ple_output_shape_eager_and_fx_traced():
     torch.testing.assert_close(traced(x), out, rtol=0, atol=0)
     # the traced graph calls the registered op, so torch.compile / pipelines see it
     assert any(n.op == "call_function" and "gate_combine" in str(n.target) for n in traced.graph.nodes)
+
+
+def test_scenario_gates_add_the_rows_scenario_bias_only():
+    torch.manual_seed(5)
+    S = 3
+    level = CGCLevel(IN, H, num_tasks=T, task_experts=1, shared_experts=2, last=False, kernel="reference",
+                     num_scenarios=S)
+    x = _x(5)
+    scenario = torch.tensor([0, 2, 1, 2])
+    onehot = torch.nn.functional.one_hot(scenario, S).float()  # [B, S]
+    plain = torch.einsum("gbe,ebh->gbh", _gate_probs(level, x), level.experts(x))
+    torch.testing.assert_close(level(x, onehot), plain, rtol=1e-5, atol=1e-6)  # zero init: no effect
+    with torch.no_grad():
+        level.scenario_gate_bias[:, 2, 0] = 3.0  # scenario 2 favours expert 0 (task 0's own)
+    out = level(x, onehot)
+    rows2 = scenario == 2
+    torch.testing.assert_close(out[:, ~rows2], plain[:, ~rows2], rtol=1e-5, atol=1e-6)  # other rows unchanged
+    bias = torch.zeros(T + 1, B, 4)
+    bias[:, rows2, 0] = 3.0
+    probs = torch.softmax(level.gates(x) + bias + level.mask, dim=-1)  # [G, B, E]
+    torch.testing.assert_close(out, torch.einsum("gbe,ebh->gbh", probs, level.experts(x)), rtol=1e-5, atol=1e-6)
+    out.sum().backward()
+    assert level.scenario_gate_bias.grad is not None and level.scenario_gate_bias.grad.abs().sum() > 0
+
+
+def test_ple_with_scenario_gates_fx_traces():
+    S = 3
+    ple = PLE(IN, H, num_tasks=T, levels=2, task_experts=1, shared_experts=2, kernel="reference", num_scenarios=S)
+    onehot = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 1]), S).float()
+    traced = symbolic_trace(ple)
+    torch.testing.assert_close(traced(_x(), onehot), ple(_x(), onehot), rtol=0, atol=0)

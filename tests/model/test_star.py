@@ -145,3 +145,17 @@ def test_auxiliary_net_gives_one_offset_per_task():
     aux = AuxiliaryNet(S, emb_dim=3, field_dim=4, hidden=[5], num_tasks=T)
     out = aux(torch.tensor([0, 1, 2, 0]), torch.randn(4, 6, 4))
     assert out.shape == (4, T)
+
+
+def test_auxiliary_net_concat_input_sees_every_field():
+    aux = AuxiliaryNet(S, emb_dim=3, field_dim=4, hidden=[5], num_tasks=T, num_fields=6, concat=True)
+    fields = torch.randn(4, 6, 4)
+    out = aux(torch.tensor([0, 1, 2, 0]), fields)
+    assert out.shape == (4, T)
+    assert aux.mlp[0].in_features == 3 + 6 * 4
+    # swapping two fields changes a concat input (a mean input would not see it)
+    swapped = fields[:, [1, 0, 2, 3, 4, 5]]
+    assert not torch.allclose(aux(torch.tensor([0, 1, 2, 0]), swapped), out)
+    mean_aux = AuxiliaryNet(S, emb_dim=3, field_dim=4, hidden=[5], num_tasks=T)
+    torch.testing.assert_close(mean_aux(torch.tensor([0, 1, 2, 0]), swapped),
+                               mean_aux(torch.tensor([0, 1, 2, 0]), fields))
