@@ -195,11 +195,9 @@ def arrow_decode_workload(path: str) -> Callable[[], None]:
     return run
 
 
-def softmax_mix_workload(B: int, E: int, T: int, D: int, reps: int) -> Callable[[], None]:
-    """A fixed copy of gate_combine's math (softmax over E, weighted sum) written inline with
-    autograd: the calibration of the gate_combine reference case, so the ratio isolates the
-    project's own overheads (op dispatch, dtype handling, its backward)."""
-    g = torch.Generator().manual_seed(1)
+def gate_loop(fn: Callable, B: int, E: int, T: int, D: int, reps: int, seed: int) -> Callable[[], None]:
+    """`reps` forward+backward calls of fn(expert_out [B, E, D], gate_logits [T, B, E]) → [T, B, D]."""
+    g = torch.Generator().manual_seed(seed)
     y = torch.randn(B, E, D, generator=g, requires_grad=True)
     logits = torch.randn(T, B, E, generator=g, requires_grad=True)
     grad = torch.randn(T, B, D, generator=g)
@@ -207,22 +205,32 @@ def softmax_mix_workload(B: int, E: int, T: int, D: int, reps: int) -> Callable[
     def run():
         for _ in range(reps):
             y.grad = logits.grad = None
-            torch.einsum("tbe,bed->tbd", logits.softmax(-1), y).backward(grad)
+            fn(y, logits).backward(grad)
     return run
 
 
-def plain_attention_workload(B: int, H: int, F: int, dh: int, reps: int) -> Callable[[], None]:
-    """A fixed inline softmax(q kᵀ/√dh) v with autograd: the calibration of field_attention's
-    reference case (see softmax_mix_workload)."""
-    g = torch.Generator().manual_seed(1)
+def attention_loop(fn: Callable, B: int, H: int, F: int, dh: int, reps: int, seed: int) -> Callable[[], None]:
+    """`reps` forward+backward calls of fn(q, k, v [B, H, F, dh]) → [B, H, F, dh]."""
+    g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, H, F, dh, generator=g, requires_grad=True) for _ in range(3))
     grad = torch.randn(B, H, F, dh, generator=g)
 
     def run():
         for _ in range(reps):
             q.grad = k.grad = v.grad = None
-            (torch.softmax(q @ k.transpose(-1, -2) * dh ** -0.5, -1) @ v).backward(grad)
+            fn(q, k, v).backward(grad)
     return run
+
+
+def softmax_mix(y: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """A fixed inline copy of gate_combine's math: the calibration of the gate_combine reference
+    case, so the ratio isolates the project's own overheads (op dispatch, dtypes, its backward)."""
+    return torch.einsum("tbe,bed->tbd", logits.softmax(-1), y)
+
+
+def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A fixed inline softmax(q kᵀ/√dh) v: the calibration of field_attention's reference case."""
+    return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, -1) @ v
 
 
 # ---- perf-test cases ------------------------------------------------------------------------
@@ -274,17 +282,9 @@ def _gate_case(B: int = 4096, E: int = 4, T: int = 2, D: int = 64, reps: int = 1
     def setup():
         import msrec_dist.kernels as K
 
-        g = torch.Generator().manual_seed(0)
-        y = torch.randn(B, E, D, generator=g, requires_grad=True)
-        logits = torch.randn(T, B, E, generator=g, requires_grad=True)
-        grad = torch.randn(T, B, D, generator=g)
-
-        def work():
-            for _ in range(reps):
-                y.grad = logits.grad = None
-                K.gate_combine(y, logits, kernel="reference").backward(grad)
+        work = gate_loop(lambda y, logits: K.gate_combine(y, logits, kernel="reference"), B, E, T, D, reps, seed=0)
         work()
-        return work, softmax_mix_workload(B, E, T, D, reps), float(reps * B)
+        return work, gate_loop(softmax_mix, B, E, T, D, reps, seed=1), float(reps * B)
     return setup
 
 
@@ -292,16 +292,10 @@ def _attn_case(B: int = 1024, H: int = 2, F: int = 16, dh: int = 16, reps: int =
     def setup():
         import msrec_dist.kernels as K
 
-        g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(B, H, F, dh, generator=g, requires_grad=True) for _ in range(3))
-        grad = torch.randn(B, H, F, dh, generator=g)
-
-        def work():
-            for _ in range(reps):
-                q.grad = k.grad = v.grad = None
-                K.field_attention(q, k, v, None, kernel="reference").backward(grad)
+        work = attention_loop(lambda q, k, v: K.field_attention(q, k, v, None, kernel="reference"),
+                              B, H, F, dh, reps, seed=0)
         work()
-        return work, plain_attention_workload(B, H, F, dh, reps), float(reps * B)
+        return work, attention_loop(plain_attention, B, H, F, dh, reps, seed=1), float(reps * B)
     return setup
 
 
