@@ -1,8 +1,8 @@
 """Schemas, fakes, autograd and routing for the hot ops, registered under torch.ops.msrec.
 
-    msrec::gate_combine(Tensor expert_out, Tensor gate_logits, str kernel="auto") -> Tensor
+    msrec::gate_combine(Tensor expert_out, Tensor gate_logits, str impl="auto") -> Tensor
     msrec::field_attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None,
-                           str kernel="auto") -> (Tensor out, Tensor lse)
+                           str impl="auto") -> (Tensor out, Tensor lse)
 
 plus their backward ops (msrec::gate_combine_backward, msrec::field_attention_backward), each
 a custom op with a fake so torch.compile traces through forward and backward. field_attention
@@ -10,8 +10,9 @@ also returns the row log-sum-exp lse [B, H, F] (fp32, fp64 for fp64 inputs; not
 differentiable), which its backward takes to recompute the probabilities;
 msrec_dist.kernels.field_attention returns out alone.
 
-kernel: "auto" runs Triton on CUDA tensors and the PyTorch reference elsewhere; "triton" runs
-the Triton kernel on any device (on CPU only under TRITON_INTERPRET=1); "reference" always runs
+impl (the wrappers' `kernel=`; not named `kernel` in the schema because inductor's fallback
+for custom ops takes a `kernel` argument of its own and fails on the clash): "auto" runs Triton
+on CUDA tensors and the PyTorch reference elsewhere; "triton" runs the Triton kernel on any device (on CPU only under TRITON_INTERPRET=1); "reference" always runs
 the reference. Shapes are checked here, once; empty batches return before any launch. The
 Triton modules are imported on first use, so importing this module never needs triton.
 """
@@ -27,10 +28,10 @@ KERNELS = ("auto", "triton", "reference")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-def _use_triton(kernel: str, x: torch.Tensor) -> bool:
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    return kernel == "triton" or (kernel == "auto" and x.is_cuda)
+def _use_triton(impl: str, x: torch.Tensor) -> bool:
+    if impl not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {impl!r}")
+    return impl == "triton" or (impl == "auto" and x.is_cuda)
 
 
 def _triton_module(name: str):
@@ -57,49 +58,49 @@ def _check_gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor) -> 
 
 
 @torch.library.custom_op("msrec::gate_combine", mutates_args=())
-def gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+def gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """[B, E, D] expert outputs, [T, B, E] gate logits -> [T, B, D]."""
     _check_gate_combine(expert_out, gate_logits)
     t, (b, _, d) = gate_logits.shape[0], expert_out.shape
     if b == 0:
         return expert_out.new_empty((t, 0, d))
-    if _use_triton(kernel, expert_out):
+    if _use_triton(impl, expert_out):
         return _triton_module("gate_combine").gate_combine_fwd(expert_out, gate_logits)
     return gate_combine_ref(expert_out, gate_logits).contiguous()  # the fake is contiguous
 
 
 @gate_combine.register_fake
-def _(expert_out, gate_logits, kernel="auto"):
+def _(expert_out, gate_logits, impl="auto"):
     _check_gate_combine(expert_out, gate_logits)
     return expert_out.new_empty((gate_logits.shape[0], expert_out.shape[0], expert_out.shape[2]))
 
 
 @torch.library.custom_op("msrec::gate_combine_backward", mutates_args=())
 def gate_combine_backward(
-    grad_out: torch.Tensor, expert_out: torch.Tensor, gate_logits: torch.Tensor, kernel: str
+    grad_out: torch.Tensor, expert_out: torch.Tensor, gate_logits: torch.Tensor, impl: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """grad_out [T, B, D] -> (d expert_out [B, E, D], d gate_logits [T, B, E])."""
     if expert_out.shape[0] == 0:
         return torch.zeros_like(expert_out), torch.zeros_like(gate_logits)
-    if _use_triton(kernel, expert_out):
+    if _use_triton(impl, expert_out):
         return _triton_module("gate_combine").gate_combine_bwd(grad_out, expert_out, gate_logits)
     return tuple(t.contiguous() for t in gate_combine_backward_ref(grad_out, expert_out, gate_logits))
 
 
 @gate_combine_backward.register_fake
-def _(grad_out, expert_out, gate_logits, kernel):
+def _(grad_out, expert_out, gate_logits, impl):
     return torch.empty_like(expert_out), torch.empty_like(gate_logits)
 
 
 def _gate_combine_setup(ctx, inputs, output):
-    expert_out, gate_logits, kernel = inputs
+    expert_out, gate_logits, impl = inputs
     ctx.save_for_backward(expert_out, gate_logits)
-    ctx.kernel = kernel
+    ctx.impl = impl
 
 
 def _gate_combine_grad(ctx, grad_out):
     expert_out, gate_logits = ctx.saved_tensors
-    d_y, d_logits = gate_combine_backward(grad_out, expert_out, gate_logits, ctx.kernel)
+    d_y, d_logits = gate_combine_backward(grad_out, expert_out, gate_logits, ctx.impl)
     return d_y, d_logits, None
 
 
@@ -130,21 +131,21 @@ def _empty_lse(q: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("msrec::field_attention", mutates_args=())
 def field_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor] = None, kernel: str = "auto",
+    key_padding_mask: Optional[torch.Tensor] = None, impl: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """q, k, v [B, H, F, dh], key_padding_mask [B, F] (True = padded) -> (out [B, H, F, dh],
     lse [B, H, F]; +inf for a query whose keys are all padded)."""
     _check_field_attention(q, k, v, key_padding_mask)
     if q.shape[0] == 0:
         return torch.empty_like(q), _empty_lse(q)
-    if _use_triton(kernel, q):
+    if _use_triton(impl, q):
         return _triton_module("field_attention").field_attention_fwd(q, k, v, key_padding_mask)
     out, lse = field_attention_forward_ref(q, k, v, key_padding_mask)
     return out.contiguous(), lse.contiguous()  # the fakes are contiguous
 
 
 @field_attention.register_fake
-def _(q, k, v, key_padding_mask=None, kernel="auto"):
+def _(q, k, v, key_padding_mask=None, impl="auto"):
     _check_field_attention(q, k, v, key_padding_mask)
     return torch.empty_like(q), _empty_lse(q)
 
@@ -152,32 +153,32 @@ def _(q, k, v, key_padding_mask=None, kernel="auto"):
 @torch.library.custom_op("msrec::field_attention_backward", mutates_args=())
 def field_attention_backward(
     grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, kernel: str,
+    key_padding_mask: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, impl: str,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """grad_out [B, H, F, dh], lse [B, H, F] saved by forward -> (dq, dk, dv), each [B, H, F, dh]."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if _use_triton(kernel, q):
+    if _use_triton(impl, q):
         return _triton_module("field_attention").field_attention_bwd(grad_out, q, k, v, key_padding_mask, out, lse)
     return tuple(t.contiguous() for t in field_attention_backward_ref(grad_out, q, k, v, key_padding_mask, lse))
 
 
 @field_attention_backward.register_fake
-def _(grad_out, q, k, v, key_padding_mask, out, lse, kernel):
+def _(grad_out, q, k, v, key_padding_mask, out, lse, impl):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _field_attention_setup(ctx, inputs, output):
-    q, k, v, key_padding_mask, kernel = inputs
+    q, k, v, key_padding_mask, impl = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, key_padding_mask, out, lse)
-    ctx.kernel = kernel
+    ctx.impl = impl
 
 
 def _field_attention_grad(ctx, grad_out, _grad_lse):
     q, k, v, key_padding_mask, out, lse = ctx.saved_tensors
-    d_q, d_k, d_v = field_attention_backward(grad_out, q, k, v, key_padding_mask, out, lse, ctx.kernel)
+    d_q, d_k, d_v = field_attention_backward(grad_out, q, k, v, key_padding_mask, out, lse, ctx.impl)
     return d_q, d_k, d_v, None, None
 
 

@@ -129,10 +129,10 @@ def test_gradcheck_fp64_full_jacobian():
 @pytest.mark.parametrize("kernel", ["triton", "reference"])
 def test_opcheck(kernel):
     y, g = gate_inputs(5, 3, 2, 8)
-    torch.library.opcheck(torch.ops.msrec.gate_combine.default, (y, g), {"kernel": kernel})
+    torch.library.opcheck(torch.ops.msrec.gate_combine.default, (y, g), {"impl": kernel})
     q, k, v = attn_inputs(3, 2, 5, 8)
-    torch.library.opcheck(torch.ops.msrec.field_attention.default, (q, k, v, key_mask(3, 5)), {"kernel": kernel})
-    torch.library.opcheck(torch.ops.msrec.field_attention.default, (q, k, v, None), {"kernel": kernel})
+    torch.library.opcheck(torch.ops.msrec.field_attention.default, (q, k, v, key_mask(3, 5)), {"impl": kernel})
+    torch.library.opcheck(torch.ops.msrec.field_attention.default, (q, k, v, None), {"impl": kernel})
     q, k, v = (t.detach() for t in (q, k, v))
     out, lse = torch.ops.msrec.field_attention(q, k, v, key_mask(3, 5), kernel)
     torch.library.opcheck(torch.ops.msrec.field_attention_backward.default,
@@ -153,6 +153,24 @@ def test_torch_compile_fullgraph():
     for x in inputs:
         x.grad = None
     block(*inputs, mask).backward()
+    for x, got in zip(inputs, grads):
+        torch.testing.assert_close(got, x.grad, **tol(torch.float32))
+
+
+def test_torch_compile_inductor_default_impl():
+    """Inductor (torch.compile's default backend) through both ops with the default impl="auto",
+    as the model calls them on CPU: an op argument named `kernel` used to clash with inductor's
+    own FallbackKernel.create(kernel=...) and fail the compile."""
+    def block(y, g, q, k, v):
+        return K.gate_combine(y, g).square().sum() + K.field_attention(q, k, v).square().sum()
+
+    inputs = [*gate_inputs(3, 5, 2, 8), *attn_inputs(3, 2, 7, 8)]
+    loss = torch.compile(block, fullgraph=True)(*inputs)
+    loss.backward()
+    grads = [x.grad.clone() for x in inputs]
+    for x in inputs:
+        x.grad = None
+    block(*inputs).backward()
     for x, got in zip(inputs, grads):
         torch.testing.assert_close(got, x.grad, **tol(torch.float32))
 
