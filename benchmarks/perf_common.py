@@ -128,16 +128,7 @@ def median(xs) -> float:
     return statistics.median(xs)
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 # ---- calibrations ---------------------------------------------------------------------------
-
-_CAL: dict = {}
-
 
 def matmul_flops(n: int = 1024, reps: int = 5, repeats: int = 7) -> float:
     """fp32 FLOP/s of an n×n×n torch.mm at the current thread count (median of repeats)."""

@@ -55,7 +55,6 @@ def test_two_ranks_match_one_rank_losses(data, tmp_path):
     two_losses, one_losses = losses(two), losses(one)
     assert len(one_losses) == len(two_losses) == 20
     assert one_losses[-1] < one_losses[0] - 0.05, one_losses  # it trains: the comparison means something
-    print("max |2 ranks - 1 rank|:", float(np.max(np.abs(np.subtract(two_losses, one_losses)))), one_losses[0], one_losses[-1])
     np.testing.assert_allclose(two_losses, one_losses, rtol=0, atol=1e-4)
 
 
