@@ -31,7 +31,7 @@ demo: $(VENV)/.installed $(DEMO_DATA)
 # Includes the perf tests (tests/perf: throughput ratios against benchmarks/baselines/cpu.json,
 # measured in a fresh process of their own); `make perf` runs them alone.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	MSREC_REQUIRE_CSRC=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
 perf: $(VENV)/.installed
 	$(PY) -m pytest -q -m perf tests/perf

@@ -22,7 +22,9 @@ def _extensions():
 
     # One .so for all ops; each .cpp registers its ops (TORCH_LIBRARY_FRAGMENT(msrec, ...)) and
     # check_ids.cpp defines the module init, so `import msrec_dist._C` loads them.
-    ext = CppExtension("msrec_dist._C", sources, extra_compile_args=["-O3"])
+    # -fopenmp: at::parallel_for is an OpenMP pragma in the ATen headers; the .so then links
+    # libgomp.so.1, which resolves to the copy torch has already loaded (import torch first).
+    ext = CppExtension("msrec_dist._C", sources, extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension}
 
 

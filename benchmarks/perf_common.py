@@ -9,14 +9,17 @@
     CASES / measure_case / check_ratio   the perf-test cases: throughput / calibration ratios
     write_results()      benchmarks/results/<name>.json + .md
 
-Import this module before torch in an entry point: it sets OMP_WAIT_POLICY=PASSIVE (spinning
-OpenMP threads starve DataLoader workers on a small CPU machine; msrec_dist/train.py does the same).
+Import this module before torch in an entry point: it calls msrec_dist.runtime.prepare_process(0)
+as msrec_dist/train.py does for the configs' in-process reader (OMP_WAIT_POLICY=ACTIVE, glibc
+malloc thresholds); an entry point that runs reader workers sets OMP_WAIT_POLICY=PASSIVE first.
 """
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from msrec_dist.runtime import prepare_process  # noqa: E402
+
+prepare_process(reader_workers=0)
 
 import json  # noqa: E402
 import platform  # noqa: E402

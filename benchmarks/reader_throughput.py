@@ -14,7 +14,13 @@ Writes benchmarks/results/reader_throughput.json and .md.
 """
 from __future__ import annotations
 
-from benchmarks import perf_common as P  # sets OMP_WAIT_POLICY before torch loads
+import os
+
+# This benchmark runs reader workers: sleeping (not spinning) OpenMP threads, as train.py picks
+# for num_workers > 0 (msrec_dist/runtime.py); set before perf_common loads torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from benchmarks import perf_common as P  # noqa: E402  (malloc thresholds, then torch)
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402

@@ -4,7 +4,8 @@
     field_attention(q, k, v [B, H, F, dh], key_padding_mask [B, F] | None, kernel="auto")
         -> [B, H, F, dh]  (the op also returns the row log-sum-exp its backward uses; dropped here)
 
-kernel: "auto" (Triton on CUDA, PyTorch reference elsewhere) | "triton" | "reference".
+kernel: "auto" (Triton on CUDA; on CPU the C++ kernel where built, else the PyTorch reference)
+| "triton" | "cpp" | "reference" (see ops.py).
 The wrappers call torch.ops.msrec.*, so FX traces and torch.compile graphs show the op.
 Importing this package does not import triton; kernels/gate_combine.py and
 kernels/field_attention.py (the Triton kernels) load on first use.

@@ -11,11 +11,17 @@ differentiable), which its backward takes to recompute the probabilities;
 msrec_dist.kernels.field_attention returns out alone.
 
 impl (the wrappers' `kernel=`; not named `kernel` in the schema because inductor's fallback
-for custom ops takes a `kernel` argument of its own and fails on the clash): "auto" runs Triton
-on CUDA tensors and the PyTorch reference elsewhere; "triton" runs the Triton kernel on any device (on CPU only under TRITON_INTERPRET=1); "reference" always runs
-the reference. Shapes are checked here, once; empty batches return before any launch. The
+for custom ops takes a `kernel` argument of its own and fails on the clash), one op name with
+three implementations:
+    "auto"       Triton on CUDA tensors; on CPU the C++ kernel where there is one (gate_combine,
+                 fp32/fp64, extension msrec_dist._C built), else the PyTorch reference
+    "triton"     the Triton kernel on any device (on CPU only under TRITON_INTERPRET=1)
+    "cpp"        the C++ CPU kernel (csrc/gate_combine.cpp: torch.ops.msrec.gate_combine_cpp and
+                 its backward); an error where it is not built or has no such kernel
+    "reference"  the PyTorch reference, always (the definition and the tests' oracle) Shapes are checked here, once; empty batches return before any launch. The
 Triton modules are imported on first use, so importing this module never needs triton.
 """
+import functools
 import importlib
 from typing import Optional, Tuple
 
@@ -24,14 +30,49 @@ import torch
 from .field_attention_ref import field_attention_backward_ref, field_attention_forward_ref
 from .gate_combine_ref import acc_dtype, gate_combine_backward_ref, gate_combine_ref
 
-KERNELS = ("auto", "triton", "reference")
+KERNELS = ("auto", "triton", "cpp", "reference")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_CPP_DTYPES = (torch.float32, torch.float64)
 
 
-def _use_triton(impl: str, x: torch.Tensor) -> bool:
+@functools.lru_cache(maxsize=None)
+def cpp_kernels() -> frozenset:
+    """Names of the ops with a C++ CPU kernel loaded (the extension msrec_dist._C, built by
+    `MSREC_BUILD_CSRC=1 pip install -e .`); empty when it is not built."""
+    try:
+        import msrec_dist._C  # noqa: F401  loading the .so registers torch.ops.msrec.*_cpp
+    except ImportError:
+        return frozenset()
+    built = frozenset(name for name in ("gate_combine",) if hasattr(torch.ops.msrec, f"{name}_cpp"))
+    if "gate_combine" in built:  # fakes, so the C++ ops trace (torch.compile, opcheck) on their own too
+        torch.library.register_fake("msrec::gate_combine_cpp")(
+            lambda y, g: y.new_empty((g.shape[0], y.shape[0], y.shape[2])))
+        torch.library.register_fake("msrec::gate_combine_backward_cpp")(
+            lambda grad, y, g: (torch.empty_like(y), g.new_empty(g.shape)))
+    return built
+
+
+def _choose(impl: str, op: str, x: torch.Tensor) -> str:
+    """The implementation that runs: "triton", "cpp" or "reference" (see the module docstring)."""
     if impl not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {impl!r}")
-    return impl == "triton" or (impl == "auto" and x.is_cuda)
+    if impl == "auto":
+        if x.is_cuda:
+            return "triton"
+        return "cpp" if x.device.type == "cpu" and x.dtype in _CPP_DTYPES and op in cpp_kernels() else "reference"
+    if impl == "cpp":
+        _check(op in cpp_kernels(), f"{op}: kernel='cpp' needs the C++ extension with a {op} kernel "
+                                    f"(built: {sorted(cpp_kernels()) or 'none'}; see csrc/README.md)")
+        _check(x.device.type == "cpu" and x.dtype in _CPP_DTYPES,
+               f"{op}: kernel='cpp' runs on CPU float32/float64 tensors, got {x.device} {x.dtype}")
+    return impl
+
+
+def _strided_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """t with the strides of `like` (what the backward fakes promise: torch.empty_like(input))."""
+    if t.stride() == like.stride():
+        return t
+    return torch.empty_like(like).copy_(t)
 
 
 def _triton_module(name: str):
@@ -64,8 +105,11 @@ def gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor, impl: str 
     t, (b, _, d) = gate_logits.shape[0], expert_out.shape
     if b == 0:
         return expert_out.new_empty((t, 0, d))
-    if _use_triton(impl, expert_out):
+    chosen = _choose(impl, "gate_combine", expert_out)
+    if chosen == "triton":
         return _triton_module("gate_combine").gate_combine_fwd(expert_out, gate_logits)
+    if chosen == "cpp":
+        return torch.ops.msrec.gate_combine_cpp(expert_out, gate_logits)
     return gate_combine_ref(expert_out, gate_logits).contiguous()  # the fake is contiguous
 
 
@@ -79,12 +123,17 @@ def _(expert_out, gate_logits, impl="auto"):
 def gate_combine_backward(
     grad_out: torch.Tensor, expert_out: torch.Tensor, gate_logits: torch.Tensor, impl: str
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """grad_out [T, B, D] -> (d expert_out [B, E, D], d gate_logits [T, B, E])."""
+    """grad_out [T, B, D] -> (d expert_out [B, E, D] with expert_out's strides, d gate_logits [T, B, E])."""
     if expert_out.shape[0] == 0:
         return torch.zeros_like(expert_out), torch.zeros_like(gate_logits)
-    if _use_triton(impl, expert_out):
-        return _triton_module("gate_combine").gate_combine_bwd(grad_out, expert_out, gate_logits)
-    return tuple(t.contiguous() for t in gate_combine_backward_ref(grad_out, expert_out, gate_logits))
+    chosen = _choose(impl, "gate_combine", expert_out)
+    if chosen == "cpp":
+        d_y, d_logits = torch.ops.msrec.gate_combine_backward_cpp(grad_out, expert_out, gate_logits)
+    elif chosen == "triton":
+        d_y, d_logits = _triton_module("gate_combine").gate_combine_bwd(grad_out, expert_out, gate_logits)
+    else:
+        d_y, d_logits = gate_combine_backward_ref(grad_out, expert_out, gate_logits)
+    return _strided_like(d_y, expert_out), _strided_like(d_logits, gate_logits)
 
 
 @gate_combine_backward.register_fake
@@ -138,7 +187,7 @@ def field_attention(
     _check_field_attention(q, k, v, key_padding_mask)
     if q.shape[0] == 0:
         return torch.empty_like(q), _empty_lse(q)
-    if _use_triton(impl, q):
+    if _choose(impl, "field_attention", q) == "triton":
         return _triton_module("field_attention").field_attention_fwd(q, k, v, key_padding_mask)
     out, lse = field_attention_forward_ref(q, k, v, key_padding_mask)
     return out.contiguous(), lse.contiguous()  # the fakes are contiguous
@@ -158,7 +207,7 @@ def field_attention_backward(
     """grad_out [B, H, F, dh], lse [B, H, F] saved by forward -> (dq, dk, dv), each [B, H, F, dh]."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if _use_triton(impl, q):
+    if _choose(impl, "field_attention", q) == "triton":
         return _triton_module("field_attention").field_attention_bwd(grad_out, q, k, v, key_padding_mask, out, lse)
     return tuple(t.contiguous() for t in field_attention_backward_ref(grad_out, q, k, v, key_padding_mask, lse))
 

@@ -17,10 +17,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from msrec_dist.data.reader import ReaderConfig
+from msrec_dist.data.schema import ReaderConfig
 from msrec_dist.typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml
 
-Kernel = Literal["auto", "triton", "reference"]
+Kernel = Literal["auto", "triton", "cpp", "reference"]
 
 
 @dataclass

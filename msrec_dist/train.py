@@ -17,13 +17,8 @@ import sys
 # sub-packages (data, model, dist, metrics) cannot shadow top-level modules of that name.
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)
-# OpenMP threads that spin while idle starve the reader workers on a small CPU machine
-# (measured: steps 3x slower once the DataLoader prefetch ran dry); must be set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from msrec_dist.config import load_experiment  # noqa: E402
-from msrec_dist.dist.context import init_distributed, shutdown  # noqa: E402
-from msrec_dist.dist.runner import run  # noqa: E402
+from msrec_dist.config import load_experiment  # noqa: E402  (torch-free)
+from msrec_dist.runtime import prepare_process  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,6 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_experiment(args.config, args.data, tuple(args.overrides))
+    prepare_process(cfg.reader.num_workers)  # OpenMP wait policy, malloc thresholds: before torch loads
+    from msrec_dist.dist.context import init_distributed, shutdown
+    from msrec_dist.dist.runner import run
+
     ctx = init_distributed()
     try:
         run(cfg, ctx, resume=args.resume)

@@ -32,23 +32,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from msrec_dist.data.batch import Batch
 from msrec_dist.data.native import first_bad_id
-from msrec_dist.data.schema import DataConfig, DataError, open_parquet, validate_file_schema
-from msrec_dist.typed_yaml import ConfigError
+from msrec_dist.data.schema import DataConfig, DataError, ReaderConfig, open_parquet, validate_file_schema  # noqa: F401
 
 Range = tuple[int, int]  # [start, end) global rows
-
-
-@dataclass
-class ReaderConfig:
-    batch_size: int = 1024  # local (per-rank) batch
-    num_workers: int = 0  # in-process: on few cores, worker IPC costs more than reading (benchmarks/results/reader_throughput.md)
-    split: Literal["interleave", "files"] = "interleave"
-    prefetch_factor: int = 4
-
-    def validate(self, where: str = "") -> None:
-        for key, low in (("batch_size", 1), ("num_workers", 0), ("prefetch_factor", 1)):
-            if getattr(self, key) < low:
-                raise ConfigError(f"{where + '.' if where else ''}{key}: must be >= {low}, got {getattr(self, key)}")
 
 
 @dataclass

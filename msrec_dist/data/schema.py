@@ -215,3 +215,18 @@ def open_parquet(path: str) -> pq.ParquetFile:
         raise
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: cannot read Parquet file: {e}") from e
+
+
+@dataclass
+class ReaderConfig:
+    """How the reader (data/reader.py) streams the data; here, with no torch import, so configs
+    load before torch does (train.py picks the OpenMP wait policy from num_workers)."""
+    batch_size: int = 1024  # local (per-rank) batch
+    num_workers: int = 0  # in-process: on few cores, worker IPC costs more than reading (benchmarks/results/reader_throughput.md)
+    split: Literal["interleave", "files"] = "interleave"
+    prefetch_factor: int = 4
+
+    def validate(self, where: str = "") -> None:
+        for key, low in (("batch_size", 1), ("num_workers", 0), ("prefetch_factor", 1)):
+            if getattr(self, key) < low:
+                raise ConfigError(f"{where + '.' if where else ''}{key}: must be >= {low}, got {getattr(self, key)}")

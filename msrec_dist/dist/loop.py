@@ -111,7 +111,7 @@ class DenseStep:
 
     def step(self) -> None:
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.state.dense_params, self.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.state.dense_params, self.grad_clip, foreach=True)
         self.state.dense_optimizer.step()
         self.zero_grad()
         self.state.scheduler.step()

@@ -74,7 +74,7 @@ class CGCLevel(nn.Module):
         if self.scenario_gate_bias is not None:
             logits = logits + torch.matmul(onehot, self.scenario_gate_bias)  # [B, S] @ [G, S, E] → [G, B, E]
         logits = logits + self.mask
-        return gate_combine(expert_out.transpose(0, 1).contiguous(), logits.contiguous(), self.kernel)
+        return gate_combine(expert_out.transpose(0, 1), logits.contiguous(), self.kernel)  # [B, E, h] view: no copy
 
 
 class PLE(nn.Module):

@@ -1,0 +1,119 @@
+"""gate_combine's C++ CPU kernel (csrc/gate_combine.cpp, impl "cpp") against the PyTorch reference:
+forward and backward, strided expert inputs (PLE's transposed [E, B, D] stack), masked gates,
+threads, fp64 gradcheck, opcheck, routing of "auto", and its errors.
+
+Needs the extension built into the venv (`make setup` builds it). Skipped when it is not, unless
+MSREC_REQUIRE_CSRC=1 (as `make test` sets), which turns the skip into a failure.
+"""
+import os
+
+import pytest
+import torch
+
+import msrec_dist.kernels as K
+from msrec_dist.kernels import ops
+from msrec_dist.kernels.gate_combine_ref import gate_combine_ref
+
+from .test_ops import GATE_SHAPES, gate_inputs
+from .utils import randn, run_with_grads, tol
+
+BUILT = "gate_combine" in ops.cpp_kernels()
+if not BUILT and os.environ.get("MSREC_REQUIRE_CSRC") == "1":
+    raise RuntimeError("MSREC_REQUIRE_CSRC=1 but the C++ gate_combine kernel is not built "
+                       "(MSREC_BUILD_CSRC=1 pip install --no-build-isolation -e .)")
+pytestmark = pytest.mark.skipif(not BUILT, reason="C++ extension msrec_dist._C not built")
+
+
+def cpp(y, g):
+    return K.gate_combine(y, g, kernel="cpp")
+
+
+def assert_matches_reference(inputs, dtype=torch.float32):
+    out, grads = run_with_grads(cpp, inputs)
+    ref, ref_grads = run_with_grads(gate_combine_ref, inputs)
+    torch.testing.assert_close(out, ref, **tol(dtype))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B,E,T,D", GATE_SHAPES)
+def test_parity(B, E, T, D, dtype):
+    assert_matches_reference(gate_inputs(B, E, T, D, dtype), dtype)
+
+
+def test_strided_experts_and_masked_gates():
+    """PLE's call: expert_out is a [B, E, D] view of an [E, B, D] tensor, gate logits carry -inf
+    for the experts a gate may not use. d expert_out comes back with the view's strides."""
+    E, B, T, D = 4, 37, 3, 16
+    stack = randn(E, B, D, seed=2, requires_grad=False)
+    mask = torch.tensor([[0.0, float("-inf"), 0.0, 0.0], [float("-inf"), 0.0, 0.0, 0.0], [0.0] * 4])  # [T, E]
+    logits = (randn(T, B, E, seed=3, requires_grad=False) + mask[:, None, :]).requires_grad_()
+    y = stack.requires_grad_().transpose(0, 1)  # [B, E, D], not contiguous
+    assert not y.is_contiguous()
+    out = cpp(y, logits)
+    grad = randn(T, B, D, seed=4, requires_grad=False)
+    d_y, d_logits = torch.ops.msrec.gate_combine_backward_cpp(grad, y.detach(), logits.detach())
+    assert d_y.stride() == y.stride()
+    out.backward(grad)
+    ref = gate_combine_ref(y.detach().contiguous(), logits.detach())
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
+    y_ref = y.detach().contiguous().requires_grad_()
+    l_ref = logits.detach().clone().requires_grad_()
+    gate_combine_ref(y_ref, l_ref).backward(grad)
+    torch.testing.assert_close(stack.grad.transpose(0, 1), y_ref.grad, **tol(torch.float32))
+    torch.testing.assert_close(logits.grad, l_ref.grad, **tol(torch.float32))
+    assert logits.grad[0, :, 1].eq(0).all()  # masked expert: zero gradient, no NaN
+
+
+def test_many_threads_agree():
+    """Large B splits over at::parallel_for chunks; the result does not depend on the split."""
+    inputs = gate_inputs(4099, 5, 3, 24)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, one_grads = run_with_grads(cpp, inputs)
+        torch.set_num_threads(max(2, threads))
+        many, many_grads = run_with_grads(cpp, inputs)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, many) and all(torch.equal(a, b) for a, b in zip(one_grads, many_grads))
+    assert_matches_reference(inputs)
+
+
+def test_gradcheck_fp64_full_jacobian():
+    y, g = gate_inputs(5, 3, 2, 8, dtype=torch.float64)
+    assert torch.autograd.gradcheck(cpp, (y, g))
+
+
+def test_opcheck():
+    y, g = gate_inputs(5, 3, 2, 8)
+    torch.library.opcheck(torch.ops.msrec.gate_combine.default, (y, g), {"impl": "cpp"})
+    y, g = (t.detach() for t in (y, g))
+    torch.library.opcheck(torch.ops.msrec.gate_combine_cpp.default, (y, g))
+    torch.library.opcheck(torch.ops.msrec.gate_combine_backward_cpp.default, (randn(2, 5, 8, seed=5), y, g))
+
+
+def test_auto_picks_cpp_on_cpu_float():
+    y, _ = gate_inputs(4, 3, 2, 8)
+    assert ops._choose("auto", "gate_combine", y) == "cpp"
+    assert ops._choose("auto", "gate_combine", y.half()) == "reference"
+    assert ops._choose("auto", "field_attention", y) == "reference"  # no C++ kernel for it
+
+
+def test_empty_batch():
+    y, g = gate_inputs(0, 3, 2, 8)
+    out = cpp(y, g)
+    out.sum().backward()
+    assert out.shape == (2, 0, 8) and y.grad.shape == y.shape
+
+
+def test_errors():
+    y, g = gate_inputs(4, 3, 2, 8)
+    with pytest.raises(ValueError, match="float32/float64"):
+        K.gate_combine(y.detach().half(), g.detach().half(), kernel="cpp")
+    q = randn(2, 1, 5, 8)
+    with pytest.raises(ValueError, match="needs the C\\+\\+ extension with a field_attention kernel"):
+        K.field_attention(q, q, q, kernel="cpp")
+    with pytest.raises(RuntimeError, match="at most 64 experts"):
+        torch.ops.msrec.gate_combine_cpp(torch.zeros(2, 65, 4), torch.zeros(1, 2, 65))
