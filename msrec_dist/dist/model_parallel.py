@@ -18,7 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
-from torchrec.distributed.types import ShardingPlan
+from torchrec.distributed.model_parallel import DataParallelWrapper, DefaultDataParallelWrapper
+from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -38,6 +39,17 @@ SPARSE_OPTIMIZERS = {
 }
 DENSE_OPTIMIZERS = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
 INIT_BLOCK_ROWS = 65536
+
+
+class DenseDataParallel(DataParallelWrapper):
+    """torchrec's default DDP wrapping of the dense modules, except in a world of one: there DDP
+    only adds an all-reduce of every gradient with itself and per-step hooks (measured on the ple
+    step at B=1024: ~0.2 ms of all-reduce and the hooks' Python per step), so the module stays as is.
+    State dict keys are the same either way (DMP strips DDP's prefix)."""
+
+    def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
+        if env.world_size > 1:
+            DefaultDataParallelWrapper().wrap(dmp, env, device)
 
 
 @dataclass
@@ -117,7 +129,7 @@ def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext,
                                 module.model.embedding.ebc.parameters(), sparse_kwargs)
     topology = build_topology(ctx.world_size, ctx.local_world_size, device_type(ctx.device), cfg.sharding)
     plan = plan_sharding(module, topology, cfg.sharding, dist.group.WORLD)
-    dmp = DistributedModelParallel(module, device=ctx.device, plan=plan)
+    dmp = DistributedModelParallel(module, device=ctx.device, plan=plan, data_parallel_wrapper=DenseDataParallel())
     init_embeddings(dmp, data, cfg.run.seed)
     named_dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     dense_cls = DENSE_OPTIMIZERS[t.dense_optimizer]
