@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import os
 
-# This benchmark runs reader workers: sleeping (not spinning) OpenMP threads, as train.py picks
-# for num_workers > 0 (msrec_dist/runtime.py); set before perf_common loads torch.
+# This benchmark runs reader workers: sleeping OpenMP threads, as train.py picks for
+# num_workers > 0 (msrec_dist/runtime.py); set before perf_common loads torch.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from benchmarks import perf_common as P  # noqa: E402  (malloc thresholds, then torch)

@@ -2,15 +2,18 @@
 before torch is imported and before any tensor is allocated. Imports nothing heavy.
 
     prepare_process(reader_workers)
-        OMP_WAIT_POLICY (env, unless already set), read once when libgomp loads, i.e. at
-            `import torch`; so train.py loads its config (torch-free) first:
-            reader_workers > 0  PASSIVE: OpenMP threads that spin while idle starve the reader's
-                DataLoader workers on a small CPU machine (measured: steps 3x slower once the
-                prefetch ran dry).
-            reader_workers == 0 (the configs' default: in-process reader) ACTIVE: nothing else
-                needs the cores, and a sleeping OpenMP thread pays a wake-up at every parallel
-                op (measured on the ple step at B=1024, 2 threads: 17.5-18 ms ACTIVE vs 24-27 ms
-                PASSIVE, the same CPU seconds).
+        OMP_WAIT_POLICY (env, never overriding a user's value; libgomp reads it once when it loads,
+        i.e. at `import torch`, so train.py loads its config, which is torch-free, first):
+          reader_workers > 0: PASSIVE. Between ops, OpenMP threads spin for a while before they
+            sleep (libgomp's default), and ops follow each other within microseconds, so during
+            a step the helper thread never sleeps and starves the DataLoader workers on a small
+            machine (measured: steps 3x slower once the prefetch ran dry).
+          reader_workers == 0 (the configs' default, in-process reader): libgomp's default. A
+            sleeping thread pays a wake-up at every parallel op (msrec step at B=1024, 2 threads:
+            51 ms default vs 70-81 ms PASSIVE); ACTIVE (spin forever) was no faster (54-61 ms) and
+            starves other processes while this one waits: with it, a benchmark process that had
+            trained on 1 rank and then waited for its 2-rank children left them 0.2-0.6x of the
+            1-rank samples/s instead of 0.75-1.2x.
         glibc malloc thresholds (mallopt, unless MSREC_MALLOC_TUNE=0): PyTorch's CPU allocator is
             plain malloc, and glibc serves large blocks with fresh mmaps and trims freed heap tops
             back to the kernel, so every step page-faults its activations in again (measured on
@@ -43,6 +46,7 @@ def tune_malloc() -> bool:
 
 
 def prepare_process(reader_workers: int) -> None:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE" if reader_workers > 0 else "ACTIVE")
+    if reader_workers > 0:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if os.environ.get("MSREC_MALLOC_TUNE", "1") != "0":
         tune_malloc()

@@ -219,8 +219,8 @@ def open_parquet(path: str) -> pq.ParquetFile:
 
 @dataclass
 class ReaderConfig:
-    """How the reader (data/reader.py) streams the data; here, with no torch import, so configs
-    load before torch does (train.py picks the OpenMP wait policy from num_workers)."""
+    """How the reader (data/reader.py) streams the data; defined here, away from torch, so that
+    configs load before torch does (train.py picks the OpenMP wait policy from num_workers)."""
     batch_size: int = 1024  # local (per-rank) batch
     num_workers: int = 0  # in-process: on few cores, worker IPC costs more than reading (benchmarks/results/reader_throughput.md)
     split: Literal["interleave", "files"] = "interleave"
