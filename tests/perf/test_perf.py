@@ -8,7 +8,7 @@ reader, inline copies of each op's math for the kernels' reference paths; both s
 in CPU seconds of the process, so another process taking the core away does not move the ratio.
 
 The measurements run in a fresh process (`python -m benchmarks.update_baselines --check`),
-exactly as the baselines were measured: msrec_dist.runtime.prepare_process(0) before torch loads, no
+exactly as the baselines were measured: OMP_WAIT_POLICY=PASSIVE and the malloc thresholds set before torch loads, no
 state left by other tests (measured: in the pytest process every ratio came out 40-200% higher).
 A case fails when its ratio exceeds baseline × (1 + tolerance) on all of 3 measurements: noise
 has to strike every attempt to fail a test, while a real slowdown of 25% fails them all;
