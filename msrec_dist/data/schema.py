@@ -224,7 +224,8 @@ class ReaderConfig:
     batch_size: int = 1024  # local (per-rank) batch
     num_workers: int = 0  # in-process: on few cores, worker IPC costs more than reading (benchmarks/results/reader_throughput.md)
     split: Literal["interleave", "files"] = "interleave"
-    prefetch_factor: int = 4
+    prefetch_factor: int = 4  # batches read ahead (per worker, or by the read-ahead thread)
+    prefetch_thread: bool = True  # with num_workers 0: decode in a background thread, overlapped with the step
 
     def validate(self, where: str = "") -> None:
         for key, low in (("batch_size", 1), ("num_workers", 0), ("prefetch_factor", 1)):

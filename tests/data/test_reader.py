@@ -198,3 +198,33 @@ def test_empty_and_corrupt_files(tiny_cfg, make_parquet, tmp_path, case):
     if case.startswith("zero"):
         assert "empty shard" in str(e.value)
     assert os.path.exists(path)
+
+
+def test_read_ahead_keeps_order_errors_and_stops():
+    """The in-process reader's read-ahead thread: same items in the same order, a producer's
+    exception raised at its place, and closing early stops the thread."""
+    import threading
+    import time
+
+    from msrec_dist.data.reader import read_ahead
+
+    assert list(read_ahead(iter(range(50)), 3)) == list(range(50))
+
+    def failing():
+        yield 1
+        yield 2
+        raise DataError("bad.parquet: column 'click', row 7: NaN label")
+
+    got = []
+    with pytest.raises(DataError, match="bad.parquet: column 'click', row 7"):
+        for x in read_ahead(failing(), 2):
+            got.append(x)
+    assert got == [1, 2]
+
+    it = read_ahead(iter(range(10_000)), 2)
+    assert next(it) == 0
+    it.close()
+    deadline = time.time() + 5
+    while any(t.name == "msrec-read-ahead" for t in threading.enumerate()) and time.time() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "msrec-read-ahead" for t in threading.enumerate())
