@@ -18,8 +18,9 @@ three implementations:
     "triton"     the Triton kernel on any device (on CPU only under TRITON_INTERPRET=1)
     "cpp"        the C++ CPU kernel (csrc/gate_combine.cpp: torch.ops.msrec.gate_combine_cpp and
                  its backward); an error where it is not built or has no such kernel
-    "reference"  the PyTorch reference, always (the definition and the tests' oracle) Shapes are checked here, once; empty batches return before any launch. The
-Triton modules are imported on first use, so importing this module never needs triton.
+    "reference"  the PyTorch reference, always (the definition and the tests' oracle)
+Shapes are checked here, once; empty batches return before any launch. The Triton modules are
+imported on first use, so importing this module never needs triton.
 """
 import functools
 import importlib
