@@ -273,11 +273,11 @@ def _reader_case(batch_size: int, batches: int):
     return setup
 
 
-def _gate_case(kernel: str = "reference", B: int = 4096, E: int = 4, T: int = 2, D: int = 64, reps: int = 10):
+def _gate_case(B: int = 4096, E: int = 4, T: int = 2, D: int = 64, reps: int = 10):
     def setup():
         import msrec_dist.kernels as K
 
-        work = gate_loop(lambda y, logits: K.gate_combine(y, logits, kernel=kernel), B, E, T, D, reps, seed=0)
+        work = gate_loop(lambda y, logits: K.gate_combine(y, logits, kernel="reference"), B, E, T, D, reps, seed=0)
         work()
         return work, gate_loop(softmax_mix, B, E, T, D, reps, seed=1), float(reps * B)
     return setup
@@ -312,8 +312,9 @@ CASES = {
     "train_step_ple": Case("train_step_ple", "samples", "mlp_train", _train_case("ple", 1024, 5)),
     "reader": Case("reader", "rows", "arrow_decode", _reader_case(1024, 48)),
     "gate_combine_reference": Case("gate_combine_reference", "samples", "inline_softmax_mix", _gate_case()),
-    # the C++ CPU kernel (csrc/gate_combine.cpp), what "auto" runs on CPU when the extension is built
-    "gate_combine_cpp": Case("gate_combine_cpp", "samples", "inline_softmax_mix", _gate_case("cpp")),
+    # No case for gate_combine's C++ kernel: against this calibration its ratio moved by 0.54..0.75
+    # between fresh processes (measured), more than the 25% a test must catch; the train_step_ple
+    # case runs it (kernels: auto picks it on CPU).
     "field_attention_reference": Case("field_attention_reference", "samples", "inline_attention", _attn_case()),
 }
 
