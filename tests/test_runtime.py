@@ -6,8 +6,6 @@ import sys
 
 import pytest
 
-from msrec_dist.runtime import prepare_process  # noqa: F401  (importable without side effects)
-
 
 def run_py(code: str, env_extra: dict | None = None) -> str:
     import os

@@ -24,7 +24,7 @@ import math
 import queue
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +34,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from msrec_dist.data.batch import Batch
 from msrec_dist.data.native import first_bad_id
-from msrec_dist.data.schema import DataConfig, DataError, ReaderConfig, open_parquet, validate_file_schema  # noqa: F401
+from msrec_dist.data.schema import DataConfig, DataError, ReaderConfig, open_parquet, validate_file_schema
 
 Range = tuple[int, int]  # [start, end) global rows
 
@@ -312,14 +312,14 @@ class _Loader(DataLoader):
     """DataLoader that re-raises worker DataErrors with their original message; with no workers
     and `prefetch_thread`, it reads `prefetch_factor` batches ahead in a background thread."""
 
-    def __init__(self, *args, prefetch_thread: int = 0, **kwargs) -> None:
+    def __init__(self, *args, read_ahead_depth: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.prefetch_thread = prefetch_thread  # batches read ahead by a thread; 0 = none
+        self.read_ahead_depth = read_ahead_depth  # batches read ahead by a thread; 0 = none
 
     def __iter__(self) -> Iterator[Batch]:  # type: ignore[override]
         items = super().__iter__()
-        if self.prefetch_thread > 0:
-            items = read_ahead(items, self.prefetch_thread)
+        if self.read_ahead_depth > 0:
+            items = read_ahead(items, self.read_ahead_depth)
         for item in items:
             if isinstance(item, _Failure):
                 raise DataError(item.message)
@@ -379,4 +379,4 @@ def make_dataloader(cfg: DataConfig, files: list[str], reader: ReaderConfig, ran
     extra = {"prefetch_factor": reader.prefetch_factor} if reader.num_workers > 0 else {}
     ahead = reader.prefetch_factor if reader.num_workers == 0 and reader.prefetch_thread else 0
     return _Loader(ds, batch_size=None, num_workers=reader.num_workers, persistent_workers=False,
-                   prefetch_thread=ahead, **extra)
+                   read_ahead_depth=ahead, **extra)
