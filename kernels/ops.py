@@ -22,7 +22,6 @@ three implementations:
 Shapes are checked here, once; empty batches return before any launch. The Triton modules are
 imported on first use, so importing this module never needs triton.
 """
-import functools
 import importlib
 from typing import Optional, Tuple
 
@@ -36,8 +35,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _CPP_DTYPES = (torch.float32, torch.float64)
 
 
-@functools.lru_cache(maxsize=None)
-def cpp_kernels() -> frozenset:
+def _load_cpp_kernels() -> frozenset:
     """Names of the ops with a C++ CPU kernel loaded (the extension msrec_dist._C, built by
     `MSREC_BUILD_CSRC=1 pip install -e .`); empty when it is not built."""
     try:
@@ -53,7 +51,7 @@ def cpp_kernels() -> frozenset:
     return built
 
 
-def _choose(impl: str, op: str, x: torch.Tensor) -> str:
+def choose_impl(impl: str, op: str, x: torch.Tensor) -> str:
     """The implementation that runs: "triton", "cpp" or "reference" (see the module docstring)."""
     if impl not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {impl!r}")
@@ -86,8 +84,17 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+# Loaded at import, not inside a torch.compile trace (dynamo cannot trace register_fake).
+_CPP_KERNELS = _load_cpp_kernels()
+
+
+def cpp_kernels() -> frozenset:
+    """Names of the ops with a C++ CPU kernel loaded (empty when msrec_dist._C is not built)."""
+    return _CPP_KERNELS
+
+
 # ---------------------------------------------------------------- gate_combine
-def _check_gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor) -> None:
+def check_gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor) -> None:
     _check(expert_out.dim() == 3, f"gate_combine: expert_out must be [B, E, D], got {tuple(expert_out.shape)}")
     _check(gate_logits.dim() == 3, f"gate_combine: gate_logits must be [T, B, E], got {tuple(gate_logits.shape)}")
     (b, e, _), (_, gb, ge) = expert_out.shape, gate_logits.shape
@@ -102,11 +109,11 @@ def _check_gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor) -> 
 @torch.library.custom_op("msrec::gate_combine", mutates_args=())
 def gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """[B, E, D] expert outputs, [T, B, E] gate logits -> [T, B, D]."""
-    _check_gate_combine(expert_out, gate_logits)
+    check_gate_combine(expert_out, gate_logits)
     t, (b, _, d) = gate_logits.shape[0], expert_out.shape
     if b == 0:
         return expert_out.new_empty((t, 0, d))
-    chosen = _choose(impl, "gate_combine", expert_out)
+    chosen = choose_impl(impl, "gate_combine", expert_out)
     if chosen == "triton":
         return _triton_module("gate_combine").gate_combine_fwd(expert_out, gate_logits)
     if chosen == "cpp":
@@ -116,7 +123,7 @@ def gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor, impl: str 
 
 @gate_combine.register_fake
 def _(expert_out, gate_logits, impl="auto"):
-    _check_gate_combine(expert_out, gate_logits)
+    check_gate_combine(expert_out, gate_logits)
     return expert_out.new_empty((gate_logits.shape[0], expert_out.shape[0], expert_out.shape[2]))
 
 
@@ -127,7 +134,7 @@ def gate_combine_backward(
     """grad_out [T, B, D] -> (d expert_out [B, E, D] with expert_out's strides, d gate_logits [T, B, E])."""
     if expert_out.shape[0] == 0:
         return torch.zeros_like(expert_out), torch.zeros_like(gate_logits)
-    chosen = _choose(impl, "gate_combine", expert_out)
+    chosen = choose_impl(impl, "gate_combine", expert_out)
     if chosen == "cpp":
         d_y, d_logits = torch.ops.msrec.gate_combine_backward_cpp(grad_out, expert_out, gate_logits)
     elif chosen == "triton":
@@ -188,7 +195,7 @@ def field_attention(
     _check_field_attention(q, k, v, key_padding_mask)
     if q.shape[0] == 0:
         return torch.empty_like(q), _empty_lse(q)
-    if _choose(impl, "field_attention", q) == "triton":
+    if choose_impl(impl, "field_attention", q) == "triton":
         return _triton_module("field_attention").field_attention_fwd(q, k, v, key_padding_mask)
     out, lse = field_attention_forward_ref(q, k, v, key_padding_mask)
     return out.contiguous(), lse.contiguous()  # the fakes are contiguous
@@ -208,7 +215,7 @@ def field_attention_backward(
     """grad_out [B, H, F, dh], lse [B, H, F] saved by forward -> (dq, dk, dv), each [B, H, F, dh]."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if _choose(impl, "field_attention", q) == "triton":
+    if choose_impl(impl, "field_attention", q) == "triton":
         return _triton_module("field_attention").field_attention_bwd(grad_out, q, k, v, key_padding_mask, out, lse)
     return tuple(t.contiguous() for t in field_attention_backward_ref(grad_out, q, k, v, key_padding_mask, lse))
 

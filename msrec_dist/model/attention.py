@@ -28,7 +28,7 @@ class FieldSelfAttentionLayer(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, F, dh]
         out = field_attention(q.contiguous(), k.contiguous(), v.contiguous(), None, self.kernel)  # [B, H, F, dh]
         out = out.transpose(1, 2).reshape(batch_size, num_fields, self.out_dim)  # [B, F, H*dh]
-        return torch.relu(out + self.residual(x))
+        return (out + self.residual(x)).relu_()  # in place on a fresh sum
 
 
 class FieldSelfAttention(nn.Sequential):

@@ -21,7 +21,7 @@ class MLP(nn.Sequential):
         for i, width in enumerate(hidden):
             layers.append(nn.Linear(in_dim, width))
             if final_activation or i < len(hidden) - 1:
-                layers.append(nn.ReLU())
+                layers.append(nn.ReLU(inplace=True))  # in place on the Linear output: one tensor fewer
             in_dim = width
         super().__init__(*layers)
         self.out_dim = in_dim
@@ -37,22 +37,31 @@ class StackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(num, 1, out_dim).uniform_(-bound, bound))
         self.num, self.in_dim, self.out_dim = num, in_dim, out_dim
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return stacked_linear(x, self.weight, self.bias)  # [K, B, out]
+    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        return stacked_linear(x, self.weight, self.bias, relu)  # [K, B, out]
 
 
-def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x [B, in] (shared) or [K, B, in], weight [K, in, out], bias [K, 1, out] → [K, B, out].
+def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """x [B, in] (shared) or [K, B, in], weight [K, in, out], bias [K, 1, out] → [K, B, out],
+    followed by ReLU when `relu`.
+
+    The bias is the GEMM's accumulator (addmm / baddbmm) and the ReLU runs in place on the GEMM
+    output: one [K, B, out] tensor is written instead of three (product, + bias, ReLU), which
+    matters on a CPU whose caches do not hold a step's activations. In place is safe: the GEMMs'
+    backward needs their inputs, not their output, and ReLU's backward needs only its output.
 
     It branches on x.dim(), so it is an FX leaf (torch.fx.wrap below): symbolic tracing records
     one call instead of failing on control flow over a traced value.
     """
     if x.dim() == 2:  # shared input [B, in]: one GEMM against [in, K*out]
         num, in_dim, out_dim = weight.shape
-        w = weight.permute(1, 0, 2).reshape(in_dim, num * out_dim)
-        y = (x @ w).view(x.size(0), num, out_dim).transpose(0, 1)  # [K, B, out]
-        return y + bias
-    return torch.baddbmm(bias, x, weight)  # [K, B, out]
+        w = weight.permute(1, 0, 2).reshape(in_dim, num * out_dim)  # [in, K*out]
+        y = torch.addmm(bias.reshape(num * out_dim), x, w)  # [B, K*out]
+        if relu:
+            y = y.relu_()
+        return y.view(x.size(0), num, out_dim).transpose(0, 1)  # [K, B, out] view
+    y = torch.baddbmm(bias, x, weight)  # [K, B, out]
+    return y.relu_() if relu else y
 
 
 torch.fx.wrap("stacked_linear")
@@ -70,7 +79,5 @@ class StackedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if self.final_activation or i < len(self.layers) - 1:
-                x = torch.relu(x)
+            x = layer(x, relu=self.final_activation or i < len(self.layers) - 1)
         return x

@@ -6,7 +6,7 @@
                   experts and the shared experts (others masked to -inf), the shared gate all;
                   with scenario_gates, + a learned per-scenario logit bias [G, S, E] picked by the
                   row's scenario (one-hot [B, S]), so each scenario can weigh the experts its own way
-    combine       torch.ops.msrec.gate_combine(experts [B, E, h], logits [G, B, E]) → [G, B, h]
+    combine       msrec_dist.kernels.gate_combine(experts [B, E, h], logits [G, B, E]) → [G, B, h]
     last level    has no shared gate: output [T, B, h]
 
 MMoE is the special case levels=1, task_experts=0 (every gate sees every shared expert).

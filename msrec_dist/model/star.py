@@ -119,7 +119,7 @@ class StarTrunk(nn.Module):
         if self.norm is not None:
             x = self.norm(x, onehot)
         for layer in self.layers:
-            x = torch.relu(layer(x, onehot))
+            x = layer(x, onehot).relu_()  # in place on a fresh sum: one tensor fewer
         return x
 
 

@@ -89,16 +89,32 @@ def test_gradcheck_fp64_full_jacobian():
 def test_opcheck():
     y, g = gate_inputs(5, 3, 2, 8)
     torch.library.opcheck(torch.ops.msrec.gate_combine.default, (y, g), {"impl": "cpp"})
+    torch.library.opcheck(torch.ops.msrec.gate_combine_cpp.default, (y, g))  # with its C++ autograd
     y, g = (t.detach() for t in (y, g))
     torch.library.opcheck(torch.ops.msrec.gate_combine_cpp.default, (y, g))
     torch.library.opcheck(torch.ops.msrec.gate_combine_backward_cpp.default, (randn(2, 5, 8, seed=5), y, g))
 
 
+def test_wrapper_takes_the_cpp_autograd_path():
+    """On CPU the wrapper calls torch.ops.msrec.gate_combine_cpp, whose autograd node is C++
+    (no Python custom op in forward or backward), with the same values and gradients, bit for
+    bit, as the custom op msrec::gate_combine routed to the same kernel."""
+    y, g = gate_inputs(33, 4, 3, 16)
+    y_t = y.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # PLE's strided view
+    direct, direct_grads = run_with_grads(lambda a, b: K.gate_combine(a, b), (y_t, g))
+    out = K.gate_combine(y_t, g)
+    assert type(out.grad_fn).__name__ == "CppFunction"  # the C++ autograd::Function's node
+    via_op, op_grads = run_with_grads(lambda a, b: torch.ops.msrec.gate_combine(a, b, "cpp"), (y_t, g))
+    assert torch.equal(direct, via_op) and all(torch.equal(a, b) for a, b in zip(direct_grads, op_grads))
+    with pytest.raises(ValueError, match="gate_logits"):  # the same Python checks run first
+        K.gate_combine(y_t, g[:, :5])
+
+
 def test_auto_picks_cpp_on_cpu_float():
     y, _ = gate_inputs(4, 3, 2, 8)
-    assert ops._choose("auto", "gate_combine", y) == "cpp"
-    assert ops._choose("auto", "gate_combine", y.half()) == "reference"
-    assert ops._choose("auto", "field_attention", y) == "reference"  # no C++ kernel for it
+    assert ops.choose_impl("auto", "gate_combine", y) == "cpp"
+    assert ops.choose_impl("auto", "gate_combine", y.half()) == "reference"
+    assert ops.choose_impl("auto", "field_attention", y) == "reference"  # no C++ kernel for it
 
 
 def test_empty_batch():
