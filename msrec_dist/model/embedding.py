@@ -4,7 +4,7 @@
                   ──to_dict, stacked in schema order──► [B, F_s, D]; mean-pooled features
                   divided by their bag length
     batch.dense   [B, N_d] ──x_n * w_n + b_n per feature──► [B, N_d, D]
-    batch.scenario [B] ──nn.Embedding(S, D)──► [B, 1, D]       (only if scenario_field)
+    batch.scenario [B] ──one-hot [B, S] @ nn.Embedding(S, D).weight──► [B, 1, D]   (only if scenario_field)
     concat ──► fields [B, F, D],  F = F_s + N_d (+1)
 
 All tables use SUM pooling in the EBC so that features of different pooling can share a table
@@ -75,8 +75,12 @@ class FieldEmbedding(nn.Module):
         lengths = sparse.lengths().view(self.num_sparse, batch_size)  # [F_s, B]
         divisor = torch.where(self.is_mean.unsqueeze(1), lengths.clamp(min=1), torch.ones_like(lengths))
         pooled = pooled / divisor.t().unsqueeze(2).to(pooled.dtype)  # [B, F_s, D]
-        dense_fields = dense.unsqueeze(2) * self.dense_weight + self.dense_bias  # [B, N_d, D]
+        dense_fields = torch.addcmul(self.dense_bias, dense.unsqueeze(2), self.dense_weight)  # [B, N_d, D]
         fields = [pooled, dense_fields]
         if self.scenario_emb is not None:
-            fields.append(self.scenario_emb(scenario).unsqueeze(1))  # [B, 1, D]
+            # A [B, S] @ [S, D] product instead of an embedding lookup: S is a handful of surfaces,
+            # and the lookup's CPU backward (embedding_dense_backward: sort + scatter) cost ~0.2 ms
+            # a step where this GEMM's costs a few µs. Same values (one-hot rows pick weight rows).
+            onehot = nn.functional.one_hot(scenario, self.scenario_emb.num_embeddings).to(pooled.dtype)  # [B, S]
+            fields.append((onehot @ self.scenario_emb.weight).unsqueeze(1))  # [B, 1, D]
         return torch.cat(fields, dim=1)  # [B, F, D]
