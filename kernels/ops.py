@@ -17,7 +17,10 @@ three implementations:
                  fp32/fp64, extension msrec_dist._C built), else the PyTorch reference
     "triton"     the Triton kernel on any device (on CPU only under TRITON_INTERPRET=1)
     "cpp"        the C++ CPU kernel (csrc/gate_combine.cpp: torch.ops.msrec.gate_combine_cpp and
-                 its backward); an error where it is not built or has no such kernel
+                 its backward); an error where it is not built or has no such kernel. The
+                 wrapper msrec_dist.kernels.gate_combine calls gate_combine_cpp directly (its
+                 autograd is C++) instead of this custom op, which stays for FX, opcheck and
+                 explicit calls
     "reference"  the PyTorch reference, always (the definition and the tests' oracle)
 Shapes are checked here, once; empty batches return before any launch. The Triton modules are
 imported on first use, so importing this module never needs triton.

@@ -19,6 +19,7 @@ Memory: one decoded row group per worker plus the batch being built.
 """
 from __future__ import annotations
 
+import atexit
 import bisect
 import math
 import queue
@@ -326,6 +327,25 @@ class _Loader(DataLoader):
             yield item
 
 
+# Read-ahead producers still running: stopped and joined at interpreter exit (below).
+_LIVE_READ_AHEAD: set[tuple[threading.Event, threading.Thread]] = set()
+
+
+@atexit.register
+def _stop_read_ahead_threads(timeout_s: float = 2.0) -> None:
+    """Stops and joins the producers of iterators that were never exhausted or closed.
+
+    A daemon thread still decoding (inside pyarrow / torch C++ code) when the interpreter
+    finalizes is torn down mid-call, which aborts the process ("terminate called without an
+    active exception", exit code 134) after all the work is done; a benchmark that abandons
+    one iterator per measured cell hit this. atexit runs while threads can still finish.
+    """
+    for stop, thread in list(_LIVE_READ_AHEAD):
+        stop.set()
+    for stop, thread in list(_LIVE_READ_AHEAD):
+        thread.join(timeout_s)
+
+
 def read_ahead(items: Iterator, depth: int) -> Iterator:
     """Yields `items` in order, produced by a background thread up to `depth` ahead; an exception
     raised while producing is re-raised here, at its place in the sequence.
@@ -355,8 +375,12 @@ def read_ahead(items: Iterator, depth: int) -> Iterator:
             put(("end", None))
         except BaseException as e:  # noqa: BLE001  handed to the consumer, raised there
             put(("error", e))
+        finally:
+            _LIVE_READ_AHEAD.discard(entry)
 
     thread = threading.Thread(target=produce, name="msrec-read-ahead", daemon=True)
+    entry = (stop, thread)
+    _LIVE_READ_AHEAD.add(entry)
     thread.start()
     try:
         while True:

@@ -228,3 +228,26 @@ def test_read_ahead_keeps_order_errors_and_stops():
     while any(t.name == "msrec-read-ahead" for t in threading.enumerate()) and time.time() < deadline:
         time.sleep(0.01)
     assert not any(t.name == "msrec-read-ahead" for t in threading.enumerate())
+
+
+def test_read_ahead_threads_stopped_at_exit():
+    """An iterator abandoned mid-stream (neither exhausted nor closed, as a benchmark cell leaves
+    it) keeps its producer alive; the atexit hook stops and joins it, so no thread is still
+    inside pyarrow/torch code while the interpreter finalizes (that aborted a 2-rank benchmark
+    process at exit)."""
+    import time
+
+    from msrec_dist.data import reader as R
+
+    def slow():
+        for i in range(10_000):
+            time.sleep(0.002)
+            yield i
+
+    it = R.read_ahead(slow(), 2)
+    assert next(it) == 0
+    (stop, thread), = [e for e in R._LIVE_READ_AHEAD if e[1].is_alive()]
+    R._stop_read_ahead_threads(timeout_s=5.0)
+    assert stop.is_set() and not thread.is_alive()
+    assert (stop, thread) not in R._LIVE_READ_AHEAD
+    del it
