@@ -9,7 +9,9 @@ vs the eager reference. Ideal bytes, with s the element size and mask bytes igno
     gate_combine     fwd  s*(B*E*D + T*B*E + T*B*D)           fwd+bwd  fwd + s*(2*B*E*D + 2*T*B*E + T*B*D)
     field_attention  fwd  s*4*B*H*F*dh + 4*B*H*F (q, k, v read; out and the fp32 row lse written)
                      fwd+bwd  fwd + s*8*B*H*F*dh + 4*B*H*F (q, k, v, out, dout, lse read; dq, dk, dv)
-Paths: triton (CUDA only), eager reference, torch.compile(reference), SDPA (attention).
+Paths: triton (CUDA only), cpp (gate_combine's C++ CPU kernel, csrc/gate_combine.cpp, where
+the extension is built; through msrec_dist.kernels.gate_combine as the model calls it), eager
+reference, torch.compile(reference), SDPA (attention).
 Writes benchmarks/results/kernels_<cuda|cpu>.json and .md.
 """
 import argparse
@@ -70,7 +72,8 @@ def gate_rows(shape, device, dtype, paths):
     g = torch.randn(T, B, E, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(T, B, D, device=device, dtype=dtype)
     fns = {"eager": gate_combine_ref, "compiled": torch.compile(gate_combine_ref),
-           "triton": lambda y, g: K.gate_combine(y, g, kernel="triton")}
+           "triton": lambda y, g: K.gate_combine(y, g, kernel="triton"),
+           "cpp": lambda y, g: K.gate_combine(y, g, kernel="cpp")}
     for path in paths:
         if path in fns:
             fn = fns[path]
@@ -132,10 +135,11 @@ def main(quick: bool = False):
     if quick:
         gate_shapes, attn_shapes = gate_shapes[:1], attn_shapes[:1]
     paths = ["eager", "compiled"] + (["triton"] if cuda else [])
+    cpp = [] if cuda or "gate_combine" not in K.ops.cpp_kernels() else ["cpp"]
     copy_bw = copy_bandwidth(device)
     rows = []
     for shape in gate_shapes:
-        rows += gate_rows(shape, device, dtype, paths)
+        rows += gate_rows(shape, device, dtype, paths + cpp)
     for shape in attn_shapes:
         rows += attn_rows(shape, device, dtype, paths + ["sdpa"])
     name = (torch.cuda.get_device_name() if cuda else
@@ -143,8 +147,8 @@ def main(quick: bool = False):
     note = ("Full table: Triton vs eager reference, torch.compile(reference) and SDPA." if cuda else
             "NO GPU was lent to this task: GPU figures (Triton kernels, H100 targets: gate_combine >= 80% "
             "of copy bandwidth and >= 2x eager; field_attention >= 75% and >= 3x SDPA at F <= 64; "
-            "fwd+bwd >= 2x eager) are STILL TO BE MEASURED. This CPU run covers the reference paths only "
-            "(eager, torch.compile of the reference, SDPA) at small shapes.")
+            "fwd+bwd >= 2x eager) are STILL TO BE MEASURED. This CPU run covers the reference paths "
+            "(eager, torch.compile of the reference, SDPA) and gate_combine's C++ kernel (cpp) at small shapes.")
     report = dict(device=name, torch=torch.__version__, dtype=str(dtype), note=note,
                   copy_GBps=copy_bw / 1e9, rows=add_ratios(rows, copy_bw))
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -96,6 +96,43 @@ def agreed_batches(loader, data: DataConfig, ctx: DistContext) -> Iterator[tuple
         yield local, verdict.global_rows
 
 
+class FlatGrads:
+    """The dense parameters' gradients as views of one buffer: the clip is one norm and one
+    scale, zeroing one fill, instead of ~35 small ops over the 15-50 gradient tensors (about
+    0.4 ms a step on this project's CPU for ple, as long as the fused Adam step itself).
+
+    Why by hand: torch's clip_grad_norm_ and zero_grad work per tensor. Autograd accumulates
+    into an existing .grad in place, so the views stay bound until someone replaces them; bound()
+    checks the data pointers every step (DDP with gradient_as_bucket_view, in worlds of more than
+    one, swaps in its own bucket views; a caller may set grads to None), and DenseStep then takes
+    torch's per-tensor path. Every dense parameter gets a gradient every step (an empty batch
+    gives zeros), so zeroing instead of setting to None changes no update.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params or len({(p.dtype, p.device) for p in self.params}) != 1:
+            self.buffer, self.ptrs = None, []
+            return
+        p0 = self.params[0]
+        self.buffer = torch.zeros(sum(p.numel() for p in self.params), dtype=p0.dtype, device=p0.device)
+        offset = 0
+        for p in self.params:
+            p.grad = self.buffer[offset: offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.ptrs = [p.grad.data_ptr() for p in self.params]
+
+    def bound(self) -> bool:
+        return self.buffer is not None and all(
+            p.grad is not None and p.grad.data_ptr() == ptr for p, ptr in zip(self.params, self.ptrs))
+
+    def clip_(self, max_norm: float) -> torch.Tensor:
+        """clip_grad_norm_ over all the gradients at once (same global L2 norm and scale)."""
+        total = torch.linalg.vector_norm(self.buffer)
+        self.buffer.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        return total
+
+
 class DenseStep:
     """The optimizer step after backward: clip dense grads, dense optimizer, LR schedule.
 
@@ -105,13 +142,20 @@ class DenseStep:
 
     def __init__(self, state: TrainState, grad_clip: float) -> None:
         self.state, self.grad_clip = state, grad_clip
+        self.flat = FlatGrads(state.dense_params)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.state.dense_optimizer.zero_grad(set_to_none=set_to_none)
+        if self.flat.bound():  # the views stay; zeros change no update (see FlatGrads)
+            self.flat.buffer.zero_()
+        else:
+            self.state.dense_optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self) -> None:
         if self.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.state.dense_params, self.grad_clip, foreach=True)
+            if self.flat.bound():
+                self.flat.clip_(self.grad_clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(self.state.dense_params, self.grad_clip, foreach=True)
         self.state.dense_optimizer.step()
         self.zero_grad()
         self.state.scheduler.step()
