@@ -30,10 +30,10 @@ pytestmark = pytest.mark.perf
 INJECT = os.environ.get("MSREC_PERF_SLOWDOWN", "0") or "0"
 
 
-def run_checks(tmp_path, cases: list[str], slowdown: str) -> dict:
-    out = tmp_path / "check.json"
+def run_checks(tmp_path, cases: list[str], slowdown: str, all_attempts: bool = False) -> dict:
+    out = tmp_path / f"check_{slowdown}.json"
     cmd = [sys.executable, "-m", "benchmarks.update_baselines", "--check", str(out), "--slowdown", slowdown,
-           "--cases", *cases]
+           "--cases", *cases] + (["--all-attempts"] if all_attempts else [])
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     proc = subprocess.run(cmd, cwd=P.REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -56,18 +56,22 @@ def test_throughput_ratio(name, checks):
     assert r["passed"], "slower than the baseline on every attempt:\n" + "\n".join(r["messages"])
 
 
-def test_injected_slowdown_fails(tmp_path, checks):
+def test_injected_slowdown_fails(tmp_path):
     """A real 25% slowdown (injected into the ple train step) must fail the check.
 
-    The reference is the unslowed ratio measured in this same session (`checks`), with the
-    baseline file's tolerance: between sessions the ratios themselves drifted by up to ±15% here
-    (measured), so comparing an injected slowdown with the committed file would test that drift
-    rather than the tolerance.
+    The reference is the unslowed ratio measured in this same session, with the baseline file's
+    tolerance: between sessions the ratios themselves drifted by up to ±15% here (measured), so
+    comparing an injected slowdown with the committed file would test that drift rather than the
+    tolerance. Both sides are the best of the same 3 attempts (a first version took the
+    reference from the regular check, which stops at its first passing attempt, against the
+    slowed side's best of 3: one draw vs the best of three, and a 25% injection once measured
+    only +14.8%).
     """
     name = "train_step_ple"
-    if name not in checks:
+    if name not in P.load_baselines()["cases"]:
         pytest.skip(f"{name} not in the baseline file")
-    reference = {"tolerance": P.load_baselines()["tolerance"], "cases": {name: {"ratio": min(checks[name]["ratios"])}}}
-    slowed = run_checks(tmp_path, [name], "0.25")[name]
+    plain = run_checks(tmp_path, [name], "0", all_attempts=True)[name]
+    slowed = run_checks(tmp_path, [name], "0.25", all_attempts=True)[name]
+    reference = {"tolerance": P.load_baselines()["tolerance"], "cases": {name: {"ratio": min(plain["ratios"])}}}
     passed, msg = P.check_ratio(name, min(slowed["ratios"]), reference)
     assert not passed, "a 25% slowdown passed the check:\n" + msg
