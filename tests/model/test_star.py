@@ -62,6 +62,38 @@ def test_scenario_moments_match_manual_per_scenario_stats():
     torch.testing.assert_close(var[2], torch.zeros(3), rtol=0, atol=0)
 
 
+def test_synced_moments_one_all_reduce_match_two_pass(monkeypatch):
+    """The synced path (one all-reduce of count, Σ(x−K), Σ(x−K)²; here the sum over one rank,
+    i.e. identity) gives the two-pass statistics and gradients, also for data far from 0 when the
+    shift K is near the mean; with K = 0 that data shows the cancellation the shift avoids."""
+    import msrec_dist.model.star as star
+
+    calls = []
+    monkeypatch.setattr(star, "all_reduce_sum", lambda t: calls.append(t.shape) or t)
+    gen = torch.Generator().manual_seed(8)
+    scenario = torch.tensor([0, 1, 0, 1, 0, 0, 1, 1])
+    onehot = _onehot(scenario)
+    for offset in (0.0, 1000.0):
+        x = (torch.randn(8, 3, generator=gen) + offset).requires_grad_()
+        shift = torch.stack([x[scenario == s].mean(0) for s in range(2)] + [torch.zeros(3)]).detach() + 0.3
+        upstream = [torch.randn(3, 3, generator=gen) for _ in range(2)]
+        got = star.scenario_moments(x, onehot, sync=True, shift=shift)
+        (gx,) = torch.autograd.grad(got[0] * upstream[0] + got[1] * upstream[1], x, torch.ones(3, 3).expand(3, 3))
+        x2 = x.detach().clone().requires_grad_()
+        want = star.scenario_moments(x2, onehot)
+        (wx,) = torch.autograd.grad(want[0] * upstream[0] + want[1] * upstream[1], x2, torch.ones(3, 3).expand(3, 3))
+        for s in range(2):
+            torch.testing.assert_close(got[0][s], want[0][s], rtol=1e-5, atol=1e-4)
+            torch.testing.assert_close(got[1][s], want[1][s], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got[2], want[2])
+        torch.testing.assert_close(gx, wx, rtol=1e-4, atol=1e-4)
+    assert calls == [(3, 7), (3, 7)]  # one all-reduce per call: [S, 1 + 2N]
+    x = torch.randn(8, 3, generator=gen) + 1000.0
+    unshifted = star.scenario_moments(x, onehot, sync=True)[1][:2]
+    exact = star.scenario_moments(x, onehot)[1][:2]
+    assert (unshifted - exact).abs().max() > 1e-2  # fp32 cancellation without the shift
+
+
 def test_partitioned_norm_train_normalises_with_own_scenario_stats():
     norm = PartitionedNorm(3, S).train()
     _randomise(norm, seed=5)
