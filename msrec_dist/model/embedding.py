@@ -20,6 +20,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from msrec_dist.data.schema import DataConfig
+from msrec_dist.model.star import scenario_onehot
 
 
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -81,6 +82,6 @@ class FieldEmbedding(nn.Module):
             # A [B, S] @ [S, D] product instead of an embedding lookup: S is a handful of surfaces,
             # and the lookup's CPU backward (embedding_dense_backward: sort + scatter) cost ~0.2 ms
             # a step where this GEMM's costs a few µs. Same values (one-hot rows pick weight rows).
-            onehot = nn.functional.one_hot(scenario, self.scenario_emb.num_embeddings).to(pooled.dtype)  # [B, S]
+            onehot = scenario_onehot(scenario, self.scenario_emb.num_embeddings, pooled.dtype)  # [B, S]
             fields.append((onehot @ self.scenario_emb.weight).unsqueeze(1))  # [B, 1, D]
         return torch.cat(fields, dim=1)  # [B, F, D]
