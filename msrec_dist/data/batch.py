@@ -1,6 +1,7 @@
 """The one batch type that flows reader → sharded embeddings → dense net → loss and metrics.
 
-    sparse   KeyedJaggedTensor, keys = sparse feature names in schema order
+    sparse   KeyedJaggedTensor, keys = sparse feature names in DataConfig.kjt_keys order
+             (grouped by table: the order of the embedding kernel's features)
              (feature f, sample b) holds the ids of one bag; lengths are feature-major [F * B]
     dense    [B, Nd] float32 dense features
     labels   [B, T]  float32 0/1 labels, one column per task

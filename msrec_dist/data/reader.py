@@ -124,8 +124,8 @@ def _decode(table: pa.Table, cfg: DataConfig, path: str, row0: int) -> _Chunk:
             i = int(bad.argmax())
             raise _fail(path, feat.name, row0 + i, f"dense value {v[i]} is NaN or infinite")
         dense[:, d] = v
-    offsets, values = [], []
-    for feat in cfg.sparse:
+    offsets, values = [], []  # per feature, in KJT key order
+    for feat in cfg.kjt_features():
         arr = _column(table, feat.name, path, row0)
         is_list = pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
         if is_list:
@@ -192,13 +192,13 @@ class _RowReader:
     def read(self, ranges: list[Range]) -> Batch:
         pieces = list(self._pieces(ranges))
         lengths, values = [], []
-        for k in range(len(self.cfg.sparse)):
+        for k in range(len(self.cfg.sparse)):  # KJT key order (cfg.kjt_keys)
             for c, lo, hi, _ in pieces:
                 off = c.offsets[k]
                 lengths.append(np.diff(off[lo:hi + 1]))
                 values.append(c.values[k][off[lo]:off[hi]])
         sparse = KeyedJaggedTensor(
-            keys=self.cfg.sparse_names,
+            keys=self.cfg.kjt_keys,
             values=torch.from_numpy(np.concatenate(values)),  # [sum of bag sizes] int64
             lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),  # [F * B] int32
         )

@@ -124,6 +124,18 @@ class DataConfig:
     def dense_names(self) -> list[str]:
         return [f.name for f in self.dense]
 
+    def kjt_features(self) -> list[SparseFeature]:
+        """Sparse features grouped by table, tables in `tables()` order: the key order of every KJT
+        the reader builds, and so the order of the sparse fields. torchrec's batched table kernel
+        (fbgemm's TBE) takes its features table by table in this order, so a world of one feeds it
+        the reader's KJT as is, with no permute (msrec_dist/dist/local_lookup.py)."""
+        by_name = {f.name: f for f in self.sparse}
+        return [by_name[n] for t in self.tables() for n in t.feature_names]
+
+    @property
+    def kjt_keys(self) -> list[str]:
+        return [f.name for f in self.kjt_features()]
+
     def columns(self) -> list[str]:
         """Every column the reader needs, without duplicates, in a fixed order."""
         cols = [self.scenario.column, *(t.column for t in self.tasks), *self.sparse_names, *self.dense_names]

@@ -36,7 +36,7 @@ def empty_batch(data: DataConfig, device: torch.device) -> Batch:
     lengths between ranks, and gloo crashes on ranks that disagree about their dtype.
     """
     return Batch(
-        sparse=KeyedJaggedTensor.from_lengths_sync(keys=list(data.sparse_names),
+        sparse=KeyedJaggedTensor.from_lengths_sync(keys=data.kjt_keys,
                                                    values=torch.zeros(0, dtype=torch.long),
                                                    lengths=torch.zeros(0, dtype=torch.int32)).to(device),
         dense=torch.zeros(0, len(data.dense_names), device=device),

@@ -4,6 +4,7 @@
       ──apply_optimizer_in_backward(sparse optimizer, EBC params)──►
       ──plan_sharding──► ShardingPlan ──DistributedModelParallel──► DMP
       ──init_embeddings (deterministic per row block, independent of the sharding)──►
+    world of one: FieldEmbedding.local_lookup = the sharded EBC's kernel (dist/local_lookup.py)
     dense optimizer (Adam by default) over every other parameter, + LR schedule
 
 Embedding rows are initialised from a generator seeded by (seed, table, row block), so the
@@ -28,6 +29,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from msrec_dist.config import ExperimentConfig, TrainConfig
 from msrec_dist.data.schema import DataConfig
 from msrec_dist.dist.context import DistContext
+from msrec_dist.dist.local_lookup import find_kernel_lookup
 from msrec_dist.dist.sharding import build_topology, device_type, plan_sharding
 from msrec_dist.model.zoo import MultiScenarioModel, MultiTaskTrainModule
 
@@ -61,6 +63,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     dense_params: list[nn.Parameter]
     plan: ShardingPlan
+    local_lookup: bool = False  # the embedding calls the sharded EBC's kernel directly (world of one)
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -131,6 +134,9 @@ def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext,
     plan = plan_sharding(module, topology, cfg.sharding, dist.group.WORLD)
     dmp = DistributedModelParallel(module, device=ctx.device, plan=plan, data_parallel_wrapper=DenseDataParallel())
     init_embeddings(dmp, data, cfg.run.seed)
+    embedding = dmp.module.model.embedding
+    if ctx.world_size == 1 and cfg.train.pipeline != "sparse_dist":  # a pipeline must find the sharded EBC
+        embedding.local_lookup = find_kernel_lookup(embedding.ebc, data.kjt_keys)
     named_dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     dense_cls = DENSE_OPTIMIZERS[t.dense_optimizer]
     # fused=True: one kernel over all dense parameters (CPU and CUDA) instead of a loop of small
@@ -139,4 +145,5 @@ def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext,
                                                                          weight_decay=t.weight_decay, fused=True))
     optimizer = CombinedOptimizer([("sparse", dmp.fused_optimizer), ("dense", dense)])
     scheduler = torch.optim.lr_scheduler.LambdaLR(dense._optimizer, lr_lambda(t, total_steps))
-    return TrainState(dmp, optimizer, dense, scheduler, list(named_dense.values()), plan)
+    return TrainState(dmp, optimizer, dense, scheduler, list(named_dense.values()), plan,
+                      local_lookup=embedding.local_lookup is not None)

@@ -113,7 +113,8 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
             save_checkpoint(ckpt_root, state, pos, ctx, cfg.train.keep_checkpoints)
         return pos.step < total_steps
 
-    pipelined = cfg.train.pipeline == "sparse_dist" or (cfg.train.pipeline == "auto" and ctx.device.type == "cuda")
+    pipelined = cfg.train.pipeline == "sparse_dist" or (
+        cfg.train.pipeline == "auto" and ctx.device.type == "cuda" and not state.local_lookup)
     start = time.perf_counter()
     while pos.epoch < cfg.train.epochs and pos.step < total_steps:
         loader = make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size,

@@ -7,12 +7,19 @@
     batch.scenario [B] ──one-hot [B, S] @ nn.Embedding(S, D).weight──► [B, 1, D]   (only if scenario_field)
     concat ──► fields [B, F, D],  F = F_s + N_d (+1)
 
+Sparse fields follow the KJT key order (`DataConfig.kjt_keys`: features grouped by table).
+In a world of one the pooling runs through `local_lookup` when one is set (the sharded EBC's own
+batched table kernel called directly, see msrec_dist/dist/local_lookup.py); otherwise through
+the EBC, whose (sharded) output is picked by name.
+
 All tables use SUM pooling in the EBC so that features of different pooling can share a table
 (torchrec pools per table); a mean feature is the sum divided by max(length, 1), an empty bag
 is a zero vector. The EBC is called directly on `batch.sparse` so torchrec's train pipelines
 can find it by FX tracing; nothing here branches on tensor values.
 """
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -21,6 +28,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from msrec_dist.data.schema import DataConfig
 from msrec_dist.model.star import scenario_onehot
+
+PooledLookup = Callable[[KeyedJaggedTensor], torch.Tensor]  # KJT → [B, F_s * D], fields in KJT key order
 
 
 def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
@@ -54,9 +63,12 @@ class FieldEmbedding(nn.Module):
                     for t in tables],
             device=device,
         )
-        # Fields follow the KJT key order (schema order). The EBC's output order is not fixed:
-        # a sharded EBC orders its KeyedTensor by shard placement, so fields are picked by name.
-        self.field_names = list(data.sparse_names)
+        # Fields follow the KJT key order (features grouped by table). The EBC's output order is
+        # not fixed: a sharded EBC orders its KeyedTensor by shard placement, so its fields are
+        # picked by name.
+        self.field_names = data.kjt_keys
+        # Not a submodule (its kernel belongs to the sharded EBC, whose state_dict holds it).
+        self.local_lookup: Optional[PooledLookup] = None
         pooling = {f.name: f.pooling for f in data.sparse}
         self.register_buffer("is_mean", torch.tensor([pooling[f] == "mean" for f in self.field_names]),
                              persistent=False)
@@ -70,8 +82,14 @@ class FieldEmbedding(nn.Module):
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
         batch_size = dense.size(0)
-        by_name = self.ebc(sparse).to_dict()  # {feature: [B, D]}
-        pooled = torch.stack([by_name[f] for f in self.field_names], dim=1)  # [B, F_s, D]
+        if isinstance(sparse, KeyedJaggedTensor) and sparse.keys() != self.field_names:  # (not when FX tracing)
+            raise ValueError(f"KJT keys {sparse.keys()} are not in the expected order {self.field_names} "
+                             "(DataConfig.kjt_keys: sparse features grouped by table)")
+        if self.local_lookup is not None:
+            pooled = self.local_lookup(sparse).view(batch_size, self.num_sparse, self.dim)  # [B, F_s, D]
+        else:
+            by_name = self.ebc(sparse).to_dict()  # {feature: [B, D]}
+            pooled = torch.stack([by_name[f] for f in self.field_names], dim=1)  # [B, F_s, D]
         pooled = scale_grad(pooled, self.grad_scale)
         lengths = sparse.lengths().view(self.num_sparse, batch_size)  # [F_s, B]
         divisor = torch.where(self.is_mean.unsqueeze(1), lengths.clamp(min=1), torch.ones_like(lengths))

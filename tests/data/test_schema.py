@@ -119,3 +119,13 @@ def test_validate_file_schema(tmp_path, tiny_cfg, make_parquet):
     path = make_parquet("sc.parquet", overrides={"scenario": pa.array([0.0] * 8)})
     with pytest.raises(DataError, match=r"sc\.parquet.*'scenario'.*double.*integer"):
         validate_file_schema(path, tiny_cfg)
+
+
+def test_kjt_keys_group_features_by_table():
+    from tests.model.conftest import SPARSE_KEYS, make_data_config
+
+    cfg = make_data_config()  # schema order item_id, user_id, hist_item_ids; item_id + hist share `item`
+    assert cfg.sparse_names == ["item_id", "user_id", "hist_item_ids"]
+    assert cfg.kjt_keys == ["item_id", "hist_item_ids", "user_id"] == SPARSE_KEYS
+    assert [f.name for f in cfg.kjt_features()] == cfg.kjt_keys
+    assert [t.feature_names for t in cfg.tables()] == [["item_id", "hist_item_ids"], ["user_id"]]

@@ -1,23 +1,23 @@
 """Shared tiny fixtures for the model-block tests: a hand-made DataConfig and a 4-row Batch.
 
 DataConfig (`model_data`): S = 3 scenarios, T = 2 tasks, D = 4.
-    sparse (schema = KJT key order)    table   pooling
+    sparse (schema order)              table   pooling
       item_id                          item    sum
       user_id                          user    sum
       hist_item_ids  (a list feature)  item    mean   ← shares table `item` with item_id
     dense: price, age                  (N_d = 2)
-The EBC pools table by table, so its output order is [item_id, hist_item_ids, user_id], not
-the KJT order: the fixture checks that FieldEmbedding picks its fields by name.
+KJT key order (DataConfig.kjt_keys, features grouped by table): [item_id, hist_item_ids, user_id],
+which is also the sparse field order.
 
 Batch (`batch4`), B = 4; the KJT as a grid of bags (feature f, sample b):
 
                     b=0      b=1     b=2        b=3
     item_id         [3]      [7]     [1]        [9]
-    user_id         [10]     [11]    [12]       [13]
     hist_item_ids   [2, 5]   []      [4, 6, 8]  [5]     ← b=1 is an empty bag
+    user_id         [10]     [11]    [12]       [13]
 
-    values  = [3, 7, 1, 9,  10, 11, 12, 13,  2, 5, 4, 6, 8, 5]
-    lengths = [1, 1, 1, 1,  1, 1, 1, 1,  2, 0, 3, 1]          (feature-major, F_s * B)
+    values  = [3, 7, 1, 9,  2, 5, 4, 6, 8, 5,  10, 11, 12, 13]
+    lengths = [1, 1, 1, 1,  2, 0, 3, 1,  1, 1, 1, 1]          (feature-major, F_s * B)
     scenario = [0, 1, 2, 0]
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from msrec_dist.data.batch import Batch
 from msrec_dist.data.schema import DataConfig, DenseFeature, ScenarioSpec, SparseFeature, TaskSpec
 
 S, T, D, B = 3, 2, 4, 4
-SPARSE_KEYS = ["item_id", "user_id", "hist_item_ids"]
+SPARSE_KEYS = ["item_id", "hist_item_ids", "user_id"]  # KJT key order (kjt_keys)
 BAGS = {  # feature → one list of ids per sample
     "item_id": [[3], [7], [1], [9]],
     "user_id": [[10], [11], [12], [13]],

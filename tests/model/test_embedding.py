@@ -9,8 +9,8 @@ from torchrec.fx import symbolic_trace
 from msrec_dist.model.embedding import FieldEmbedding, scale_grad
 from tests.model.conftest import BAGS, D
 
-# Fields follow the schema (KJT key) order, whatever order the (sharded) EBC outputs
-FIELD_ORDER = ["item_id", "user_id", "hist_item_ids"]
+# Fields follow the KJT key order (features grouped by table), whatever order the (sharded) EBC outputs
+FIELD_ORDER = ["item_id", "hist_item_ids", "user_id"]
 
 
 def _embedding(data, **kw) -> FieldEmbedding:
@@ -38,14 +38,15 @@ def test_sum_and_mean_pooling_empty_bag_is_zero(model_data, batch4):
     fields = _fields(emb, batch4)
     item_w = emb.ebc.embedding_bags["item"].weight
     user_w = emb.ebc.embedding_bags["user"].weight
+    item, user, hist_f = (FIELD_ORDER.index(f) for f in ("item_id", "user_id", "hist_item_ids"))
     for b in range(4):
-        torch.testing.assert_close(fields[b, 0], item_w[BAGS["item_id"][b]].sum(0))
-        torch.testing.assert_close(fields[b, 1], user_w[BAGS["user_id"][b]].sum(0))
+        torch.testing.assert_close(fields[b, item], item_w[BAGS["item_id"][b]].sum(0))
+        torch.testing.assert_close(fields[b, user], user_w[BAGS["user_id"][b]].sum(0))
         hist = BAGS["hist_item_ids"][b]
         if hist:  # mean = sum / length
-            torch.testing.assert_close(fields[b, 2], item_w[hist].sum(0) / len(hist))
+            torch.testing.assert_close(fields[b, hist_f], item_w[hist].sum(0) / len(hist))
         else:
-            torch.testing.assert_close(fields[b, 2], torch.zeros(D), rtol=0, atol=0)
+            torch.testing.assert_close(fields[b, hist_f], torch.zeros(D), rtol=0, atol=0)
     assert BAGS["hist_item_ids"][1] == [] and BAGS["hist_item_ids"][2] == [4, 6, 8]
 
 

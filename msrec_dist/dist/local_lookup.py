@@ -1,0 +1,64 @@
+"""World-of-one embedding lookup: the sharded EBC's own batched table kernel, called directly.
+
+    batch.sparse (KJT, keys in DataConfig.kjt_keys order = the kernel's feature order)
+      ──the kernel module DMP built (fbgemm TBE, fused optimizer in backward)──► [B, F_s * D]
+
+In a world of one, DMP's sharded EmbeddingBagCollection still wraps its single lookup in the
+machinery of many ranks: a KJT splits all-to-all and a values all-to-all with itself over gloo,
+a feature permute, awaitables, an output "all-to-all" and a KeyedTensor (measured side by side
+on the ple batch of 1024 rows, this project's CPU: forward 1.9 ms vs 0.66 ms for the kernel
+alone, forward + backward 3.4 ms vs 1.7 ms). torchrec has no shortcut for it, hence this one.
+
+The kernel module is the one inside the sharded EBC: same weights, same fused row-wise Adagrad
+state, so DMP's state_dict, the sharding plan and checkpoints are exactly as without it; only the
+forward path differs. It is used only when the layout is the plain one it assumes (one lookup,
+one batched-fused kernel over every feature in KJT key order) and no train pipeline has to
+find the sharded module by tracing; otherwise the DMP path runs.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import nn
+from torchrec.distributed.batched_embedding_kernel import BatchedFusedEmbeddingBag
+from torchrec.distributed.embedding_lookup import GroupedPooledEmbeddingsLookup
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+log = logging.getLogger(__name__)
+
+
+class KernelLookup:
+    """Callable KJT → pooled [B, F_s * D] through one torchrec batched-fused kernel module.
+
+    A plain object, not an nn.Module, so the kernel is not registered twice in the model."""
+
+    def __init__(self, kernel: nn.Module) -> None:
+        self.kernel = kernel
+
+    def __call__(self, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        return self.kernel(sparse)  # [B, F_s * D], features in kernel (= KJT key) order
+
+
+def kernel_features(kernel: BatchedFusedEmbeddingBag) -> list[str]:
+    """The features of a batched kernel in the order it expects them (table by table)."""
+    return [f for table in kernel.config.embedding_tables for f in table.feature_names]
+
+
+def find_kernel_lookup(sharded_ebc: nn.Module, kjt_keys: list[str]) -> Optional[KernelLookup]:
+    """A KernelLookup over the sharded EBC's kernel, or None (with the reason logged) when its
+    layout is not one lookup of one batched-fused kernel over exactly `kjt_keys` in order."""
+    lookups = list(getattr(sharded_ebc, "_lookups", []))
+    if len(lookups) != 1 or not isinstance(lookups[0], GroupedPooledEmbeddingsLookup):
+        log.info("local lookup off: %d lookups of types %s", len(lookups), [type(x).__name__ for x in lookups])
+        return None
+    kernels = list(lookups[0]._emb_modules)
+    if len(kernels) != 1 or type(kernels[0]) is not BatchedFusedEmbeddingBag:
+        log.info("local lookup off: kernels %s", [type(k).__name__ for k in kernels])
+        return None
+    if kernel_features(kernels[0]) != list(kjt_keys):
+        log.info("local lookup off: kernel features %s differ from the KJT keys %s",
+                 kernel_features(kernels[0]), kjt_keys)
+        return None
+    return KernelLookup(kernels[0])
