@@ -60,7 +60,12 @@ def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, re
         if relu:
             y = y.relu_()
         return y.view(x.size(0), num, out_dim).transpose(0, 1)  # [K, B, out] view
-    y = torch.baddbmm(bias, x, weight)  # [K, B, out]
+    if weight.size(2) == 1:  # one output column (the towers' logit): a dot product per row.
+        # MKL's batched GEMM at N = 1, and its backward (an outer product at K = 1), ran 1.7x
+        # slower than this multiply + sum (fwd + bwd at [2, 1024, 32]: 294 vs 176 µs).
+        y = torch.sum(x * weight.transpose(1, 2), dim=2, keepdim=True) + bias  # [K, B, 1]
+    else:
+        y = torch.baddbmm(bias, x, weight)  # [K, B, out]
     return y.relu_() if relu else y
 
 

@@ -69,11 +69,15 @@ class MultiScenarioModel(nn.Module):
                                          cfg.mixing.own_weight_init, cfg.mixing.scale_init)
             expert_dim = cfg.mixing.hidden
         self.towers = StackedMLP(num_tasks, expert_dim, list(cfg.tower.hidden) + [1], final_activation=False)
+        # the blocks that read the scenario one-hot (plain MLP/PLE/MMoE models skip building it)
+        self.uses_onehot = star.enabled or self.mixing is not None or (
+            self.experts is not None and ex.scenario_gates)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns per-task logits [B, T]."""
         fields = self.embedding(batch.sparse, batch.dense, batch.scenario)  # [B, F, D]
-        onehot = scenario_onehot(batch.scenario, self.num_scenarios, fields.dtype)  # [B, S]
+        onehot = (scenario_onehot(batch.scenario, self.num_scenarios, fields.dtype)
+                  if self.uses_onehot else None)  # [B, S]
         x = self.attention(fields) if self.attention is not None else fields  # [B, F, D']
         x = x.flatten(1)  # [B, F·D']
         h = self.trunk(x, onehot) if isinstance(self.trunk, StarTrunk) else self.trunk(x)  # [B, H]
