@@ -22,6 +22,16 @@ before torch is imported and before any tensor is allocated. Imports nothing hea
             threshold to its maximum (32 MiB) and the trim threshold keeps freed blocks in the heap
             for the next step; the process's RSS stays at the peak of a step. No library offers
             this (torch has no caching CPU allocator), so it is one ctypes call.
+        CPU cores per local rank (unless MSREC_BIND_CORES=0): with LOCAL_WORLD_SIZE > 1 ranks on
+            one machine (torchrun / torchx dist.ddp set it) and nobody having bound the process
+            already (its allowed CPUs are all the online ones), local rank r keeps cores
+            [r*k, (r+1)*k), k = cores // local ranks, for itself and the threads it starts (the
+            read-ahead and gloo threads). Unbound, the scheduler moved the ranks' threads over
+            both cores of this project's machine and a rank waited in its collectives for the
+            other to be scheduled: 2-rank ple step at global batch 1024, two alternating runs
+            each, 26.5 / 26.0 ms unbound vs 24.5 / 23.6 ms bound. The same binding that torch's
+            CPU launcher (torch.backends.xeon.run_cpu) or `taskset` per rank would do; done here
+            so that `torchx run dist.ddp` gets it with no wrapper.
 """
 from __future__ import annotations
 
@@ -45,8 +55,30 @@ def tune_malloc() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
 
+def rank_cores(allowed: list[int], online: int, local_rank: int, local_world_size: int) -> list[int] | None:
+    """The cores local rank `local_rank` binds to, or None: one rank, an affinity someone else
+    set (fewer allowed cores than online ones), or fewer cores than local ranks."""
+    if local_world_size <= 1 or len(allowed) != online or len(allowed) < local_world_size:
+        return None
+    per_rank = len(allowed) // local_world_size
+    cores = sorted(allowed)
+    return cores[local_rank * per_rank: (local_rank + 1) * per_rank]
+
+
+def bind_rank_cores(env=os.environ) -> list[int] | None:
+    """Restrict this process to its local rank's cores (see the module docstring); the cores, or None."""
+    if env.get("MSREC_BIND_CORES", "1") == "0" or not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = rank_cores(list(os.sched_getaffinity(0)), os.cpu_count() or 1,
+                       int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1)))
+    if cores is not None:
+        os.sched_setaffinity(0, cores)
+    return cores
+
+
 def prepare_process(reader_workers: int) -> None:
     if reader_workers > 0:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if os.environ.get("MSREC_MALLOC_TUNE", "1") != "0":
         tune_malloc()
+    bind_rank_cores()
