@@ -1,8 +1,9 @@
 """Embedding layer: sparse ids, dense values and the scenario id → one stack of D-dim fields.
 
     batch.sparse  KJT, F_s features ──EmbeddingBagCollection (sum pooling)──► KeyedTensor [B, F_s * D]
-                  ──to_dict, stacked in schema order──► [B, F_s, D]; mean-pooled features
+                  ──to_dict, stacked in KJT key order──► [B, F_s, D]; mean-pooled features
                   divided by their bag length
+                  (world of one: ──local_lookup──► [B, F_s * D] already in KJT key order)
     batch.dense   [B, N_d] ──x_n * w_n + b_n per feature──► [B, N_d, D]
     batch.scenario [B] ──one-hot [B, S] @ nn.Embedding(S, D).weight──► [B, 1, D]   (only if scenario_field)
     concat ──► fields [B, F, D],  F = F_s + N_d (+1)
@@ -14,8 +15,8 @@ the EBC, whose (sharded) output is picked by name.
 
 All tables use SUM pooling in the EBC so that features of different pooling can share a table
 (torchrec pools per table); a mean feature is the sum divided by max(length, 1), an empty bag
-is a zero vector. The EBC is called directly on `batch.sparse` so torchrec's train pipelines
-can find it by FX tracing; nothing here branches on tensor values.
+is a zero vector. Without a local lookup the EBC is called directly on `batch.sparse` so
+torchrec's train pipelines can find it by FX tracing; nothing here branches on tensor values.
 """
 from __future__ import annotations
 

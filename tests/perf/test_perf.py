@@ -10,7 +10,7 @@ in CPU seconds of the process, so another process taking the core away does not 
 The measurements run in a fresh process (`python -m benchmarks.update_baselines --check`),
 exactly as the baselines were measured: OMP_WAIT_POLICY=PASSIVE and the malloc thresholds set before torch loads, no
 state left by other tests (measured: in the pytest process every ratio came out 40-200% higher).
-A case fails when its ratio exceeds baseline × (1 + tolerance) on all of 3 measurements: noise
+A case fails when its ratio exceeds baseline × (1 + tolerance) on all of 5 measurements: noise
 has to strike every attempt to fail a test, while a real slowdown of 25% fails them all;
 test_injected_slowdown_fails shows that. MSREC_PERF_SLOWDOWN=0.25 injects the slowdown into
 every case (they must then fail).
@@ -28,12 +28,17 @@ from benchmarks import perf_common as P
 
 pytestmark = pytest.mark.perf
 INJECT = os.environ.get("MSREC_PERF_SLOWDOWN", "0") or "0"
+# Attempts before a case fails. 5, not 3: gate_combine_reference's own baseline runs spread by
+# 17% (1.235..1.442, the baseline being their lowest) and once measured 1.43..1.45 on all of 3
+# attempts inside a full `make test`, i.e. noise failed it. More attempts do not let a real 25%
+# slowdown through: every attempt of it lands above the threshold (MSREC_PERF_SLOWDOWN=0.25).
+ATTEMPTS = 5
 
 
-def run_checks(tmp_path, cases: list[str], slowdown: str, all_attempts: bool = False) -> dict:
+def run_checks(tmp_path, cases: list[str], slowdown: str, attempts: int, all_attempts: bool = False) -> dict:
     out = tmp_path / f"check_{slowdown}.json"
     cmd = [sys.executable, "-m", "benchmarks.update_baselines", "--check", str(out), "--slowdown", slowdown,
-           "--cases", *cases] + (["--all-attempts"] if all_attempts else [])
+           "--attempts", str(attempts), "--cases", *cases] + (["--all-attempts"] if all_attempts else [])
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     proc = subprocess.run(cmd, cwd=P.REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -45,7 +50,7 @@ def checks(tmp_path_factory):
     if not os.path.exists(P.BASELINES):
         pytest.skip("no baseline file; run python -m benchmarks.update_baselines")
     names = [n for n in P.CASES if n in P.load_baselines()["cases"]]
-    return run_checks(tmp_path_factory.mktemp("perf"), names, INJECT)
+    return run_checks(tmp_path_factory.mktemp("perf"), names, INJECT, ATTEMPTS)
 
 
 @pytest.mark.parametrize("name", list(P.CASES))
@@ -70,8 +75,8 @@ def test_injected_slowdown_fails(tmp_path):
     name = "train_step_ple"
     if name not in P.load_baselines()["cases"]:
         pytest.skip(f"{name} not in the baseline file")
-    plain = run_checks(tmp_path, [name], "0", all_attempts=True)[name]
-    slowed = run_checks(tmp_path, [name], "0.25", all_attempts=True)[name]
+    plain = run_checks(tmp_path, [name], "0", 3, all_attempts=True)[name]
+    slowed = run_checks(tmp_path, [name], "0.25", 3, all_attempts=True)[name]
     reference = {"tolerance": P.load_baselines()["tolerance"], "cases": {name: {"ratio": min(plain["ratios"])}}}
     passed, msg = P.check_ratio(name, min(slowed["ratios"]), reference)
     assert not passed, "a 25% slowdown passed the check:\n" + msg
