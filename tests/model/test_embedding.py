@@ -3,6 +3,7 @@ field order and shape [B, F, D], sum/mean pooling (empty bag → zeros), dense a
 fields, scale_grad, eager vs FX-traced (torchrec's tracer)."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torchrec.fx import symbolic_trace
 
@@ -93,3 +94,13 @@ def test_eager_and_fx_traced(model_data, batch4):
     traced = symbolic_trace(emb)
     torch.testing.assert_close(traced(batch4.sparse, batch4.dense, batch4.scenario), _fields(emb, batch4),
                                rtol=0, atol=0)
+
+
+def test_kjt_in_another_key_order_is_refused(model_data, batch4):
+    """The mean divisor and the local lookup read the KJT in kjt_keys order: another order (e.g.
+    the schema's) is an error that names both, not silently mixed-up fields."""
+    emb = _embedding(model_data)
+    schema_order = batch4.sparse.permute([FIELD_ORDER.index(k) for k in model_data.sparse_names])
+    assert schema_order.keys() == model_data.sparse_names != FIELD_ORDER
+    with pytest.raises(ValueError, match=r"not in the expected order .*item_id', 'hist_item_ids', 'user_id'"):
+        emb(schema_order, batch4.dense, batch4.scenario)
