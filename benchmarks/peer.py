@@ -22,7 +22,8 @@ with 1 task-specific + 2 shared experts of width 64 and one tower [32] per task 
       the scenario id → SparseFeature like msrec's scenario field, d0..d3 → DenseFeature), Adam
       lr 0.002 on everything, sum of per-task BCE (as its MTLTrainer); its batches are sliced from
       in-memory tensors (no reader cost, an advantage to it); samples/s = train rows / train loop wall.
-AUC per task (overall and per scenario) on the eval split with torchmetrics' binary_auroc.
+AUC per task (overall and per scenario) on the eval split with torchmetrics' binary_auroc. Each run is a
+fresh process (`--one SIDE`), the sides alternating.
 Writes benchmarks/results/peer.json and .md.
 """
 from __future__ import annotations
@@ -30,9 +31,11 @@ from __future__ import annotations
 from benchmarks import perf_common as P  # sets OMP_WAIT_POLICY before torch loads
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -139,6 +142,18 @@ def run_msrec(data_path: str, batch_size: int, epochs: int, run_dir: str) -> dic
     return out
 
 
+def run_side(side: str, data_path: str, batch_size: int, epochs: int) -> dict:
+    """One run of one side in this process (the parent starts a process per run)."""
+    from msrec_dist.config import load_experiment
+    from msrec_dist.data.schema import load_data_config
+
+    if side == "msrec_dist":
+        with tempfile.TemporaryDirectory() as tmp:
+            return run_msrec(data_path, batch_size, epochs, tmp)
+    cfg = load_experiment(os.path.join(P.CONFIGS, "ple.yaml"), data_path)
+    return run_rechub(load_data_config(data_path), cfg, batch_size, epochs, cfg.train.dense_lr, cfg.run.seed)
+
+
 def markdown(res: dict, command: str) -> str:
     ms, rh = res["msrec_dist"], res["torch_rechub"]
     tasks = list(ms["overall"])
@@ -159,7 +174,8 @@ def markdown(res: dict, command: str) -> str:
              P.table(head, [row("msrec_dist ple", ms), row(f"torch-rechub PLE", rh)]), "",
              f"msrec_dist / torch-rechub samples/s: **{ratio:.2f}x** (target >= 3x); AUC difference "
              "(msrec_dist - torch-rechub): " + ", ".join(f"{t} {d:+.4f}" for t, d in dauc.items()) + ".", "",
-             f"Samples/s of each run ({res['repeats']} alternating runs per side; the table shows each side's fastest): "
+             f"Samples/s of each run ({res['repeats']} alternating runs per side, each in a fresh process; the table "
+             "shows each side's fastest): "
              + "; ".join(f"{side} " + ", ".join(f"{v:,.0f}" for v in vals)
                          for side, vals in res["samples_per_s_per_run"].items()) + ".", "",
              "Ratio within each round (the two runs of a round follow each other): "
@@ -178,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each side; the fastest counts")
     ap.add_argument("--rechub-dir", default="/tmp/rechub")
     ap.add_argument("--out", default="peer")
+    ap.add_argument("--one", choices=["msrec_dist", "torch_rechub"], help=argparse.SUPPRESS)  # child: one run
+    ap.add_argument("--one-json", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     logging.disable(logging.WARNING)
     if a.rechub_dir not in sys.path:
@@ -188,22 +206,31 @@ def main(argv: list[str] | None = None) -> None:
     from msrec_dist.data.schema import load_data_config
 
     data_path = P.ensure_data(rows=a.rows, eval_rows=a.eval_rows)
-    data = load_data_config(data_path)
-    cfg = load_experiment(os.path.join(P.CONFIGS, "ple.yaml"), data_path)
+    if a.one:
+        with open(a.one_json, "w") as f:
+            json.dump(run_side(a.one, data_path, a.batch_size, a.epochs), f)
+        return
     res = {"machine": P.machine(), "rows": a.rows, "eval_rows": a.eval_rows, "epochs": a.epochs,
            "batch_size": a.batch_size, "rechub_version": torch_rechub.__version__}
     # The machine's speed drifts over tens of seconds, so the two run alternately (msrec_dist
-    # first, then torch-rechub first, ...) and each side keeps its fastest run.
+    # first, then torch-rechub first, ...) and each side keeps its fastest run. Every run is a
+    # fresh process, as a user's training is: a second msrec_dist run in one process measured
+    # 10-25% below the first (73k -> 60k, 83.8k -> 66.3k samples/s; not the heap, the Arrow memory
+    # pool nor any torch global setting, and not seen with in-memory batches), and one side's
+    # leftovers could slow the other.
     runs: dict[str, list[dict]] = {"msrec_dist": [], "torch_rechub": []}
-    for r in range(a.repeats):
-        for side in (["msrec_dist", "torch_rechub"] if r % 2 == 0 else ["torch_rechub", "msrec_dist"]):
-            if side == "msrec_dist":
-                with tempfile.TemporaryDirectory() as tmp:
-                    out = run_msrec(data_path, a.batch_size, a.epochs, tmp)
-            else:
-                out = run_rechub(data, cfg, a.batch_size, a.epochs, cfg.train.dense_lr, cfg.run.seed)
-            runs[side].append(out)
-            print(f"[{r}] {side}: {out['train_samples_per_s']:,.0f} samples/s, AUC {out['overall']}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.repeats):
+            for side in (["msrec_dist", "torch_rechub"] if r % 2 == 0 else ["torch_rechub", "msrec_dist"]):
+                out_json = os.path.join(tmp, f"{side}_{r}.json")
+                subprocess.run([sys.executable, "-m", "benchmarks.peer", "--one", side, "--one-json", out_json,
+                                "--rows", str(a.rows), "--eval-rows", str(a.eval_rows), "--epochs", str(a.epochs),
+                                "--batch-size", str(a.batch_size), "--rechub-dir", a.rechub_dir],
+                               cwd=P.REPO, check=True)
+                with open(out_json) as f:
+                    out = json.load(f)
+                runs[side].append(out)
+                print(f"[{r}] {side}: {out['train_samples_per_s']:,.0f} samples/s, AUC {out['overall']}", flush=True)
     for side, outs in runs.items():
         res[side] = max(outs, key=lambda o: o["train_samples_per_s"])
     res["samples_per_s_per_run"] = {side: [o["train_samples_per_s"] for o in outs] for side, outs in runs.items()}
