@@ -158,6 +158,7 @@ class _RowReader:
         self.cfg, self.index = cfg, index
         self.starts = index.starts
         self.columns = cfg.columns()
+        self.kjt_keys = cfg.kjt_keys  # once, not per batch
         self._file: tuple[int, object] | None = None  # (file index, ParquetFile)
         self._chunk: tuple[int, int, _Chunk] | None = None  # (file index, row group, chunk)
 
@@ -192,13 +193,13 @@ class _RowReader:
     def read(self, ranges: list[Range]) -> Batch:
         pieces = list(self._pieces(ranges))
         lengths, values = [], []
-        for k in range(len(self.cfg.sparse)):  # KJT key order (cfg.kjt_keys)
+        for k in range(len(self.kjt_keys)):  # KJT key order
             for c, lo, hi, _ in pieces:
                 off = c.offsets[k]
                 lengths.append(np.diff(off[lo:hi + 1]))
                 values.append(c.values[k][off[lo]:off[hi]])
         sparse = KeyedJaggedTensor(
-            keys=self.cfg.kjt_keys,
+            keys=self.kjt_keys,
             values=torch.from_numpy(np.concatenate(values)),  # [sum of bag sizes] int64
             lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),  # [F * B] int32
         )
