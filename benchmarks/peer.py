@@ -202,9 +202,6 @@ def main(argv: list[str] | None = None) -> None:
         sys.path.insert(0, a.rechub_dir)
     import torch_rechub  # noqa: F401  (fail early with the install command in the docstring)
 
-    from msrec_dist.config import load_experiment
-    from msrec_dist.data.schema import load_data_config
-
     data_path = P.ensure_data(rows=a.rows, eval_rows=a.eval_rows)
     if a.one:
         with open(a.one_json, "w") as f:
