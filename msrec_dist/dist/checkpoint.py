@@ -96,6 +96,10 @@ def save_checkpoint(root: str, state: TrainState, progress: Progress, ctx: DistC
 def load_checkpoint(path: str, state: TrainState, ctx: DistContext) -> Progress:
     """Load model, optimizers, scheduler and progress (resharding as needed); returns progress."""
     saved_keys = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
+    # Adam creates its moments at its first step; DCP loads in place only the keys the state dict
+    # has, so without them a resumed run restarted the dense optimizer from zero moments. A step
+    # on zero gradients creates them (the weights it could touch are loaded right after).
+    state.dense_optimizer.init_state()
     full = _state(state, Progress(), ctx.rank)
     rng_key = f"rng.rank{ctx.rank}"
     if not any(k == rng_key or k.startswith(rng_key + ".") for k in saved_keys):
@@ -106,6 +110,17 @@ def load_checkpoint(path: str, state: TrainState, ctx: DistContext) -> Progress:
     if rng_key in full:
         torch.set_rng_state(full[rng_key])
     progress = Progress(**dict(zip(_PROGRESS_FIELDS, full["progress"].tolist())))
-    state.scheduler.last_epoch = progress.step
-    state.scheduler._step_count = progress.step + 1
+    restore_schedule(state.scheduler, progress.step)
     return progress
+
+
+def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """The LambdaLR schedule after `step` optimizer steps: its counter and the learning rate in
+    every param group, which the next step uses (the optimizers' state dicts carry no
+    param_groups, so without this the first resumed step ran at the schedule's step-0 rate)."""
+    scheduler.last_epoch = step
+    scheduler._step_count = step + 1
+    lrs = [base * factor(step) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs

@@ -6,7 +6,8 @@
        some out      → ranks without data run an empty batch (B = 0) so collectives match
        any failed    → every rank raises the same DataError (file, column, row)
     model(batch) → (loss, (loss, logits, labels)); loss.backward() runs the fused sparse
-    optimizer; dense grads are clipped, the dense optimizer and LR schedule step.
+    optimizer; the replicated tables' optimizer steps; dense grads are clipped, the dense
+    optimizer and LR schedule step.
 
 One small all_reduce per step carries the agreement; it is also the step's only host sync
 besides the logged loss.
@@ -134,10 +135,11 @@ class FlatGrads:
 
 
 class DenseStep:
-    """The optimizer step after backward: clip dense grads, dense optimizer, LR schedule.
+    """The optimizer step after backward: replicated tables' optimizer, clip dense grads, dense
+    optimizer, LR schedule.
 
-    The sparse optimizer already ran inside backward (fused). Has the `zero_grad`/`step`
-    interface torchrec's train pipelines call.
+    The model-parallel tables' sparse optimizer already ran inside backward (fused). Has the
+    `zero_grad`/`step` interface torchrec's train pipelines call.
     """
 
     def __init__(self, state: TrainState, grad_clip: float) -> None:
@@ -149,8 +151,12 @@ class DenseStep:
             self.flat.buffer.zero_()
         else:
             self.state.dense_optimizer.zero_grad(set_to_none=set_to_none)
+        if self.state.replicated_optimizer is not None:
+            self.state.replicated_optimizer.zero_grad()
 
     def step(self) -> None:
+        if self.state.replicated_optimizer is not None:  # sparse: not clipped, as the fused tables
+            self.state.replicated_optimizer.step()
         if self.grad_clip > 0:
             if self.flat.bound():
                 self.flat.clip_(self.grad_clip)

@@ -5,6 +5,8 @@
       ──plan_sharding──► ShardingPlan ──DistributedModelParallel──► DMP
       ──init_embeddings (deterministic per row block, independent of the sharding)──►
     world of one: FieldEmbedding.local_lookup = the sharded EBC's kernel (dist/local_lookup.py)
+    replicated (data_parallel) tables: unscaled field gradients + ReplicatedTableOptimizer
+        (dist/replicated.py), stepped after backward with the dense optimizer
     dense optimizer (Adam by default) over every other parameter, + LR schedule
 
 Embedding rows are initialised from a generator seeded by (seed, table, row block), so the
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -30,7 +33,8 @@ from msrec_dist.config import ExperimentConfig, TrainConfig
 from msrec_dist.data.schema import DataConfig
 from msrec_dist.dist.context import DistContext
 from msrec_dist.dist.local_lookup import find_kernel_lookup
-from msrec_dist.dist.sharding import build_topology, device_type, plan_sharding
+from msrec_dist.dist.replicated import REPLICATED_OPTIMIZERS, ReplicatedTableOptimizer
+from msrec_dist.dist.sharding import build_topology, device_type, plan_sharding, replicated_tables
 from msrec_dist.model.zoo import MultiScenarioModel, MultiTaskTrainModule
 
 SPARSE_OPTIMIZERS = {
@@ -64,6 +68,7 @@ class TrainState:
     dense_params: list[nn.Parameter]
     plan: ShardingPlan
     local_lookup: bool = False  # the embedding calls the sharded EBC's kernel directly (world of one)
+    replicated_optimizer: Optional[ReplicatedTableOptimizer] = None  # the data_parallel tables' (if any)
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -131,19 +136,28 @@ def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext,
     apply_optimizer_in_backward(SPARSE_OPTIMIZERS[t.sparse_optimizer],
                                 module.model.embedding.ebc.parameters(), sparse_kwargs)
     topology = build_topology(ctx.world_size, ctx.local_world_size, device_type(ctx.device), cfg.sharding)
-    plan = plan_sharding(module, topology, cfg.sharding, dist.group.WORLD)
+    plan = plan_sharding(module, topology, cfg.sharding, dist.group.WORLD,
+                         replicate=t.sparse_optimizer in REPLICATED_OPTIMIZERS)
     dmp = DistributedModelParallel(module, device=ctx.device, plan=plan, data_parallel_wrapper=DenseDataParallel())
     init_embeddings(dmp, data, cfg.run.seed)
     embedding = dmp.module.model.embedding
     if ctx.world_size == 1 and cfg.train.pipeline != "sparse_dist":  # a pipeline must find the sharded EBC
         embedding.local_lookup = find_kernel_lookup(embedding.ebc, data.kjt_keys)
+    replicated = replicated_tables(plan)
+    embedding.replicate(replicated)
     named_dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    table_of = {f"model.embedding.ebc.embedding_bags.{name}.weight": name for name in sorted(replicated)}
+    replicated_optimizer = (ReplicatedTableOptimizer({k: named_dense.pop(k) for k in table_of}, table_of,
+                                                     t.sparse_optimizer, t.sparse_lr) if replicated else None)
     dense_cls = DENSE_OPTIMIZERS[t.dense_optimizer]
     # fused=True: one kernel over all dense parameters (CPU and CUDA) instead of a loop of small
     # ops per tensor; measured on the ple model (15 tensors, 65k values): Adam step 0.35 ms vs 1.2 ms.
     dense = KeyedOptimizerWrapper(named_dense, lambda params: dense_cls(params, lr=t.dense_lr,
                                                                          weight_decay=t.weight_decay, fused=True))
-    optimizer = CombinedOptimizer([("sparse", dmp.fused_optimizer), ("dense", dense)])
+    # The replicated tables' optimizer shares the fused one's "sparse" prefix and state layout, so
+    # checkpoints name a table's optimizer state the same in either layout.
+    sparse = [("sparse", dmp.fused_optimizer)] + ([("sparse", replicated_optimizer)] if replicated_optimizer else [])
+    optimizer = CombinedOptimizer(sparse + [("dense", dense)])
     scheduler = torch.optim.lr_scheduler.LambdaLR(dense._optimizer, lr_lambda(t, total_steps))
     return TrainState(dmp, optimizer, dense, scheduler, list(named_dense.values()), plan,
-                      local_lookup=embedding.local_lookup is not None)
+                      local_lookup=embedding.local_lookup is not None, replicated_optimizer=replicated_optimizer)

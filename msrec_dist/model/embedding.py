@@ -33,13 +33,15 @@ from msrec_dist.model.star import scenario_onehot
 PooledLookup = Callable[[KeyedJaggedTensor], torch.Tensor]  # KJT → [B, F_s * D], fields in KJT key order
 
 
-def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Identity forward, gradient multiplied by `scale` (FX-traceable: no autograd.Function).
+def scale_grad(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
+    """Identity forward, gradient multiplied by `scale` (a float, or a tensor broadcast against x;
+    FX-traceable: no autograd.Function).
 
-    Model-parallel embedding gradients are summed over ranks while DDP averages dense ones;
-    scaling the pooled-embedding gradient by 1/world_size makes both the global-batch mean.
+    Model-parallel embedding gradients are summed over ranks while DDP averages dense ones (and
+    replicated tables'); scaling the model-parallel fields' gradient by 1/world_size makes all of
+    them the global-batch mean.
     """
-    if scale == 1.0:
+    if isinstance(scale, float) and scale == 1.0:
         return x
     return x * scale + x.detach() * (1.0 - scale)
 
@@ -74,12 +76,26 @@ class FieldEmbedding(nn.Module):
         self.register_buffer("is_mean", torch.tensor([pooling[f] == "mean" for f in self.field_names]),
                              persistent=False)
         self.num_sparse = len(self.field_names)
-        self.grad_scale = grad_scale
+        self.field_tables = [f.table for f in data.kjt_features()]  # in field_names order
+        # Per sparse field [F_s, 1]: 1/world for model-parallel tables, 1 for replicated ones (see
+        # replicate); grad_scale_value is the float when every field has the same scale.
+        self.register_buffer("grad_scale", torch.full((self.num_sparse, 1), grad_scale), persistent=False)
+        self.grad_scale_value: Optional[float] = grad_scale
         num_dense = len(data.dense_names)
         self.dense_weight = nn.Parameter(torch.randn(num_dense, self.dim) * 0.1)  # [N_d, D]
         self.dense_bias = nn.Parameter(torch.zeros(num_dense, self.dim))  # [N_d, D]
         self.scenario_emb = nn.Embedding(data.num_scenarios, self.dim) if scenario_field else None
         self.num_fields = len(self.field_names) + num_dense + (1 if scenario_field else 0)
+
+    @torch.no_grad()
+    def replicate(self, tables: set[str]) -> None:
+        """Fields of replicated (data_parallel) tables keep their gradient unscaled: DDP averages
+        it over ranks, where a model-parallel table's is summed (and so scaled by 1/world)."""
+        for i, table in enumerate(self.field_tables):
+            if table in tables:
+                self.grad_scale[i] = 1.0
+        values = set(self.grad_scale.flatten().tolist())
+        self.grad_scale_value = values.pop() if len(values) == 1 else None
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
         batch_size = dense.size(0)
@@ -91,7 +107,7 @@ class FieldEmbedding(nn.Module):
         else:
             by_name = self.ebc(sparse).to_dict()  # {feature: [B, D]}
             pooled = torch.stack([by_name[f] for f in self.field_names], dim=1)  # [B, F_s, D]
-        pooled = scale_grad(pooled, self.grad_scale)
+        pooled = scale_grad(pooled, self.grad_scale if self.grad_scale_value is None else self.grad_scale_value)
         lengths = sparse.lengths().view(self.num_sparse, batch_size)  # [F_s, B]
         divisor = torch.where(self.is_mean.unsqueeze(1), lengths.clamp(min=1), torch.ones_like(lengths))
         pooled = pooled / divisor.t().unsqueeze(2).to(pooled.dtype)  # [B, F_s, D]

@@ -32,20 +32,49 @@ def train(nproc: int, data: str, run_dir: str, sets: list[str] = (), resume: boo
                           capture_output=True, text=True, timeout=timeout)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children first found, then theirs), from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launcher and every process under it. torchrun starts each worker in a session of
+    its own, so killing the launcher's process group alone leaves the workers training on."""
+    for pid in [*descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
 def train_and_kill(nproc: int, data: str, run_dir: str, sets: list[str], kill_when: str,
                    timeout: float = 300) -> bool:
-    """Start a run, SIGKILL its whole process group once `kill_when` exists; True if killed."""
+    """Start a run, SIGKILL the launcher and all its workers once `kill_when` exists; True if killed."""
     proc = subprocess.Popen(command(nproc, data, run_dir, list(sets)), cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if os.path.exists(kill_when):
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_tree(proc)
             return True
         time.sleep(0.05)
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc)
     return False
 
 

@@ -25,4 +25,5 @@ def test_torchx_local_cwd_two_ranks(synth_data, tmp_path):
     result = json.loads((run_dir / "final_metrics.json").read_text())
     assert result["world_size"] == 2 and result["steps"] == 5
     plan = json.loads((run_dir / "plan.json").read_text())["model.embedding.ebc"]
-    assert {t["sharding_type"] for t in plan.values()} == {"table_wise"}
+    # the synthetic tables are all under sharding.replicate_max_mb (1 MB): replicated on both ranks
+    assert {t["sharding_type"] for t in plan.values()} == {"data_parallel"}

@@ -21,7 +21,7 @@ def _state(model: nn.Module, lr: float = 0.01) -> SimpleNamespace:
     params = list(model.parameters())
     opt = torch.optim.Adam(params, lr=lr, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    return SimpleNamespace(dense_params=params, dense_optimizer=opt, scheduler=sched)
+    return SimpleNamespace(dense_params=params, dense_optimizer=opt, scheduler=sched, replicated_optimizer=None)
 
 
 def _batches(n: int = 6):

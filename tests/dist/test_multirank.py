@@ -1,16 +1,22 @@
 """Distributed training on 2 gloo ranks (torchrun): equivalence with 1 rank, SIGKILL + exact
-resume, resume on another world size, uneven ranks, a bad shard stopping every rank."""
+resume, resume on another world size (each with the tables replicated and table_wise), uneven
+ranks, a bad shard stopping every rank."""
 import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from msrec_dist.data.synth import generate
-from tests.dist.launch import auc_cells, errors, losses, metrics, train, train_and_kill
+from tests.dist.launch import REPO, TINY_MODEL, auc_cells, errors, losses, metrics, train, train_and_kill
 
 pytestmark = pytest.mark.dist
 STEPS = 40  # interleave, 8k rows, local batch 256 on 2 ranks: 16 steps per epoch
@@ -24,10 +30,20 @@ def data(tmp_path_factory) -> str:
                     users=500, items=300)
 
 
+# The two layouts of the tables on 2 ranks: replicated (data_parallel, the default for tables
+# this small) and table_wise (model-parallel, what bigger tables get).
+LAYOUTS = {"replicated": [], "table_wise": ["sharding.replicate_max_mb=0"]}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def two_rank_run(data, tmp_path_factory) -> str:
-    run_dir = str(tmp_path_factory.mktemp("two_rank"))
-    proc = train(2, data, run_dir, CKPT)
+def two_rank_run(data, layout, tmp_path_factory) -> str:
+    run_dir = str(tmp_path_factory.mktemp(f"two_rank_{layout}"))
+    proc = train(2, data, run_dir, CKPT + LAYOUTS[layout])
     assert proc.returncode == 0, errors(proc)
     return run_dir
 
@@ -38,8 +54,11 @@ def assert_same_metrics(a: dict, b: dict, tol: float) -> None:
         assert abs(ca[key] - cb[key]) <= tol, (key, ca[key], cb[key])
 
 
-def test_two_ranks_match_one_rank_losses(data, tmp_path):
-    """Same global batch (512 = 2 x 256) and seed: the first 20 losses agree within 1e-4.
+@pytest.mark.parametrize("two_layout", list(LAYOUTS))
+def test_two_ranks_match_one_rank_losses(data, tmp_path, two_layout):
+    """Same global batch (512 = 2 x 256) and seed: the first 20 losses agree within 1e-4, with
+    the tables replicated (their gradients averaged by DDP) or table_wise (summed over ranks by
+    the all-to-all, scaled by 1/world).
 
     SGD for the sparse and the dense parameters here, for two reasons. A wrong gradient scale
     (e.g. a missing 1/world_size) shows under SGD but Adam's normalisation would hide it. And
@@ -49,8 +68,8 @@ def test_two_ranks_match_one_rank_losses(data, tmp_path):
     sets = ["train.max_steps=20", "train.epochs=3", "train.sparse_optimizer=sgd", "train.dense_optimizer=sgd",
             "train.dense_lr=0.05"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    for nproc, run_dir, batch in ((1, one, 512), (2, two, 256)):
-        proc = train(nproc, data, run_dir, sets + [f"reader.batch_size={batch}"])
+    for nproc, run_dir, batch, layout in ((1, one, 512, []), (2, two, 256, LAYOUTS[two_layout])):
+        proc = train(nproc, data, run_dir, sets + [f"reader.batch_size={batch}"] + layout)
         assert proc.returncode == 0, errors(proc)
     two_losses, one_losses = losses(two), losses(one)
     assert len(one_losses) == len(two_losses) == 20
@@ -58,36 +77,88 @@ def test_two_ranks_match_one_rank_losses(data, tmp_path):
     np.testing.assert_allclose(two_losses, one_losses, rtol=0, atol=1e-4)
 
 
-def test_plan_saved_and_table_wise(two_rank_run):
+def test_plan_saved_in_the_layout_asked(two_rank_run, layout):
     import json
     with open(os.path.join(two_rank_run, "plan.json")) as f:
         plan = json.load(f)["model.embedding.ebc"]
-    assert {t["sharding_type"] for t in plan.values()} <= {"table_wise", "data_parallel"}
-    assert {r for t in plan.values() if t["sharding_type"] == "table_wise" for r in t["ranks"]} == {0, 1}
+    if layout == "replicated":  # every table here is far under replicate_max_mb
+        assert {t["sharding_type"] for t in plan.values()} == {"data_parallel"}
+    else:
+        assert {t["sharding_type"] for t in plan.values()} == {"table_wise"}
+        assert {r for t in plan.values() for r in t["ranks"]} == {0, 1}
 
 
-def test_sigkill_then_resume_matches_uninterrupted(data, two_rank_run, tmp_path):
+def test_sigkill_then_resume_matches_uninterrupted(data, two_rank_run, layout, tmp_path):
     run_dir = str(tmp_path / "killed")
-    killed = train_and_kill(2, data, run_dir, CKPT, kill_when=os.path.join(run_dir, "checkpoints", "step_16"))
+    sets = CKPT + LAYOUTS[layout]
+    killed = train_and_kill(2, data, run_dir, sets, kill_when=os.path.join(run_dir, "checkpoints", "step_16"))
     assert killed, "the run ended before it could be killed"
     assert not os.path.exists(os.path.join(run_dir, "final_metrics.json"))
-    proc = train(2, data, run_dir, CKPT, resume=True)
+    proc = train(2, data, run_dir, sets, resume=True)
     assert proc.returncode == 0, errors(proc)
-    assert "resumed from" in proc.stdout + proc.stderr
+    assert 16 <= resumed_step(proc) < STEPS  # the kill landed mid-run, not after the last checkpoint
     resumed, full = metrics(run_dir), metrics(two_rank_run)
     assert resumed["steps"] == full["steps"] == STEPS
     assert_same_metrics(resumed, full, 1e-6)
 
 
 def test_one_rank_sigkill_then_resume_is_bitwise(data, tmp_path):
-    sets = ["train.checkpoint_every=5", "train.max_steps=20", "reader.batch_size=512"]
+    sets = ["train.checkpoint_every=5", "train.max_steps=40", "train.epochs=3", "reader.batch_size=512"]
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     proc = train(1, data, full, sets)
     assert proc.returncode == 0, errors(proc)
     assert train_and_kill(1, data, killed, sets, kill_when=os.path.join(killed, "checkpoints", "step_10"))
     proc = train(1, data, killed, sets, resume=True)
     assert proc.returncode == 0, errors(proc)
+    step = resumed_step(proc)
+    assert 10 <= step < 40  # the kill landed mid-run
+    assert losses(killed)[-(40 - step):] == losses(full)[step:]
     assert auc_cells(metrics(killed)) == auc_cells(metrics(full))
+
+
+def resumed_step(proc: subprocess.CompletedProcess) -> int:
+    m = re.search(r"resumed from \S+ at step (\d+)", proc.stdout + proc.stderr)
+    assert m, errors(proc)
+    return int(m.group(1))
+
+
+def test_resume_from_a_mid_run_checkpoint_is_bitwise(data, two_rank_run, layout, tmp_path):
+    """Resumed from its step-16 checkpoint, a run's next 24 losses are the uninterrupted run's,
+    bit for bit (weights, both optimizers' state, the LR schedule, RNG and reader position)."""
+    run_dir = str(tmp_path / "resumed")
+    os.makedirs(os.path.join(run_dir, "checkpoints"))
+    shutil.copytree(os.path.join(two_rank_run, "checkpoints", "step_16"),
+                    os.path.join(run_dir, "checkpoints", "step_16"))
+    proc = train(2, data, run_dir, CKPT + LAYOUTS[layout], resume=True)
+    assert proc.returncode == 0, errors(proc)
+    assert resumed_step(proc) == 16
+    resumed, full = losses(run_dir), losses(two_rank_run)[16:]
+    assert len(resumed) == len(full) == STEPS - 16
+    assert resumed == full
+
+
+def test_checkpoint_loads_into_the_other_layout(data, two_rank_run, layout, tmp_path):
+    """The step-16 checkpoint of one layout, loaded by 2 ranks in the other (replicated <->
+    table_wise), gives every table exactly its saved weights and row-wise Adagrad state."""
+    other = next(name for name in LAYOUTS if name != layout)
+    ckpt, out = os.path.join(two_rank_run, "checkpoints", "step_16"), str(tmp_path / "loaded")
+    sets = [*TINY_MODEL, *CKPT, *LAYOUTS[other], f"run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "tests/dist/layout_worker.py", ckpt, out, "--data", data, "--set", *sets],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, errors(proc)
+    loaded = {t: v for r in (0, 1) for t, v in torch.load(os.path.join(out, f"rank{r}.pt")).items()}
+    dcp_to_torch_save(ckpt, str(tmp_path / "saved.pt"))
+    saved = torch.load(str(tmp_path / "saved.pt"), weights_only=False)
+    prefix = "model.embedding.ebc.embedding_bags."
+    tables = sorted(k[len(prefix):].rsplit(".", 1)[0] for k in saved["model"] if k.startswith(prefix))
+    assert sorted(loaded) == tables
+    for table in tables:
+        key = f"{prefix}{table}.weight"
+        momentum = saved["optim"]["state"][f"sparse.{key}"][f"{table}.momentum1"]
+        assert momentum.abs().sum() > 0
+        assert torch.equal(loaded[table]["weight"], saved["model"][key]), table
+        assert torch.equal(loaded[table]["momentum1"], momentum), table
 
 
 def test_two_ranks_two_workers_read_every_row_once(data, tmp_path):
@@ -100,7 +171,8 @@ def test_two_ranks_two_workers_read_every_row_once(data, tmp_path):
 
 
 def test_resume_on_one_rank_loads_the_same_weights(data, two_rank_run, tmp_path):
-    """A 2-rank checkpoint at the last step, evaluated by 1 rank, gives the 2-rank metrics."""
+    """A 2-rank checkpoint at the last step, evaluated by 1 rank, gives the 2-rank metrics (the
+    replicated layout's checkpoint loads into the one rank's fused tables, optimizer state included)."""
     run_dir = str(tmp_path / "one_rank")
     shutil.copytree(os.path.join(two_rank_run, "checkpoints"), os.path.join(run_dir, "checkpoints"))
     proc = train(1, data, run_dir, CKPT[:-1] + ["reader.batch_size=512"], resume=True)

@@ -7,7 +7,8 @@ import torch
 
 from msrec_dist.config import ModelConfig, ShardingConfig, TableConstraint
 from msrec_dist.data.schema import DataConfig, ScenarioSpec, SparseFeature, TaskSpec
-from msrec_dist.dist.sharding import build_topology, plan_sharding, plan_to_json
+from msrec_dist.dist.sharding import build_constraints, build_topology, plan_sharding, plan_to_json
+from msrec_dist.typed_yaml import ConfigError
 from msrec_dist.model.zoo import MultiScenarioModel, MultiTaskTrainModule
 
 HBM_GB = 16.0
@@ -65,3 +66,40 @@ def test_yaml_constraint_is_obeyed():
     cfg = ShardingConfig(hbm_gb=HBM_GB, constraints={"item": TableConstraint(sharding_types=["column_wise"])})
     plan = plan_to_json(plan_sharding(meta_model(), build_topology(16, 8, "cuda", cfg), cfg))
     assert plan["model.embedding.ebc"]["item"]["sharding_type"] == "column_wise"
+
+
+TABLES = {"user": 8 << 20, "item": 512 << 10, "category": 4 << 10}  # bytes
+
+
+def _types(constraints) -> dict[str, list[str]]:
+    return {t: c.sharding_types for t, c in constraints.items()}
+
+
+def test_small_tables_are_replicated_on_more_than_one_rank():
+    cfg = ShardingConfig()  # replicate_max_mb = 1
+    assert _types(build_constraints(cfg, TABLES, "cpu", world_size=2)) == {
+        "user": ["table_wise"], "item": ["data_parallel"], "category": ["data_parallel"]}
+    # a world of one keeps the fused kernel (and its local lookup): nothing to replicate across
+    assert all(t == ["table_wise"] for t in _types(build_constraints(cfg, TABLES, "cpu", world_size=1)).values())
+    # 0 turns the rule off; so does a sparse optimizer with no replicated form
+    assert all(t == ["table_wise"] for t in _types(build_constraints(ShardingConfig(replicate_max_mb=0), TABLES,
+                                                                     "cpu", world_size=2)).values())
+    assert all(t == ["table_wise"] for t in _types(build_constraints(cfg, TABLES, "cpu", world_size=2,
+                                                                     replicate=False)).values())
+
+
+def test_constraints_override_the_size_rule():
+    cfg = ShardingConfig(constraints={"item": TableConstraint(sharding_types=["table_wise"]),
+                                      "user": TableConstraint(sharding_types=["data_parallel"])})
+    types = _types(build_constraints(cfg, TABLES, "cpu", world_size=2))
+    assert types["item"] == ["table_wise"] and types["user"] == ["data_parallel"]
+    with pytest.raises(ConfigError, match=r"user.*data_parallel.*rowwise_adagrad or sgd"):
+        build_constraints(cfg, TABLES, "cpu", world_size=2, replicate=False)
+
+
+def test_cpu_plan_on_two_ranks_replicates_small_tables():
+    data = dataclasses.replace(scaled_data(), sparse=[dataclasses.replace(f, num_embeddings=1000, dim=16)
+                                                      for f in scaled_data().sparse])
+    model = MultiTaskTrainModule(MultiScenarioModel(ModelConfig(), data, embedding_device=torch.device("meta")), [])
+    plan = plan_to_json(plan_sharding(model, build_topology(2, 2, "cpu", ShardingConfig()), ShardingConfig()))
+    assert {t["sharding_type"] for t in plan["model.embedding.ebc"].values()} == {"data_parallel"}

@@ -89,6 +89,26 @@ def test_grad_scale_scales_only_embedding_table_gradients(model_data, batch4):
             torch.testing.assert_close(g2[name], g1[name])
 
 
+def test_replicated_tables_keep_their_gradient_unscaled(model_data, batch4):
+    """replicate({"user"}) on a grad_scale 0.5 embedding: the user table's gradient is the
+    unscaled one (DDP averages it), the model-parallel item table's is halved; forward unchanged."""
+    grads = {}
+    for scale, replicated in ((1.0, set()), (0.5, {"user"})):
+        emb = _embedding(model_data, grad_scale=scale)
+        emb.replicate(replicated)
+        fields = _fields(emb, batch4)
+        fields.pow(2).sum().backward()
+        grads[scale] = ({n: p.grad.clone() for n, p in emb.named_parameters()}, fields.detach())
+    (g1, f1), (g2, f2) = grads[1.0], grads[0.5]
+    torch.testing.assert_close(f2, f1, rtol=0, atol=0)
+    assert g1["ebc.embedding_bags.user.weight"].abs().sum() > 0
+    torch.testing.assert_close(g2["ebc.embedding_bags.user.weight"], g1["ebc.embedding_bags.user.weight"])
+    torch.testing.assert_close(g2["ebc.embedding_bags.item.weight"], 0.5 * g1["ebc.embedding_bags.item.weight"])
+    emb = _embedding(model_data, grad_scale=0.5)
+    emb.replicate({"user", "item"})
+    assert emb.grad_scale_value == 1.0  # every field replicated: the float fast path
+
+
 def test_eager_and_fx_traced(model_data, batch4):
     emb = _embedding(model_data)
     traced = symbolic_trace(emb)
