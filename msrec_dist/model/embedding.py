@@ -35,15 +35,25 @@ PooledLookup = Callable[[KeyedJaggedTensor], torch.Tensor]  # KJT → [B, F_s * 
 
 def scale_grad(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     """Identity forward, gradient multiplied by `scale` (a float, or a tensor broadcast against x;
-    FX-traceable: no autograd.Function).
-
-    Model-parallel embedding gradients are summed over ranks while DDP averages dense ones (and
-    replicated tables'); scaling the model-parallel fields' gradient by 1/world_size makes all of
-    them the global-batch mean.
-    """
+    FX-traceable: no autograd.Function)."""
     if isinstance(scale, float) and scale == 1.0:
         return x
     return x * scale + x.detach() * (1.0 - scale)
+
+
+def model_parallel_grad_scale(world_size: int) -> float:
+    """The gradient scale of fields from model-parallel tables, so that every gradient is the
+    global-batch mean (DDP averages the dense and the replicated tables' gradients over ranks).
+
+    A model-parallel table's rows get the sum over ranks of their pooled-embedding gradients,
+    which torchrec's backward all-to-all already divides by the world size (comm_ops gradient
+    division, on by default): no scale then. Only with that division turned off do they need
+    1/world_size here. (Until this was found, the fields were scaled by 1/world_size on top of
+    torchrec's division: model-parallel embedding updates were 1/world of the 1-rank ones.)
+    """
+    from torchrec.distributed.comm_ops import get_gradient_division
+
+    return 1.0 if world_size == 1 or get_gradient_division() else 1.0 / world_size
 
 
 def embedding_dim(data: DataConfig) -> int:
@@ -77,8 +87,8 @@ class FieldEmbedding(nn.Module):
                              persistent=False)
         self.num_sparse = len(self.field_names)
         self.field_tables = [f.table for f in data.kjt_features()]  # in field_names order
-        # Per sparse field [F_s, 1]: 1/world for model-parallel tables, 1 for replicated ones (see
-        # replicate); grad_scale_value is the float when every field has the same scale.
+        # Per sparse field [F_s, 1]: model_parallel_grad_scale for model-parallel tables, 1 for
+        # replicated ones (see replicate); grad_scale_value is the float when all are the same.
         self.register_buffer("grad_scale", torch.full((self.num_sparse, 1), grad_scale), persistent=False)
         self.grad_scale_value: Optional[float] = grad_scale
         num_dense = len(data.dense_names)
@@ -90,7 +100,7 @@ class FieldEmbedding(nn.Module):
     @torch.no_grad()
     def replicate(self, tables: set[str]) -> None:
         """Fields of replicated (data_parallel) tables keep their gradient unscaled: DDP averages
-        it over ranks, where a model-parallel table's is summed (and so scaled by 1/world)."""
+        it over ranks (see model_parallel_grad_scale for the model-parallel ones)."""
         for i, table in enumerate(self.field_tables):
             if table in tables:
                 self.grad_scale[i] = 1.0
