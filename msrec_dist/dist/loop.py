@@ -171,8 +171,9 @@ def train_step(state: TrainState, batch: Batch, global_rows: int, world_size: in
     """One optimizer step; returns this rank's share of the global-batch mean loss × world_size.
 
     The module's loss is the local mean; rescaling it by local_rows · world / global_rows makes
-    DDP's average (and torchrec's 1/world division of model-parallel embedding gradients) the exact global-batch mean even
-    when ranks hold different numbers of rows (last batch, uneven files).
+    DDP's average (and torchrec's 1/world division of model-parallel embedding gradients) the
+    exact global-batch mean even when ranks hold different numbers of rows (last batch, uneven
+    files).
     """
     if not state.model.training:  # Module.train() walks every submodule: ~0.2 ms, not every step
         state.model.train()
