@@ -43,7 +43,8 @@ def test_same_updates_as_the_fused_kernel(kind, fused):
         indices, offsets = _bags(step)
         upstream = torch.randn(6, D)
         tbe(indices, offsets).backward(upstream)  # the fused kernel updates in backward
-        F.embedding_bag(indices, weight, offsets, mode="sum", include_last_offset=True).backward(upstream)  # dense gradient
+        dense = F.embedding_bag(indices, weight, offsets, mode="sum", include_last_offset=True)
+        dense.backward(upstream)  # a dense gradient, for the replicated optimizer
         opt.step()
         opt.zero_grad()
     fused_w = tbe.split_embedding_weights()[0]
