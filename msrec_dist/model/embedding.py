@@ -100,7 +100,8 @@ class FieldEmbedding(nn.Module):
     @torch.no_grad()
     def replicate(self, tables: set[str]) -> None:
         """Fields of replicated (data_parallel) tables keep their gradient unscaled: DDP averages
-        it over ranks (see model_parallel_grad_scale for the model-parallel ones)."""
+        it over ranks. (With torchrec's gradient division on, the default, model-parallel fields
+        are unscaled too and this changes nothing; see model_parallel_grad_scale.)"""
         for i, table in enumerate(self.field_tables):
             if table in tables:
                 self.grad_scale[i] = 1.0
