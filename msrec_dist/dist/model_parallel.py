@@ -34,7 +34,8 @@ from msrec_dist.data.schema import DataConfig
 from msrec_dist.dist.context import DistContext
 from msrec_dist.dist.local_lookup import find_kernel_lookup
 from msrec_dist.dist.replicated import REPLICATED_OPTIMIZERS, ReplicatedTableOptimizer
-from msrec_dist.dist.sharding import build_topology, device_type, plan_sharding, replicated_tables
+from msrec_dist.dist.sharding import (build_topology, device_type, model_parallel_grad_scale, plan_sharding,
+                                     replicated_tables)
 from msrec_dist.model.zoo import MultiScenarioModel, MultiTaskTrainModule
 
 SPARSE_OPTIMIZERS = {
@@ -112,14 +113,18 @@ def fill_table_shard(out: torch.Tensor, row0: int, col0: int, num_rows: int, dim
         r += take
 
 
+def table_name(key: str) -> str:
+    """The table of an EBC weight's state_dict / parameter key ("...embedding_bags.<table>.weight"), else ""."""
+    return key.split(".embedding_bags.")[1].rsplit(".", 1)[0] if ".embedding_bags." in key else ""
+
+
 @torch.no_grad()
 def init_embeddings(dmp: DistributedModelParallel, data: DataConfig, seed: int) -> None:
     """Deterministic init of every local shard of every embedding table."""
     tables = {t.name: (i, t) for i, t in enumerate(data.tables())}
     for key, value in dmp.state_dict().items():
-        if ".embedding_bags." not in key:
+        if not (name := table_name(key)):
             continue
-        name = key.split(".embedding_bags.")[1].rsplit(".", 1)[0]
         index, table = tables[name]
         if hasattr(value, "local_shards"):  # ShardedTensor
             for shard in value.local_shards():
@@ -143,12 +148,12 @@ def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext,
     embedding = dmp.module.model.embedding
     if ctx.world_size == 1 and cfg.train.pipeline != "sparse_dist":  # a pipeline must find the sharded EBC
         embedding.local_lookup = find_kernel_lookup(embedding.ebc, data.kjt_keys)
-    replicated = replicated_tables(plan)
-    embedding.replicate(replicated)
+    embedding.set_grad_scales(model_parallel_grad_scale(ctx.world_size), replicated_tables(plan))
     named_dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    table_of = {f"model.embedding.ebc.embedding_bags.{name}.weight": name for name in sorted(replicated)}
+    # the embedding tables left here are the replicated ones (the fused ones optimize in backward)
+    table_of = {key: table_name(key) for key in sorted(named_dense) if table_name(key)}
     replicated_optimizer = (ReplicatedTableOptimizer({k: named_dense.pop(k) for k in table_of}, table_of,
-                                                     t.sparse_optimizer, t.sparse_lr) if replicated else None)
+                                                     t.sparse_optimizer, t.sparse_lr) if table_of else None)
     dense_cls = DENSE_OPTIMIZERS[t.dense_optimizer]
     # fused=True: one kernel over all dense parameters (CPU and CUDA) instead of a loop of small
     # ops per tensor; measured on the ple model (15 tensors, 65k values): Adam step 0.35 ms vs 1.2 ms.

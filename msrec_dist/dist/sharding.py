@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torchrec.distributed.comm_ops import get_gradient_division
 from torchrec.distributed.model_parallel import get_default_sharders
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingPlan
@@ -49,8 +50,8 @@ def build_topology(world_size: int, local_world_size: int, compute_device: str,
 
 
 # Model-parallel sharding types: a row's gradient is the sum over ranks, divided by the world
-# size in torchrec's backward all-to-all (embedding.model_parallel_grad_scale). Replicated
-# (data_parallel) tables are averaged by DDP instead; FieldEmbedding.replicate leaves them unscaled.
+# size in torchrec's backward all-to-all (see model_parallel_grad_scale). Replicated
+# (data_parallel) tables are averaged by DDP instead.
 MODEL_PARALLEL_TYPES = ["table_wise", "row_wise", "table_row_wise", "column_wise", "table_column_wise"]
 REPLICATED = "data_parallel"
 ALLOWED_TYPES = MODEL_PARALLEL_TYPES + [REPLICATED]
@@ -104,6 +105,19 @@ def plan_sharding(model: nn.Module, topology: Topology, cfg: ShardingConfig,
     if group is not None:
         return planner.collective_plan(model, get_default_sharders(), group)
     return planner.plan(model, get_default_sharders())
+
+
+def model_parallel_grad_scale(world_size: int) -> float:
+    """The gradient scale of fields from model-parallel tables, so that every gradient is the
+    global-batch mean (DDP averages the dense and the replicated tables' gradients over ranks).
+
+    A model-parallel table's rows get the sum over ranks of their pooled-embedding gradients,
+    which torchrec's backward all-to-all already divides by the world size (comm_ops gradient
+    division, on by default): no scale then. Only with that division turned off do they need
+    1/world_size. (Until this was found, the fields were scaled by 1/world_size on top of
+    torchrec's division: model-parallel embedding updates were 1/world of the 1-rank ones.)
+    """
+    return 1.0 if world_size == 1 or get_gradient_division() else 1.0 / world_size
 
 
 def replicated_tables(plan: ShardingPlan) -> set[str]:

@@ -41,21 +41,6 @@ def scale_grad(x: torch.Tensor, scale: float | torch.Tensor) -> torch.Tensor:
     return x * scale + x.detach() * (1.0 - scale)
 
 
-def model_parallel_grad_scale(world_size: int) -> float:
-    """The gradient scale of fields from model-parallel tables, so that every gradient is the
-    global-batch mean (DDP averages the dense and the replicated tables' gradients over ranks).
-
-    A model-parallel table's rows get the sum over ranks of their pooled-embedding gradients,
-    which torchrec's backward all-to-all already divides by the world size (comm_ops gradient
-    division, on by default): no scale then. Only with that division turned off do they need
-    1/world_size here. (Until this was found, the fields were scaled by 1/world_size on top of
-    torchrec's division: model-parallel embedding updates were 1/world of the 1-rank ones.)
-    """
-    from torchrec.distributed.comm_ops import get_gradient_division
-
-    return 1.0 if world_size == 1 or get_gradient_division() else 1.0 / world_size
-
-
 def embedding_dim(data: DataConfig) -> int:
     """The one field width D shared by every table (the field stack needs equal widths)."""
     dims = {t.name: t.dim for t in data.tables()}
@@ -87,8 +72,8 @@ class FieldEmbedding(nn.Module):
                              persistent=False)
         self.num_sparse = len(self.field_names)
         self.field_tables = [f.table for f in data.kjt_features()]  # in field_names order
-        # Per sparse field [F_s, 1]: model_parallel_grad_scale for model-parallel tables, 1 for
-        # replicated ones (see replicate); grad_scale_value is the float when all are the same.
+        # Per sparse field [F_s, 1], set by the sharding (set_grad_scales); grad_scale_value is the
+        # float when every field has the same scale.
         self.register_buffer("grad_scale", torch.full((self.num_sparse, 1), grad_scale), persistent=False)
         self.grad_scale_value: Optional[float] = grad_scale
         num_dense = len(data.dense_names)
@@ -98,13 +83,12 @@ class FieldEmbedding(nn.Module):
         self.num_fields = len(self.field_names) + num_dense + (1 if scenario_field else 0)
 
     @torch.no_grad()
-    def replicate(self, tables: set[str]) -> None:
-        """Fields of replicated (data_parallel) tables keep their gradient unscaled: DDP averages
-        it over ranks. (With torchrec's gradient division on, the default, model-parallel fields
-        are unscaled too and this changes nothing; see model_parallel_grad_scale.)"""
+    def set_grad_scales(self, model_parallel: float, replicated: set[str]) -> None:
+        """Fields of model-parallel tables get `model_parallel`, fields of the `replicated`
+        (data_parallel) tables 1: DDP averages those over ranks. msrec_dist.dist.sharding decides
+        the scales (model_parallel_grad_scale)."""
         for i, table in enumerate(self.field_tables):
-            if table in tables:
-                self.grad_scale[i] = 1.0
+            self.grad_scale[i] = 1.0 if table in replicated else model_parallel
         values = set(self.grad_scale.flatten().tolist())
         self.grad_scale_value = values.pop() if len(values) == 1 else None
 

@@ -19,7 +19,7 @@ from msrec_dist.config import ModelConfig
 from msrec_dist.data.batch import Batch
 from msrec_dist.data.schema import DataConfig
 from msrec_dist.model.attention import FieldSelfAttention
-from msrec_dist.model.embedding import FieldEmbedding, model_parallel_grad_scale
+from msrec_dist.model.embedding import FieldEmbedding
 from msrec_dist.model.mixing import BalancedMixing
 from msrec_dist.model.mlp import MLP, StackedMLP
 from msrec_dist.model.ple import PLE
@@ -29,14 +29,12 @@ from msrec_dist.model.star import AuxiliaryNet, StarTrunk, scenario_onehot
 class MultiScenarioModel(nn.Module):
     def __init__(self, cfg: ModelConfig, data: DataConfig, world_size: int = 1,
                  embedding_device: torch.device | None = None) -> None:
-        """world_size > 1 sets the model-parallel embedding gradients' scale
-        (embedding.model_parallel_grad_scale) and makes the partitioned norm use global-batch
-        statistics."""
+        """world_size > 1 makes the partitioned norm use global-batch statistics. (The embedding
+        gradients' scale is the sharding's to set: FieldEmbedding.set_grad_scales.)"""
         super().__init__()
         self.num_scenarios = data.num_scenarios
         self.num_tasks = num_tasks = len(data.task_names)
-        self.embedding = FieldEmbedding(data, cfg.scenario_field, model_parallel_grad_scale(world_size),
-                                        embedding_device)
+        self.embedding = FieldEmbedding(data, cfg.scenario_field, device=embedding_device)
         field_dim = self.embedding.dim
         att = cfg.attention
         self.attention = (FieldSelfAttention(field_dim, att.heads, att.head_dim, att.layers, cfg.kernels)

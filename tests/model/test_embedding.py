@@ -90,12 +90,12 @@ def test_grad_scale_scales_only_embedding_table_gradients(model_data, batch4):
 
 
 def test_replicated_tables_keep_their_gradient_unscaled(model_data, batch4):
-    """replicate({"user"}) on a grad_scale 0.5 embedding: the user table's gradient is the
-    unscaled one (DDP averages it), the model-parallel item table's is halved; forward unchanged."""
+    """set_grad_scales(0.5, {"user"}): the user table's gradient is the unscaled one (DDP
+    averages it), the model-parallel item table's is halved; forward unchanged."""
     grads = {}
     for scale, replicated in ((1.0, set()), (0.5, {"user"})):
-        emb = _embedding(model_data, grad_scale=scale)
-        emb.replicate(replicated)
+        emb = _embedding(model_data)
+        emb.set_grad_scales(scale, replicated)
         fields = _fields(emb, batch4)
         fields.pow(2).sum().backward()
         grads[scale] = ({n: p.grad.clone() for n, p in emb.named_parameters()}, fields.detach())
@@ -104,8 +104,8 @@ def test_replicated_tables_keep_their_gradient_unscaled(model_data, batch4):
     assert g1["ebc.embedding_bags.user.weight"].abs().sum() > 0
     torch.testing.assert_close(g2["ebc.embedding_bags.user.weight"], g1["ebc.embedding_bags.user.weight"])
     torch.testing.assert_close(g2["ebc.embedding_bags.item.weight"], 0.5 * g1["ebc.embedding_bags.item.weight"])
-    emb = _embedding(model_data, grad_scale=0.5)
-    emb.replicate({"user", "item"})
+    emb = _embedding(model_data)
+    emb.set_grad_scales(0.5, {"user", "item"})
     assert emb.grad_scale_value == 1.0  # every field replicated: the float fast path
 
 
