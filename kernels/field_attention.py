@@ -12,7 +12,8 @@ row log-sum-exp (max + log of sum) of the scores; backward recomputes the scores
 probabilities P = exp(q k^T * scale - lse) from it, with no max or sum. One program owns every
 gradient of its samples, so no atomics. A query whose keys are all padded gets lse = +inf, so
 P = 0 there: zero output and gradients. Accumulation is fp32 (fp64 for fp64 inputs).
-Reference: field_attention_ref.py.
+Tiles too large for a block's shared memory (fp32 backward at F_PAD = DH_PAD = 128) run the
+reference instead (`fits`). Reference: field_attention_ref.py.
 """
 from typing import Tuple
 
@@ -20,18 +21,30 @@ import torch
 import triton
 import triton.language as tl
 
-from .field_attention_ref import field_attention_backward_ref, field_attention_forward_ref  # noqa: F401
+from .field_attention_ref import field_attention_backward_ref, field_attention_forward_ref
 from .gate_combine_ref import acc_dtype
+from .tuning import tuned
 
-# Autotuned over samples per program and warps, keyed on (F, DH), never on B; one config
-# when interpreting.
+# Autotuned over samples per program, warps and pipeline stages, keyed on (F, DH), never on B;
+# one config when interpreting (tuning.py).
 # The first config (the interpreter's) takes 2 samples, so tests see a partial last tile.
-CONFIGS = [triton.Config({"BLOCK_B": bb}, num_warps=w) for bb in (2, 1, 4, 8) for w in (4, 2, 8)]
+# Stages: the compiler pipelines the loop over a program's samples, buffering the next samples'
+# tiles in shared memory. With 3 stages, fp32 at F_PAD = DH_PAD = 128 asks for 512 KB (forward)
+# and 900 KB (backward) of the 227 KB an H100/H200 block can have (measured from triton.compile
+# for sm_90), and every such launch failed on an H200; 1 stage needs 128 KB. _keep_stages drops
+# the multi-stage configs where a tile passes 16 KB; the first config has 1 stage, so the
+# single-config modes fit too.
+CONFIGS = [triton.Config({"BLOCK_B": bb}, num_warps=w, num_stages=st)
+           for st in (1, 3) for bb in (2, 1, 4, 8) for w in (4, 8)]
 
 
-def _tuned(configs):
-    interpreting = bool(triton.knobs.runtime.interpret)
-    return triton.autotune(configs=configs[:1] if interpreting else configs, key=["F", "DH"])
+def _keep_stages(configs, named_args, **kwargs):
+    """1-stage configs always; 3-stage ones where an [F_PAD, DH_PAD] tile is at most 16 KB."""
+    args = {**named_args, **kwargs}
+    tile_bytes = args["F_PAD"] * args["DH_PAD"] * args["Q"].element_size()
+    return [c for c in configs if c.num_stages == 1 or tile_bytes <= 16384]
+
+
 
 
 @triton.jit
@@ -52,7 +65,7 @@ def _row_lse(s):
     return tl.where(l == 0.0, float("inf"), lse)
 
 
-@_tuned(CONFIGS)
+@tuned(CONFIGS, key=["F", "DH"], prune=_keep_stages)
 @triton.jit
 def _field_attention_fwd(Q, K, V, MASK, OUT, LSE, B, H, F, DH, scale, HAS_MASK: tl.constexpr,
                          ACC: tl.constexpr, PREC: tl.constexpr, F_PAD: tl.constexpr,
@@ -85,7 +98,7 @@ def _field_attention_fwd(Q, K, V, MASK, OUT, LSE, B, H, F, DH, scale, HAS_MASK: 
         tl.store(LSE + (b * H + h) * F + offs_f, lse.to(LSE.dtype.element_ty), mask=row_ok)
 
 
-@_tuned(CONFIGS)
+@tuned(CONFIGS, key=["F", "DH"], prune=_keep_stages)
 @triton.jit
 def _field_attention_bwd(DOUT, Q, K, V, MASK, OUT, LSE, DQ, DK, DV, B, H, F, DH, scale,
                          HAS_MASK: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
@@ -136,6 +149,19 @@ def meta(F: int, DH: int, dtype: torch.dtype, has_mask: bool) -> dict:
                 F_PAD=max(16, triton.next_power_of_2(F)), DH_PAD=max(16, triton.next_power_of_2(DH)))
 
 
+# A block's dot operands live in shared memory (227 KB per block on an H100/H200). Measured from
+# triton.compile for sm_90 with 1 stage: forward 2 tiles' worth (fp32 F_PAD = DH_PAD = 128:
+# 128 KB), backward 4 (256 KB there: too much). Tiles past these bytes run the PyTorch reference
+# instead: fp32 backward at F_PAD = DH_PAD = 128, and fp64 (gradcheck) past 64 x 64.
+MAX_TILE_BYTES = {False: 65536, True: 32768}  # backward? -> bytes of one [F_PAD, DH_PAD] tile
+
+
+def fits(F: int, DH: int, dtype: torch.dtype, backward: bool) -> bool:
+    """Whether the Triton kernel's tiles fit a block's shared memory (else the reference runs)."""
+    m = meta(F, DH, dtype, False)
+    return m["F_PAD"] * m["DH_PAD"] * torch.finfo(dtype).bits // 8 <= MAX_TILE_BYTES[backward]
+
+
 def _mask_arg(key_padding_mask, q):
     """uint8 view of the [B, F] bool mask (no copy), or q as an unused placeholder pointer."""
     return q if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
@@ -145,6 +171,9 @@ def field_attention_fwd(q, k, v, key_padding_mask=None) -> Tuple[torch.Tensor, t
     """q, k, v [B, H, F, dh] -> (out [B, H, F, dh], lse [B, H, F]); shapes already checked by ops.py."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, F, DH = q.shape
+    if not fits(F, DH, q.dtype, backward=False):
+        out, lse = field_attention_forward_ref(q, k, v, key_padding_mask)
+        return out.contiguous(), lse.contiguous()
     out = torch.empty_like(q)
     lse = q.new_empty((B, H, F), dtype=acc_dtype(q.dtype))
     grid = lambda cfg: (triton.cdiv(B, cfg["BLOCK_B"]), H)  # noqa: E731
@@ -157,6 +186,8 @@ def field_attention_bwd(grad_out, q, k, v, key_padding_mask, out, lse):
     """grad_out [B, H, F, dh], lse [B, H, F] saved by forward -> (dq, dk, dv), each [B, H, F, dh]."""
     do, q, k, v, out, lse = (t.contiguous() for t in (grad_out, q, k, v, out, lse))
     B, H, F, DH = q.shape
+    if not fits(F, DH, q.dtype, backward=True):
+        return tuple(t.contiguous() for t in field_attention_backward_ref(do, q, k, v, key_padding_mask, lse))
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     grid = lambda cfg: (triton.cdiv(B, cfg["BLOCK_B"]), H)  # noqa: E731
     _field_attention_bwd[grid](do, q, k, v, _mask_arg(key_padding_mask, q), out, lse, dq, dk, dv,

@@ -1,5 +1,7 @@
 """Compile-only cases: every kernel x dtype x padded-shape class, built for an sm_90 / sm_80
-target with triton.compile(ASTSource, GPUTarget) on a machine with no GPU.
+target with triton.compile(ASTSource, GPUTarget) on a machine with no GPU, with the pipeline
+stages of each kernel's first config (the one that always stays after pruning); each case
+reports the shared memory the build asks for.
 
 Runs in its own process without TRITON_INTERPRET (the interpreter swaps triton's JIT
 objects and the GPU compiler cannot use them):
@@ -44,13 +46,16 @@ def compile_case(case: str) -> dict:
     if module_name == "gate_combine":
         T, E, D = classes[cls]
         signature.update(B="i32", E="i32", T="i32", D="i32")
-        constexprs = mod.meta(T, E, D, torch_dtype)
+        constexprs = mod.meta(T, E, D, torch_dtype, backward=kernel.endswith("bwd"))
         keep = mod._keep_bwd if kernel.endswith("bwd") else mod._keep  # largest tile tuning may pick
         constexprs["BLOCK_B"] = max(c.kwargs["BLOCK_B"] for c in keep(autotuner.configs, {}, **constexprs))
     else:
         F, DH = classes[cls]
         # the saved row log-sum-exp is fp32 for every input dtype here (fp64 only for fp64 inputs)
         signature.update(MASK="*u8", LSE="*fp32", B="i32", H="i32", F="i32", DH="i32", scale="fp32")
+        if not mod.fits(F, DH, torch_dtype, backward=kernel.endswith("bwd")):
+            return dict(case=case, ok=True, seconds=0.0, cubin_bytes=0, shared_bytes=0,
+                        note="tiles past shared memory: the reference runs instead (field_attention.fits)")
         constexprs = mod.meta(F, DH, torch_dtype, has_mask=True)
         constexprs["BLOCK_B"] = 2
     unknown = [name for name in autotuner.fn.arg_names if name not in signature and name not in constexprs]
@@ -60,8 +65,10 @@ def compile_case(case: str) -> dict:
     start = time.time()
     try:
         compiled = triton.compile(ASTSource(autotuner.fn, signature, constexprs),
-                                  target=GPUTarget("cuda", int(arch[2:]), 32), options={"num_warps": 4})
-        return dict(case=case, ok=True, seconds=round(time.time() - start, 2), cubin_bytes=len(compiled.asm["cubin"]))
+                                  target=GPUTarget("cuda", int(arch[2:]), 32),
+                                  options={"num_warps": 4, "num_stages": autotuner.configs[0].num_stages})
+        return dict(case=case, ok=True, seconds=round(time.time() - start, 2), cubin_bytes=len(compiled.asm["cubin"]),
+                    shared_bytes=compiled.metadata.shared, spilled=getattr(compiled, "n_spills", None))
     except Exception:  # noqa: BLE001 - reported back to the test
         return dict(case=case, ok=False, error=traceback.format_exc(limit=3)[-3000:])
 

@@ -224,8 +224,27 @@ def test_import_is_cheap_and_triton_free():
 
 def test_gate_combine_prune_keeps_a_config():
     gc = importlib.import_module("msrec_dist.kernels.gate_combine")
-    meta = gc.meta(8, 32, 512, torch.float32)
-    for keep, configs, budget in [(gc._keep, gc.FWD_CONFIGS, 16384), (gc._keep_bwd, gc.BWD_CONFIGS, 4096)]:
-        kept = keep(configs, {}, **meta)
-        assert kept and all(c.kwargs["BLOCK_B"] * meta["T_PAD"] * meta["BLOCK_D"] <= budget
+    for T, E, D in [(8, 32, 512), (2, 4, 64), (1, 1, 8)]:
+        meta = gc.meta(T, E, D, torch.float32)
+        kept = gc._keep(gc.FWD_CONFIGS, {}, **meta)
+        assert kept and all(c.kwargs["BLOCK_B"] * meta["T_PAD"] * meta["BLOCK_D"] <= 16384
                             or c.kwargs["BLOCK_B"] == 4 for c in kept)
+        meta = gc.meta(T, E, D, torch.float32, backward=True)
+        kept = gc._keep_bwd(gc.BWD_CONFIGS, {}, **meta)
+        assert kept and all(c.kwargs["BLOCK_B"] * meta["E_PAD"] * meta["BLOCK_DB"] <= 4096
+                            or c.kwargs["BLOCK_B"] == 1 for c in kept)
+
+
+def test_field_attention_tiles_past_shared_memory_run_the_reference():
+    fa = importlib.import_module("msrec_dist.kernels.field_attention")
+    assert fa.fits(128, 128, torch.float32, backward=False) and fa.fits(128, 128, torch.bfloat16, backward=True)
+    assert not fa.fits(128, 128, torch.float32, backward=True) and not fa.fits(65, 72, torch.float32, backward=True)
+    assert fa.fits(64, 128, torch.float32, backward=True) and fa.fits(39, 24, torch.float64, backward=True)
+    # F = dh = 128 in fp32: forward interpreted, backward through the reference; same values
+    inputs = attn_inputs(1, 1, 128, 128)
+    mask = key_mask(2, 128)[1:]
+    out, grads = run_with_grads(lambda q, k, v: K.field_attention(q, k, v, mask, kernel="triton"), inputs)
+    ref, ref_grads = run_with_grads(lambda q, k, v: field_attention_ref(q, k, v, mask), inputs)
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **tol(torch.float32))
