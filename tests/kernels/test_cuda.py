@@ -134,7 +134,8 @@ def test_gate_combine_two_million_samples():
     x = torch.randn(T, B, E, device="cuda", generator=gen, dtype=torch.bfloat16)
     poison(((T, B, D), torch.bfloat16))
     out = K.gate_combine(y, x, kernel="triton")
-    rows = torch.cat([torch.randint(0, B, (8192,), device="cuda", generator=gen), torch.arange(B - 64, B, device="cuda")])
+    rows = torch.cat([torch.randint(0, B, (8192,), device="cuda", generator=gen),
+                      torch.arange(B - 64, B, device="cuda")])
     ref = gate_combine_ref(y[rows].double(), x[:, rows].double())
     assert not out.isnan().any()
     assert rel_err(out[:, rows], ref) <= FLOOR[torch.bfloat16]
