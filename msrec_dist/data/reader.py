@@ -80,6 +80,7 @@ class _Chunk:
     """One decoded, validated row group of n rows."""
 
     offsets: list[np.ndarray]  # per sparse feature [n + 1] int64, offsets[0] == 0
+    lengths: list[np.ndarray]  # per sparse feature [n] int32 (the KJT's dtype), once per row group
     values: list[np.ndarray]  # per sparse feature [nnz] int64
     dense: np.ndarray  # [n, Nd] float32
     labels: np.ndarray  # [n, T] float32
@@ -103,7 +104,7 @@ def _decode(table: pa.Table, cfg: DataConfig, path: str, row0: int) -> _Chunk:
     """Validate and convert a row group table; `row0` = file row of its first row."""
     n = table.num_rows
     sc_col = cfg.scenario.column
-    scenario = _column(table, sc_col, path, row0).to_numpy(zero_copy_only=False).astype(np.int64)
+    scenario = _column(table, sc_col, path, row0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
     bad = (scenario < 0) | (scenario >= cfg.num_scenarios)
     if bad.any():
         i = int(bad.argmax())
@@ -136,9 +137,9 @@ def _decode(table: pa.Table, cfg: DataConfig, path: str, row0: int) -> _Chunk:
                 j = int(np.flatnonzero(child.is_null().to_numpy(zero_copy_only=False))[0])
                 i = int(np.searchsorted(off, j, side="right")) - 1
                 raise _fail(path, feat.name, row0 + i, f"null id inside the list (element {j - off[i]})")
-            vals = child.to_numpy(zero_copy_only=False).astype(np.int64)
+            vals = child.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
         else:
-            vals = arr.to_numpy(zero_copy_only=False).astype(np.int64)
+            vals = arr.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
             off = np.arange(n + 1, dtype=np.int64)
         j = first_bad_id(vals, feat.num_embeddings)  # C++ op when built (data/native.py)
         if j >= 0:
@@ -148,7 +149,8 @@ def _decode(table: pa.Table, cfg: DataConfig, path: str, row0: int) -> _Chunk:
                         f"id {vals[j]}{where} outside 0..{feat.num_embeddings - 1} (table '{feat.table}')")
         offsets.append(off)
         values.append(vals)
-    return _Chunk(offsets, values, dense, labels, scenario)
+    lengths = [np.diff(off).astype(np.int32) for off in offsets]
+    return _Chunk(offsets, lengths, values, dense, labels, scenario)
 
 
 class _RowReader:
@@ -191,24 +193,27 @@ class _RowReader:
                 a += hi - local
 
     def read(self, ranges: list[Range]) -> Batch:
+        # Runs once per batch beside the train step (a read-ahead thread on the same cores), so
+        # it copies each array once: the KJT's values and lengths into one buffer each; dense,
+        # labels and scenario are views of the decoded row group when the batch lies in one
+        # (the usual case: batches are row-group aligned), else one concatenation.
         pieces = list(self._pieces(ranges))
-        lengths, values = [], []
-        for k in range(len(self.kjt_keys)):  # KJT key order
-            for c, lo, hi, _ in pieces:
-                off = c.offsets[k]
-                lengths.append(np.diff(off[lo:hi + 1]))
-                values.append(c.values[k][off[lo]:off[hi]])
+        nk = len(self.kjt_keys)
         sparse = KeyedJaggedTensor(
             keys=self.kjt_keys,
-            values=torch.from_numpy(np.concatenate(values)),  # [sum of bag sizes] int64
-            lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)),  # [F * B] int32
+            values=torch.from_numpy(np.concatenate([c.values[k][c.offsets[k][lo]:c.offsets[k][hi]]
+                                                    for k in range(nk) for c, lo, hi, _ in pieces])),  # [nnz] int64
+            lengths=torch.from_numpy(np.concatenate([c.lengths[k][lo:hi]
+                                                     for k in range(nk) for c, lo, hi, _ in pieces])),  # [F * B] int32
         )
+
+        def rows_of(name: str) -> torch.Tensor:
+            parts = [getattr(c, name)[lo:hi] for c, lo, hi, _ in pieces]
+            return torch.from_numpy(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
         return Batch(
-            sparse=sparse,
-            dense=torch.from_numpy(np.concatenate([c.dense[lo:hi] for c, lo, hi, _ in pieces])),
-            labels=torch.from_numpy(np.concatenate([c.labels[lo:hi] for c, lo, hi, _ in pieces])),
-            scenario=torch.from_numpy(np.concatenate([c.scenario[lo:hi] for c, lo, hi, _ in pieces])),
-            rows=torch.from_numpy(np.concatenate([np.arange(g, g + hi - lo) for _, lo, hi, g in pieces])),
+            sparse=sparse, dense=rows_of("dense"), labels=rows_of("labels"), scenario=rows_of("scenario"),
+            rows=torch.cat([torch.arange(g, g + hi - lo) for _, lo, hi, g in pieces]),
         )
 
 
