@@ -13,14 +13,13 @@ msrec_dist.kernels.field_attention returns out alone.
 impl (the wrappers' `kernel=`; not named `kernel` in the schema because inductor's fallback
 for custom ops takes a `kernel` argument of its own and fails on the clash), one op name with
 three implementations:
-    "auto"       Triton on CUDA tensors; on CPU the C++ kernel where there is one (gate_combine,
-                 fp32/fp64, extension msrec_dist._C built), else the PyTorch reference
+    "auto"       Triton on CUDA tensors; on CPU the C++ kernel (fp32/fp64, extension
+                 msrec_dist._C built), else the PyTorch reference
     "triton"     the Triton kernel on any device (on CPU only under TRITON_INTERPRET=1)
-    "cpp"        the C++ CPU kernel (csrc/gate_combine.cpp: torch.ops.msrec.gate_combine_cpp and
-                 its backward); an error where it is not built or has no such kernel. The
-                 wrapper msrec_dist.kernels.gate_combine calls gate_combine_cpp directly (its
-                 autograd is C++) instead of this custom op, which stays for FX, opcheck and
-                 explicit calls
+    "cpp"        the C++ CPU kernel (csrc/gate_combine.cpp, csrc/field_attention.cpp:
+                 torch.ops.msrec.<op>_cpp and its backward); an error where it is not built. The
+                 wrappers in msrec_dist.kernels call <op>_cpp directly (its autograd is C++)
+                 instead of this custom op, which stays for FX, opcheck and explicit calls
     "reference"  the PyTorch reference, always (the definition and the tests' oracle)
 Shapes are checked here, once; empty batches return before any launch. The Triton modules are
 imported on first use, so importing this module never needs triton.
@@ -45,12 +44,18 @@ def _load_cpp_kernels() -> frozenset:
         import msrec_dist._C  # noqa: F401  loading the .so registers torch.ops.msrec.*_cpp
     except ImportError:
         return frozenset()
-    built = frozenset(name for name in ("gate_combine",) if hasattr(torch.ops.msrec, f"{name}_cpp"))
-    if "gate_combine" in built:  # fakes, so the C++ ops trace (torch.compile, opcheck) on their own too
+    built = frozenset(name for name in ("gate_combine", "field_attention") if hasattr(torch.ops.msrec, f"{name}_cpp"))
+    # fakes, so the C++ ops trace (torch.compile, opcheck) on their own too
+    if "gate_combine" in built:
         torch.library.register_fake("msrec::gate_combine_cpp")(
             lambda y, g: y.new_empty((g.shape[0], y.shape[0], y.shape[2])))
         torch.library.register_fake("msrec::gate_combine_backward_cpp")(
             lambda grad, y, g: (torch.empty_like(y), g.new_empty(g.shape)))
+    if "field_attention" in built:
+        torch.library.register_fake("msrec::field_attention_cpp")(
+            lambda q, k, v, mask: (q.new_empty(q.shape), q.new_empty(q.shape[:3])))
+        torch.library.register_fake("msrec::field_attention_backward_cpp")(
+            lambda grad, q, k, v, mask, lse: (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)))
     return built
 
 
@@ -168,7 +173,7 @@ gate_combine.register_autograd(_gate_combine_grad, setup_context=_gate_combine_s
 
 
 # ------------------------------------------------------------- field_attention
-def _check_field_attention(q, k, v, key_padding_mask) -> None:
+def check_field_attention(q, k, v, key_padding_mask) -> None:
     _check(q.dim() == 4, f"field_attention: q must be [B, H, F, dh], got {tuple(q.shape)}")
     _check(k.shape == q.shape and v.shape == q.shape,
            f"field_attention: q, k, v shapes differ: {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -195,18 +200,21 @@ def field_attention(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """q, k, v [B, H, F, dh], key_padding_mask [B, F] (True = padded) -> (out [B, H, F, dh],
     lse [B, H, F]; +inf for a query whose keys are all padded)."""
-    _check_field_attention(q, k, v, key_padding_mask)
+    check_field_attention(q, k, v, key_padding_mask)
     if q.shape[0] == 0:
         return torch.empty_like(q), _empty_lse(q)
-    if choose_impl(impl, "field_attention", q) == "triton":
+    chosen = choose_impl(impl, "field_attention", q)
+    if chosen == "triton":
         return _triton_module("field_attention").field_attention_fwd(q, k, v, key_padding_mask)
+    if chosen == "cpp":
+        return torch.ops.msrec.field_attention_cpp(q, k, v, key_padding_mask)
     out, lse = field_attention_forward_ref(q, k, v, key_padding_mask)
     return out.contiguous(), lse.contiguous()  # the fakes are contiguous
 
 
 @field_attention.register_fake
 def _(q, k, v, key_padding_mask=None, impl="auto"):
-    _check_field_attention(q, k, v, key_padding_mask)
+    check_field_attention(q, k, v, key_padding_mask)
     return torch.empty_like(q), _empty_lse(q)
 
 
@@ -218,8 +226,11 @@ def field_attention_backward(
     """grad_out [B, H, F, dh], lse [B, H, F] saved by forward -> (dq, dk, dv), each [B, H, F, dh]."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if choose_impl(impl, "field_attention", q) == "triton":
+    chosen = choose_impl(impl, "field_attention", q)
+    if chosen == "triton":
         return _triton_module("field_attention").field_attention_bwd(grad_out, q, k, v, key_padding_mask, out, lse)
+    if chosen == "cpp":
+        return torch.ops.msrec.field_attention_backward_cpp(grad_out, q, k, v, key_padding_mask, lse)
     return tuple(t.contiguous() for t in field_attention_backward_ref(grad_out, q, k, v, key_padding_mask, lse))
 
 

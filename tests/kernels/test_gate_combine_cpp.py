@@ -114,7 +114,6 @@ def test_auto_picks_cpp_on_cpu_float():
     y, _ = gate_inputs(4, 3, 2, 8)
     assert ops.choose_impl("auto", "gate_combine", y) == "cpp"
     assert ops.choose_impl("auto", "gate_combine", y.half()) == "reference"
-    assert ops.choose_impl("auto", "field_attention", y) == "reference"  # no C++ kernel for it
 
 
 def test_empty_batch():
@@ -128,8 +127,5 @@ def test_errors():
     y, g = gate_inputs(4, 3, 2, 8)
     with pytest.raises(ValueError, match="float32/float64"):
         K.gate_combine(y.detach().half(), g.detach().half(), kernel="cpp")
-    q = randn(2, 1, 5, 8)
-    with pytest.raises(ValueError, match="needs the C\\+\\+ extension with a field_attention kernel"):
-        K.field_attention(q, q, q, kernel="cpp")
     with pytest.raises(RuntimeError, match="at most 64 experts"):
         torch.ops.msrec.gate_combine_cpp(torch.zeros(2, 65, 4), torch.zeros(1, 2, 65))
