@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 .PHONY: setup demo demo-data test test-all perf compare clean
 
-$(VENV)/.installed: requirements.txt setup.py $(wildcard csrc/*.cpp)
+$(VENV)/.installed: requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip==24.3.1
 	$(PY) -m pip install -q -r requirements.txt

@@ -32,6 +32,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "clones.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -83,15 +85,7 @@ struct Args {
   scalar_t scale;
 };
 
-// Same clones as csrc/gate_combine.cpp: AVX2 + FMA where the CPU has them, baseline x86-64 else.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
-#define MSREC_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define MSREC_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define MSREC_CLONES
-#endif
-#define MSREC_INLINE inline __attribute__((always_inline))
+// MSREC_CLONES / MSREC_INLINE: clones.h (AVX2 + FMA where the CPU has them, baseline x86-64 else).
 
 // exp(x), vectorizable. fp32: the Cephes expf polynomial (relative error about 1e-7, as
 // std::exp within 2 ulp) with the power of two built in the exponent bits, so a loop over lanes
@@ -182,6 +176,17 @@ MSREC_INLINE void lane_bias(const Args<scalar_t>& a, int64_t bh0, int64_t nl, sc
   }
 }
 
+// One group's q, k, v (lane-minor) and key-mask bias.
+template <typename scalar_t>
+MSREC_INLINE void load_group(const Args<scalar_t>& a, int64_t bh0, int64_t nl, scalar_t* qs, scalar_t* ks,
+                             scalar_t* vs, scalar_t* bias) {
+  const int64_t FD = a.F * a.DH;
+  gather_lanes(a.q, bh0, nl, FD, qs);
+  gather_lanes(a.k, bh0, nl, FD, ks);
+  gather_lanes(a.v, bh0, nl, FD, vs);
+  lane_bias(a, bh0, nl, bias);
+}
+
 template <typename scalar_t>
 MSREC_INLINE void forward_groups(const Args<scalar_t>& a, int64_t g0, int64_t g1, int64_t n_blocks) {
   const int64_t F = a.F, DH = a.DH, FD = F * DH;
@@ -191,10 +196,7 @@ MSREC_INLINE void forward_groups(const Args<scalar_t>& a, int64_t g0, int64_t g1
   const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t bh0 = g * kLanes, nl = std::min(kLanes, n_blocks - bh0);
-    gather_lanes(a.q, bh0, nl, FD, qs);
-    gather_lanes(a.k, bh0, nl, FD, ks);
-    gather_lanes(a.v, bh0, nl, FD, vs);
-    lane_bias(a, bh0, nl, bias);
+    load_group(a, bh0, nl, qs, ks, vs, bias);
     std::fill(os, os + FD * kLanes, scalar_t(0));
     for (int64_t i = 0; i < F; ++i) {
       scalar_t m[kLanes], sum[kLanes] = {}, inv[kLanes];
@@ -240,11 +242,8 @@ MSREC_INLINE void backward_groups(const Args<scalar_t>& a, int64_t g0, int64_t g
   const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t bh0 = g * kLanes, nl = std::min(kLanes, n_blocks - bh0);
-    gather_lanes(a.q, bh0, nl, FD, qs);
-    gather_lanes(a.k, bh0, nl, FD, ks);
-    gather_lanes(a.v, bh0, nl, FD, vs);
+    load_group(a, bh0, nl, qs, ks, vs, bias);
     gather_lanes(a.dout, bh0, nl, FD, dos);
-    lane_bias(a, bh0, nl, bias);
     std::fill(dqs, dqs + 3 * FD * kLanes, scalar_t(0));  // dq, dk, dv
     for (int64_t i = 0; i < F; ++i) {
       scalar_t m[kLanes], lse[kLanes], rowsum[kLanes] = {};

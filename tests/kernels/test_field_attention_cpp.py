@@ -1,13 +1,11 @@
 """field_attention's C++ CPU kernel (csrc/field_attention.cpp, impl "cpp") against the PyTorch
 reference: forward, backward and the saved log-sum-exp over odd shapes with and without padded
-keys (a fully padded sample included), the head sizes with a compiled-in loop (8, 16, 32) and
-others, threads, fp64 gradcheck, opcheck, the wrapper's C++ autograd path, routing and errors.
+keys (a fully padded sample included), head sizes 5 to 32, B*H not a multiple of the kernel's
+8 lanes, threads, fp64 gradcheck, opcheck, the wrapper's C++ autograd path, routing and errors.
 
 Needs the extension built into the venv (`make setup` builds it). Skipped when it is not, unless
 MSREC_REQUIRE_CSRC=1 (as `make test` sets), which turns the skip into a failure.
 """
-import os
-
 import pytest
 import torch
 
@@ -16,15 +14,11 @@ from msrec_dist.kernels import ops
 from msrec_dist.kernels.field_attention_ref import field_attention_forward_ref, field_attention_ref
 
 from .test_ops import ATTN_SHAPES, attn_inputs
-from .utils import key_mask, randn, run_with_grads, tol
+from .utils import cpp_kernel_mark, key_mask, randn, run_with_grads, tol
 
-BUILT = "field_attention" in ops.cpp_kernels()
-if not BUILT and os.environ.get("MSREC_REQUIRE_CSRC") == "1":
-    raise RuntimeError("MSREC_REQUIRE_CSRC=1 but the C++ field_attention kernel is not built "
-                       "(MSREC_BUILD_CSRC=1 pip install --no-build-isolation -e .)")
-pytestmark = pytest.mark.skipif(not BUILT, reason="C++ extension msrec_dist._C not built")
+pytestmark = cpp_kernel_mark("field_attention")
 
-# ATTN_SHAPES (odd F, dh 8 and 24) plus the compiled-in head sizes 16 and 32 and the model's shape
+# ATTN_SHAPES (odd F, dh 8 and 24) plus dh 16, 32 and 5, B*H not a multiple of the 8 lanes, and the model's dh
 SHAPES = ATTN_SHAPES + [(5, 2, 8, 16), (3, 1, 6, 32), (4, 2, 8, 8), (2, 3, 17, 5)]
 
 

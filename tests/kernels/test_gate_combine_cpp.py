@@ -5,8 +5,6 @@ threads, fp64 gradcheck, opcheck, routing of "auto", and its errors.
 Needs the extension built into the venv (`make setup` builds it). Skipped when it is not, unless
 MSREC_REQUIRE_CSRC=1 (as `make test` sets), which turns the skip into a failure.
 """
-import os
-
 import pytest
 import torch
 
@@ -15,13 +13,9 @@ from msrec_dist.kernels import ops
 from msrec_dist.kernels.gate_combine_ref import gate_combine_ref
 
 from .test_ops import GATE_SHAPES, gate_inputs
-from .utils import randn, run_with_grads, tol
+from .utils import cpp_kernel_mark, randn, run_with_grads, tol
 
-BUILT = "gate_combine" in ops.cpp_kernels()
-if not BUILT and os.environ.get("MSREC_REQUIRE_CSRC") == "1":
-    raise RuntimeError("MSREC_REQUIRE_CSRC=1 but the C++ gate_combine kernel is not built "
-                       "(MSREC_BUILD_CSRC=1 pip install --no-build-isolation -e .)")
-pytestmark = pytest.mark.skipif(not BUILT, reason="C++ extension msrec_dist._C not built")
+pytestmark = cpp_kernel_mark("gate_combine")
 
 
 def cpp(y, g):

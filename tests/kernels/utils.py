@@ -1,4 +1,7 @@
-"""Shared helpers for the kernel tests: one per-dtype tolerance, seeded inputs."""
+"""Shared helpers for the kernel tests: one per-dtype tolerance, seeded inputs, the C++ kernels' skip."""
+import os
+
+import pytest
 import torch
 
 
@@ -35,3 +38,15 @@ def run_with_grads(fn, inputs, grad_out_seed=1):
     out = fn(*inputs)
     out.backward(randn(*out.shape, dtype=out.dtype, seed=grad_out_seed, requires_grad=False))
     return out.detach(), [x.grad.clone() for x in inputs]
+
+
+def cpp_kernel_mark(op: str):
+    """pytestmark for the tests of op's C++ CPU kernel: skipped where the extension is not built,
+    unless MSREC_REQUIRE_CSRC=1 (as `make test` sets), which turns the skip into a failure."""
+    from msrec_dist.kernels import ops
+
+    built = op in ops.cpp_kernels()
+    if not built and os.environ.get("MSREC_REQUIRE_CSRC") == "1":
+        raise RuntimeError(f"MSREC_REQUIRE_CSRC=1 but the C++ {op} kernel is not built "
+                           "(MSREC_BUILD_CSRC=1 pip install --no-build-isolation -e .)")
+    return pytest.mark.skipif(not built, reason="C++ extension msrec_dist._C not built")
