@@ -11,9 +11,9 @@ mask bytes ignored:
     gate_combine     fwd  s*(B*E*D + T*B*E + T*B*D)           fwd+bwd  fwd + s*(2*B*E*D + 2*T*B*E + T*B*D)
     field_attention  fwd  s*4*B*H*F*dh + 4*B*H*F (q, k, v read; out and the fp32 row lse written)
                      fwd+bwd  fwd + s*8*B*H*F*dh + 4*B*H*F (q, k, v, out, dout, lse read; dq, dk, dv)
-Paths: triton (CUDA only), cpp (gate_combine's C++ CPU kernel, csrc/gate_combine.cpp, where
-the extension is built; through msrec_dist.kernels.gate_combine as the model calls it), eager
-reference, torch.compile(reference), SDPA (attention).
+Paths: triton (CUDA only), cpp (the C++ CPU kernels, csrc/gate_combine.cpp and
+csrc/field_attention.cpp, where the extension is built; through msrec_dist.kernels as the model
+calls them), eager reference, torch.compile(reference), SDPA (attention).
 Every non-eager path's forward output and first input gradient are checked against the eager
 reference on the same inputs (rel_err = ||x - eager|| / ||eager||), so a fast wrong kernel shows.
 A path that runs out of device memory or fails (cuDNN's SDPA backward refuses B = 1M on an
@@ -43,7 +43,7 @@ GPU_GATE = [(16384, 4, 2, 64), (1048576, 4, 2, 64), (262144, 8, 3, 128), (104857
 GPU_ATTN = [(16384, 2, 16, 16), (1048576, 2, 16, 16), (262144, 4, 32, 32), (16384, 8, 64, 64),
             (65536, 8, 64, 64)]
 CPU_GATE = [(4096, 4, 2, 64), (16384, 8, 3, 128)]
-CPU_ATTN = [(1024, 2, 16, 16), (2048, 4, 32, 32)]
+CPU_ATTN = [(4096, 2, 10, 8), (1024, 2, 16, 16), (2048, 4, 32, 32)]  # the first: msrec's shape
 
 
 def bench(fn, device, reps=10):
@@ -145,7 +145,8 @@ def attn_rows(shape, device, dtype, paths):
            "compiled": torch.compile(lambda q, k, v: field_attention_ref(q, k, v, mask)),
            "sdpa": lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
                q, k, v, attn_mask=~mask[:, None, None, :]),
-           "triton": lambda q, k, v: K.field_attention(q, k, v, mask, kernel="triton")}
+           "triton": lambda q, k, v: K.field_attention(q, k, v, mask, kernel="triton"),
+           "cpp": lambda q, k, v: K.field_attention(q, k, v, mask, kernel="cpp")}
     return measure("field_attention", dict(B=B, H=H, F=F, dh=dh), fns, qkv, grad,
                    s * 4 * n + 4 * n // dh, s * 12 * n + 8 * n // dh, device, paths)
 
@@ -220,14 +221,15 @@ def main(quick: bool = False, out: str = str(RESULTS), budget_s: float = 0.0):
     if quick:
         gate_shapes, attn_shapes = gate_shapes[:1], attn_shapes[:1]
     paths = ["eager", "compiled"] + (["triton"] if cuda else [])
-    cpp = [] if cuda or "gate_combine" not in K.ops.cpp_kernels() else ["cpp"]
+    def cpp(op):  # the C++ CPU kernel's path, where it is built
+        return [] if cuda or op not in K.ops.cpp_kernels() else ["cpp"]
     start, copy_bw = time.monotonic(), copy_bandwidth(device)
     name = (torch.cuda.get_device_name() if cuda else
             f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     note = ("Full table: Triton vs eager reference, torch.compile(reference) and SDPA. Targets are the "
             "issue's (stated for an H100), evaluated over every shape measured." if cuda else
-            "CPU run: the reference paths (eager, torch.compile of the reference, SDPA) and gate_combine's "
-            "C++ kernel (cpp) at small shapes. The Triton kernels' GPU figures are in kernels_cuda.md.")
+            "CPU run: the reference paths (eager, torch.compile of the reference, SDPA) and the C++ kernels "
+            "(cpp) at small shapes. The Triton kernels' GPU figures are in kernels_cuda.md.")
     triton_version = None
     if cuda:
         import triton
@@ -236,8 +238,8 @@ def main(quick: bool = False, out: str = str(RESULTS), budget_s: float = 0.0):
                   copy_GBps=copy_bw / 1e9, rows=[], skipped=[])
     stem = Path(out) / f"kernels_{device}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    work = [(gate_rows, shape, paths + cpp) for shape in gate_shapes] + \
-           [(attn_rows, shape, paths + ["sdpa"]) for shape in attn_shapes]
+    work = [(gate_rows, shape, paths + cpp("gate_combine")) for shape in gate_shapes] + \
+           [(attn_rows, shape, paths + cpp("field_attention") + ["sdpa"]) for shape in attn_shapes]
     for rows_of, shape, shape_paths in work:
         if budget_s and time.monotonic() - start > budget_s:
             report["skipped"].append(f"{rows_of.__name__[:-5]} {shape}")
