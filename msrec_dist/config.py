@@ -110,6 +110,10 @@ class TrainConfig:
     # sparse_dist = torchrec's TrainPipelineSparseDist (input dist overlapped with compute);
     # auto = sparse_dist on CUDA, the plain loop on CPU (exact global-batch loss weighting)
     pipeline: Literal["auto", "sparse_dist", "plain"] = "auto"
+    # how data-parallel gradients are averaged over ranks (msrec_dist/dist/grad_sync.py): ddp =
+    # torch DDP buckets overlapped with backward; flat = one all-reduce after backward; auto =
+    # ddp on CUDA, flat on CPU (gloo)
+    grad_sync: Literal["auto", "ddp", "flat"] = "auto"
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     log_every: int = 50

@@ -6,8 +6,9 @@
        some out      → ranks without data run an empty batch (B = 0) so collectives match
        any failed    → every rank raises the same DataError (file, column, row)
     model(batch) → (loss, (loss, logits, labels)); loss.backward() runs the fused sparse
-    optimizer; the replicated tables' optimizer steps; dense grads are clipped, the dense
-    optimizer and LR schedule step.
+    optimizer; (grad_sync 'flat') the data-parallel gradients are averaged in one all-reduce;
+    the replicated tables' optimizer steps; dense grads are clipped, the dense optimizer and LR
+    schedule step.
 
 One small all_reduce per step carries the agreement; it is also the step's only host sync
 besides the logged loss.
@@ -25,7 +26,9 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from msrec_dist.data.batch import Batch
 from msrec_dist.data.schema import DataConfig, DataError
+from msrec_dist.dist.collectives import all_reduce_sum_
 from msrec_dist.dist.context import DistContext
+from msrec_dist.dist.grad_sync import FlatGrads
 from msrec_dist.dist.model_parallel import TrainState
 from msrec_dist.metrics.evaluator import ScenarioTaskMetrics
 
@@ -68,8 +71,7 @@ def agree(batch: Optional[Batch], error: Optional[str], ctx: DistContext) -> Agr
     flags = torch.tensor([int(batch is not None), batch.size if batch is not None else 0, int(error is not None)],
                          dtype=torch.long)
     if ctx.world_size > 1:
-        flags = flags.to(ctx.device)
-        dist.all_reduce(flags)
+        flags = all_reduce_sum_(flags.to(ctx.device))
     ranks_with_data, global_rows, failures = (int(x) for x in flags.tolist())  # host sync, once per step
     if failures:
         messages = [None] * ctx.world_size
@@ -97,43 +99,6 @@ def agreed_batches(loader, data: DataConfig, ctx: DistContext) -> Iterator[tuple
         yield local, verdict.global_rows
 
 
-class FlatGrads:
-    """The dense parameters' gradients as views of one buffer: the clip is one norm and one
-    scale, zeroing one fill, instead of ~35 small ops over the 15-50 gradient tensors (about
-    0.4 ms a step on this project's CPU for ple, as long as the fused Adam step itself).
-
-    Why by hand: torch's clip_grad_norm_ and zero_grad work per tensor. Autograd accumulates
-    into an existing .grad in place, so the views stay bound until someone replaces them; bound()
-    checks the data pointers every step (DDP with gradient_as_bucket_view, in worlds of more than
-    one, swaps in its own bucket views; a caller may set grads to None), and DenseStep then takes
-    torch's per-tensor path. Every dense parameter gets a gradient every step (an empty batch
-    gives zeros), so zeroing instead of setting to None changes no update.
-    """
-
-    def __init__(self, params: list[torch.nn.Parameter]) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        if not self.params or len({(p.dtype, p.device) for p in self.params}) != 1:
-            self.buffer, self.ptrs = None, []
-            return
-        p0 = self.params[0]
-        self.buffer = torch.zeros(sum(p.numel() for p in self.params), dtype=p0.dtype, device=p0.device)
-        offset = 0
-        for p in self.params:
-            p.grad = self.buffer[offset: offset + p.numel()].view_as(p)
-            offset += p.numel()
-        self.ptrs = [p.grad.data_ptr() for p in self.params]
-
-    def bound(self) -> bool:
-        return self.buffer is not None and all(
-            p.grad is not None and p.grad.data_ptr() == ptr for p, ptr in zip(self.params, self.ptrs))
-
-    def clip_(self, max_norm: float) -> torch.Tensor:
-        """clip_grad_norm_ over all the gradients at once (same global L2 norm and scale)."""
-        total = torch.linalg.vector_norm(self.buffer)
-        self.buffer.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
-        return total
-
-
 class DenseStep:
     """The optimizer step after backward: replicated tables' optimizer, clip dense grads, dense
     optimizer, LR schedule.
@@ -144,17 +109,22 @@ class DenseStep:
 
     def __init__(self, state: TrainState, grad_clip: float) -> None:
         self.state, self.grad_clip = state, grad_clip
-        self.flat = FlatGrads(state.dense_params)
+        # with grad_sync 'flat' the replicated tables' gradients share the buffer (one all-reduce)
+        self.flat = FlatGrads(state.dense_params, state.grad_sync.replicated_params if state.grad_sync else ())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self.flat.bound():  # the views stay; zeros change no update (see FlatGrads)
             self.flat.buffer.zero_()
+            in_buffer = self.state.grad_sync is not None
         else:
             self.state.dense_optimizer.zero_grad(set_to_none=set_to_none)
-        if self.state.replicated_optimizer is not None:
+            in_buffer = False
+        if self.state.replicated_optimizer is not None and not in_buffer:
             self.state.replicated_optimizer.zero_grad()
 
     def step(self) -> None:
+        if self.state.grad_sync is not None:  # average over ranks (grad_sync 'flat'; DDP did it in backward)
+            self.state.grad_sync.all_reduce_(self.flat)
         if self.state.replicated_optimizer is not None:  # sparse: not clipped, as the fused tables
             self.state.replicated_optimizer.step()
         if self.grad_clip > 0:

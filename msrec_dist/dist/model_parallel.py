@@ -7,6 +7,8 @@
     world of one: FieldEmbedding.local_lookup = the sharded EBC's kernel (dist/local_lookup.py)
     replicated (data_parallel) tables: unscaled field gradients + ReplicatedTableOptimizer
         (dist/replicated.py), stepped after backward with the dense optimizer
+    world > 1: dense and replicated gradients averaged by DDP or by one flat all-reduce
+        (train.grad_sync, dist/grad_sync.py)
     dense optimizer (Adam by default) over every other parameter, + LR schedule
 
 Embedding rows are initialised from a generator seeded by (seed, table, row block), so the
@@ -32,6 +34,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 from msrec_dist.config import ExperimentConfig, TrainConfig
 from msrec_dist.data.schema import DataConfig
 from msrec_dist.dist.context import DistContext
+from msrec_dist.dist.grad_sync import FlatAllReduce, broadcast_from_rank0, resolve_grad_sync, unwrap_replicated_lookups
 from msrec_dist.dist.local_lookup import find_kernel_lookup
 from msrec_dist.dist.replicated import REPLICATED_OPTIMIZERS, ReplicatedTableOptimizer
 from msrec_dist.dist.sharding import (build_topology, device_type, model_parallel_grad_scale, plan_sharding,
@@ -49,13 +52,17 @@ INIT_BLOCK_ROWS = 65536
 
 
 class DenseDataParallel(DataParallelWrapper):
-    """torchrec's default DDP wrapping of the dense modules, except in a world of one: there DDP
-    only adds an all-reduce of every gradient with itself and per-step hooks (measured on the ple
-    step at B=1024: ~0.2 ms of all-reduce and the hooks' Python per step), so the module stays as is.
-    State dict keys are the same either way (DMP strips DDP's prefix)."""
+    """torchrec's default DDP wrapping of the dense modules with grad_sync 'ddp' in a world of more
+    than one; otherwise the module stays as is. In a world of one DDP only adds an all-reduce of
+    every gradient with itself and per-step hooks (measured on the ple step at B=1024: ~0.2 ms of
+    all-reduce and the hooks' Python per step); with grad_sync 'flat' FlatAllReduce averages the
+    gradients (dist/grad_sync.py). State dict keys are the same either way (DMP strips DDP's prefix)."""
+
+    def __init__(self, ddp: bool) -> None:
+        self.ddp = ddp
 
     def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
-        if env.world_size > 1:
+        if env.world_size > 1 and self.ddp:
             DefaultDataParallelWrapper().wrap(dmp, env, device)
 
 
@@ -70,6 +77,7 @@ class TrainState:
     plan: ShardingPlan
     local_lookup: bool = False  # the embedding calls the sharded EBC's kernel directly (world of one)
     replicated_optimizer: Optional[ReplicatedTableOptimizer] = None  # the data_parallel tables' (if any)
+    grad_sync: Optional[FlatAllReduce] = None  # grad_sync 'flat' in a world > 1; None: DDP or a world of one
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -143,8 +151,13 @@ def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext,
     topology = build_topology(ctx.world_size, ctx.local_world_size, device_type(ctx.device), cfg.sharding)
     plan = plan_sharding(module, topology, cfg.sharding, dist.group.WORLD,
                          replicate=t.sparse_optimizer in REPLICATED_OPTIMIZERS)
-    dmp = DistributedModelParallel(module, device=ctx.device, plan=plan, data_parallel_wrapper=DenseDataParallel())
+    sync = resolve_grad_sync(t.grad_sync, device_type(ctx.device)) if ctx.world_size > 1 else "none"
+    dmp = DistributedModelParallel(module, device=ctx.device, plan=plan,
+                                   data_parallel_wrapper=DenseDataParallel(ddp=sync == "ddp"))
     init_embeddings(dmp, data, cfg.run.seed)
+    grad_sync = None
+    if sync == "flat":
+        grad_sync = FlatAllReduce(unwrap_replicated_lookups(dmp), dist.group.WORLD, ctx.world_size)
     embedding = dmp.module.model.embedding
     if ctx.world_size == 1 and cfg.train.pipeline != "sparse_dist":  # a pipeline must find the sharded EBC
         embedding.local_lookup = find_kernel_lookup(embedding.ebc, data.kjt_keys)
@@ -164,5 +177,8 @@ def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext,
     sparse = [("sparse", dmp.fused_optimizer)] + ([("sparse", replicated_optimizer)] if replicated_optimizer else [])
     optimizer = CombinedOptimizer(sparse + [("dense", dense)])
     scheduler = torch.optim.lr_scheduler.LambdaLR(dense._optimizer, lr_lambda(t, total_steps))
+    if grad_sync is not None:  # every rank starts from rank 0's weights, as DDP would make it
+        broadcast_from_rank0(list(named_dense.values()) + list(grad_sync.replicated_params), grad_sync.group)
     return TrainState(dmp, optimizer, dense, scheduler, list(named_dense.values()), plan,
-                      local_lookup=embedding.local_lookup is not None, replicated_optimizer=replicated_optimizer)
+                      local_lookup=embedding.local_lookup is not None, replicated_optimizer=replicated_optimizer,
+                      grad_sync=grad_sync)

@@ -14,11 +14,11 @@ statistics. Everything is tensor math on a one-hot [B, S], so the block is FX-tr
 from __future__ import annotations
 
 import torch
-import torch.distributed.nn.functional as dist_fn
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from msrec_dist.dist import collectives
 from msrec_dist.model.mlp import MLP
 
 
@@ -30,7 +30,7 @@ def star_weight(shared: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
 @torch.fx.wrap
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Differentiable sum over ranks (its backward sums the gradients over ranks too)."""
-    return dist_fn.all_reduce(t)
+    return collectives.all_reduce_sum(t)
 
 
 def scenario_moments(x: torch.Tensor, onehot: torch.Tensor, sync: bool = False,

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from msrec_dist.dist.loop import DenseStep, FlatGrads
+from msrec_dist.dist.grad_sync import FlatGrads
+from msrec_dist.dist.loop import DenseStep
 
 
 def _model(seed: int = 0) -> nn.Module:
@@ -21,7 +22,8 @@ def _state(model: nn.Module, lr: float = 0.01) -> SimpleNamespace:
     params = list(model.parameters())
     opt = torch.optim.Adam(params, lr=lr, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
-    return SimpleNamespace(dense_params=params, dense_optimizer=opt, scheduler=sched, replicated_optimizer=None)
+    return SimpleNamespace(dense_params=params, dense_optimizer=opt, scheduler=sched, replicated_optimizer=None,
+                           grad_sync=None)
 
 
 def _batches(n: int = 6):

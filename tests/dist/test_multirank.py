@@ -38,6 +38,9 @@ def data(tmp_path_factory) -> str:
 LAYOUTS = {"replicated": [], "table_wise": ["sharding.replicate_max_mb=0"]}
 # user table_wise, the others replicated: per-field gradient scales (1/world and 1) in one step
 MIXED = ["sharding.constraints.user.sharding_types=[table_wise]"]
+# 2-rank-only variants of the loss comparison: the mixed layout, and torch DDP (bucketed, in
+# backward) averaging the gradients instead of CPU's default one flat all-reduce after backward
+TWO_RANK_ONLY = {"mixed": MIXED, "ddp": ["train.grad_sync=ddp"]}
 
 
 @pytest.fixture(scope="module", params=list(LAYOUTS))
@@ -59,11 +62,12 @@ def assert_same_metrics(a: dict, b: dict, tol: float) -> None:
         assert abs(ca[key] - cb[key]) <= tol, (key, ca[key], cb[key])
 
 
-@pytest.mark.parametrize("two_layout", [*LAYOUTS, "mixed"])
+@pytest.mark.parametrize("two_layout", [*LAYOUTS, *TWO_RANK_ONLY])
 def test_two_ranks_match_one_rank_losses(data, tmp_path, two_layout):
     """Same global batch (512 = 2 x 256) and seed: the first 20 losses agree within 1e-4, with
-    the tables replicated (their gradients averaged by DDP), table_wise (summed over ranks by
-    the all-to-all, scaled by 1/world) or both in one model.
+    the tables replicated (their gradients averaged with the dense ones, by one flat all-reduce
+    or by DDP), table_wise (summed over ranks by the all-to-all, scaled by 1/world) or both in
+    one model.
 
     SGD for the sparse and the dense parameters here, for two reasons. A wrong gradient scale
     (e.g. a missing 1/world_size) shows under SGD but Adam's normalisation would hide it. And
@@ -73,7 +77,7 @@ def test_two_ranks_match_one_rank_losses(data, tmp_path, two_layout):
     sets = ["train.max_steps=20", "train.epochs=3", "train.sparse_optimizer=sgd", "train.dense_optimizer=sgd",
             "train.dense_lr=0.05", "train.checkpoint_every=20"]
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    for nproc, run_dir, batch, layout in ((1, one, 512, []), (2, two, 256, LAYOUTS.get(two_layout, MIXED))):
+    for nproc, run_dir, batch, layout in ((1, one, 512, []), (2, two, 256, {**LAYOUTS, **TWO_RANK_ONLY}[two_layout])):
         proc = train(nproc, data, run_dir, sets + [f"reader.batch_size={batch}"] + layout)
         assert proc.returncode == 0, errors(proc)
     if two_layout == "mixed":

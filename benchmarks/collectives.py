@@ -1,0 +1,110 @@
+"""gloo's all_reduce vs msrec_dist's pairwise-exchange sum (msrec_dist/dist/collectives.py), side by side.
+
+    python -m benchmarks.collectives [--sizes 3 1000 ...] [--calls 300]
+
+Starts 2 ranks with torchrun (bound to disjoint cores as train.py's ranks are,
+msrec_dist/runtime.py). For each tensor size, rounds alternate the two implementations
+(`--rounds` of `--calls` back-to-back calls each) and every call's wall time is kept: the table
+shows p10 / median / p90 over all calls of each, and the share of calls over 2 ms.
+The sizes default to the train loop's: the has-data agreement (3 ints), a STAR partitioned-norm
+statistic, the ple model's gradients (65k dense values; 306k with the demo tables replicated).
+Writes benchmarks/results/collectives.json and .md.
+"""
+from __future__ import annotations
+
+from benchmarks import perf_common as P  # sets OMP_WAIT_POLICY before torch loads
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+SIZES = [3, 1000, 30_000, 65_000, 306_000, 1_000_000]
+SLOW_MS = 2.0
+
+
+def quantile(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def worker(a) -> None:
+    from msrec_dist.dist import collectives
+    from msrec_dist.dist.context import init_distributed
+
+    ctx = init_distributed()
+    impls = {"gloo all_reduce": lambda t: dist.all_reduce(t), "exchange (msrec_dist)": collectives.all_reduce_sum_}
+    out: dict = {}
+    for n in a.sizes:
+        t = torch.ones(n) if n > 3 else torch.ones(n, dtype=torch.long)
+        times: dict[str, list[float]] = {k: [] for k in impls}
+        for r in range(a.rounds):
+            for name in (list(impls) if r % 2 == 0 else list(impls)[::-1]):
+                fn = impls[name]
+                for _ in range(5):
+                    fn(t)
+                for _ in range(a.calls):
+                    t0 = time.perf_counter()
+                    fn(t)
+                    times[name].append((time.perf_counter() - t0) * 1e3)
+        out[str(n)] = {k: {"p10_ms": quantile(v, 0.1), "median_ms": quantile(v, 0.5), "p90_ms": quantile(v, 0.9),
+                           "share_over_2ms": sum(x > SLOW_MS for x in v) / len(v), "calls": len(v)}
+                       for k, v in times.items()}
+    if ctx.rank == 0:
+        with open(a.worker, "w") as f:
+            json.dump(out, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def markdown(res: dict, command: str) -> str:
+    rows = []
+    for n, impls in res["sizes"].items():
+        for name, s in impls.items():
+            rows.append([f"{int(n):,}", f"{int(n) * (8 if int(n) == 3 else 4) / 1024:,.1f}", name,
+                         f"{s['p10_ms']:.3f}", f"{s['median_ms']:.3f}", f"{s['p90_ms']:.3f}",
+                         f"{s['share_over_2ms']:.0%}"])
+    return "\n".join([
+        "# gloo all_reduce vs pairwise exchange (2 ranks, one core each)", "",
+        f"Machine: {P.machine_line(res['machine'])}", "", f"Command: `{command}`", "",
+        f"{res['rounds']} alternating rounds of {res['calls']} back-to-back calls per implementation and size; "
+        "times are per call over all rounds (rank 0's clock).", "",
+        P.table(["values", "KiB", "implementation", "p10 ms", "median ms", "p90 ms", "calls > 2 ms"], rows),
+    ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", nargs="+", type=int, default=SIZES)
+    ap.add_argument("--calls", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="collectives")
+    a = ap.parse_args(argv)
+    if a.worker:
+        return worker(a)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "collectives.json")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "benchmarks.collectives", "--worker", out, "--calls", str(a.calls), "--rounds", str(a.rounds),
+               "--sizes", *map(str, a.sizes)]
+        proc = subprocess.run(cmd, cwd=P.REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"2-rank run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        with open(out) as f:
+            sizes = json.load(f)
+    res = {"machine": P.machine(), "calls": a.calls, "rounds": a.rounds, "sizes": sizes}
+    command = "python -m benchmarks.collectives" + (" " + " ".join(argv) if argv else "")
+    js, md = P.write_results(a.out, res, markdown(res, command))
+    print(open(md).read())
+    print(f"wrote {js} and {md}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,90 @@
+"""grad_sync 'flat' (msrec_dist/dist/grad_sync.py) on 2 spawned gloo ranks: no DDP anywhere (the
+replicated lookups' own DDP taken off, their hooks removed), every dense and replicated gradient
+in one buffer, and after steps on different local batches every rank holds bitwise the same
+weights. The 1-rank-vs-2-rank loss and table comparisons of tests/dist/test_multirank.py check
+the averaging itself."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+
+from msrec_dist.dist.grad_sync import FlatGrads, resolve_grad_sync
+
+pytestmark = pytest.mark.dist
+
+
+def _worker(rank: int, data_yaml: str, init_file: str, out_dir: str, sync: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        from msrec_dist.config import load_experiment
+        from msrec_dist.data.reader import make_dataloader
+        from msrec_dist.data.schema import load_data_config
+        from msrec_dist.dist.context import init_distributed
+        from msrec_dist.dist.loop import DenseStep, agreed_batches, train_step
+        from msrec_dist.dist.model_parallel import build_train_state
+        from tests.dist.launch import TINY_MODEL
+
+        cfg = load_experiment("configs/msrec.yaml", data_yaml, tuple(TINY_MODEL) + (
+            f"run.dir={out_dir}/run", "reader.batch_size=64", f"train.grad_sync={sync}"))
+        data = load_data_config(cfg.data)
+        ctx = init_distributed()
+        state = build_train_state(cfg, data, ctx, total_steps=100)
+        step = DenseStep(state, cfg.train.grad_clip)
+        # torchrec keeps a sharded EBC's lookups in a plain list, which modules() does not walk
+        lookups = [lk for m in state.model.modules() for lk in (getattr(m, "_lookups", None) or [])]
+        ddp = sum(isinstance(m, DistributedDataParallel) for m in [*state.model.modules(), *lookups])
+        batches = agreed_batches(make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size), data, ctx)
+        for _ in range(3):
+            batch, rows = next(batches)
+            train_step(state, batch, rows, ctx.world_size, step)
+        batches.close()
+        weights = {k: v.detach().clone() for k, v in state.model.named_parameters()}
+        torch.save({"ddp_modules": ddp, "bound": step.flat.bound(), "synced": state.grad_sync is not None,
+                    "buffer": step.flat.buffer.numel() if step.flat.buffer is not None else 0,
+                    "dense": sum(p.numel() for p in state.dense_params), "weights": weights},
+                   os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sync", ["flat", "ddp"])
+def test_two_ranks_stay_identical(synth_data, tmp_path, sync):
+    mp.spawn(_worker, args=(synth_data, str(tmp_path / "init"), str(tmp_path), sync), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(2))
+    for o in (a, b):
+        assert o["synced"] == (sync == "flat")
+        if sync == "flat":
+            assert o["ddp_modules"] == 0
+            assert o["bound"]  # the gradients stayed views of the one buffer the all-reduce sends
+            assert o["buffer"] > o["dense"]  # the replicated tables' gradients share it
+        else:
+            assert o["ddp_modules"] >= 2  # the dense modules' DDP and the replicated lookups'
+    assert a["weights"].keys() == b["weights"].keys()
+    for key, value in a["weights"].items():
+        assert torch.equal(value, b["weights"][key]), key
+
+
+def test_resolve_grad_sync():
+    assert resolve_grad_sync("auto", "cuda") == "ddp"
+    assert resolve_grad_sync("auto", "cpu") == "flat"
+    assert resolve_grad_sync("ddp", "cpu") == "ddp"
+    with pytest.raises(ValueError, match="grad_sync"):
+        resolve_grad_sync("bucketed", "cpu")
+
+
+def test_flat_grads_clip_only_the_clipped_part():
+    dense, table = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
+    flat = FlatGrads([dense], (table,))
+    (dense * torch.tensor([3.0, 4.0, 0.0])).sum().backward()
+    (table * 100).sum().backward()
+    assert flat.bound() and flat.buffer.numel() == 7
+    total = flat.clip_(1.0)
+    assert float(total) == pytest.approx(5.0)
+    torch.testing.assert_close(dense.grad, torch.tensor([0.6, 0.8, 0.0]), rtol=1e-5, atol=1e-6)
+    assert torch.equal(table.grad, torch.full((2, 2), 100.0))  # not clipped
