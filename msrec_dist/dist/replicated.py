@@ -1,10 +1,10 @@
 """Replicated (data_parallel) embedding tables: their optimizer, in the fused kernel's state layout.
 
     small table (sharding.replicate_max_mb, world > 1) ──planner: data_parallel──►
-      a full copy on every rank; torchrec wraps its lookup in DDP
-    backward: the table's dense gradient [rows, D], averaged over ranks by that DDP (one
-      all-reduce for all replicated tables, instead of the model-parallel path's KJT and pooled
-      all-to-alls)
+      a full copy on every rank; torchrec wraps its lookup in DDP (taken off again with
+      train.grad_sync 'flat', which averages these gradients with the dense ones: dist/grad_sync.py)
+    backward: the table's dense gradient [rows, D], averaged over ranks (one all-reduce,
+      instead of the model-parallel path's KJT and pooled all-to-alls)
     DenseStep.step ──ReplicatedTableOptimizer.step──► the update the fused kernel would make
 
 Why by hand: torchrec gives data_parallel tables no optimizer (its in-backward fused optimizer
@@ -57,7 +57,8 @@ class ReplicatedTableOptimizer(KeyedOptimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params.values():
-            p.grad = None  # DDP (gradient_as_bucket_view) writes a fresh bucket view next backward
+            p.grad = None  # DDP (gradient_as_bucket_view) writes a fresh bucket view next backward;
+            # with grad_sync "flat" DenseStep zeroes the shared gradient buffer instead of calling this
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:

@@ -4,7 +4,8 @@
       + Topology(world_size, local_world_size, compute_device)
       ──build_constraints: small tables → data_parallel (world > 1), the rest model-parallel──►
       ──EmbeddingShardingPlanner.collective_plan──► ShardingPlan (same on every rank)
-      ──DistributedModelParallel──► sharded EmbeddingBagCollection + DDP-wrapped dense part
+      ──DistributedModelParallel──► sharded EmbeddingBagCollection + data-parallel dense part
+      (DDP or one flat all-reduce, train.grad_sync: dist/grad_sync.py)
 
 Model-parallel tables: table_wise on CPU (gloo); on CUDA the planner chooses among table_wise,
 row_wise, table_row_wise, column_wise. Replicated tables (data_parallel): in a world of more than
@@ -51,7 +52,7 @@ def build_topology(world_size: int, local_world_size: int, compute_device: str,
 
 # Model-parallel sharding types: a row's gradient is the sum over ranks, divided by the world
 # size in torchrec's backward all-to-all (see model_parallel_grad_scale). Replicated
-# (data_parallel) tables are averaged by DDP instead.
+# (data_parallel) tables are averaged over ranks with the dense gradients instead (dist/grad_sync.py).
 MODEL_PARALLEL_TYPES = ["table_wise", "row_wise", "table_row_wise", "column_wise", "table_column_wise"]
 REPLICATED = "data_parallel"
 ALLOWED_TYPES = MODEL_PARALLEL_TYPES + [REPLICATED]
@@ -109,7 +110,8 @@ def plan_sharding(model: nn.Module, topology: Topology, cfg: ShardingConfig,
 
 def model_parallel_grad_scale(world_size: int) -> float:
     """The gradient scale of fields from model-parallel tables, so that every gradient is the
-    global-batch mean (DDP averages the dense and the replicated tables' gradients over ranks).
+    global-batch mean (DDP or grad_sync 'flat' averages the dense and the replicated tables'
+    gradients over ranks).
 
     A model-parallel table's rows get the sum over ranks of their pooled-embedding gradients,
     which torchrec's backward all-to-all already divides by the world size (comm_ops gradient

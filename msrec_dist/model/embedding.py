@@ -85,7 +85,7 @@ class FieldEmbedding(nn.Module):
     @torch.no_grad()
     def set_grad_scales(self, model_parallel: float, replicated: set[str]) -> None:
         """Fields of model-parallel tables get `model_parallel`, fields of the `replicated`
-        (data_parallel) tables 1: DDP averages those over ranks. msrec_dist.dist.sharding decides
+        (data_parallel) tables 1: those are averaged over ranks with the dense gradients. msrec_dist.dist.sharding decides
         the scales (model_parallel_grad_scale)."""
         for i, table in enumerate(self.field_tables):
             self.grad_scale[i] = 1.0 if table in replicated else model_parallel
