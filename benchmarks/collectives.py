@@ -71,8 +71,9 @@ def markdown(res: dict, command: str) -> str:
                          f"{s['p10_ms']:.3f}", f"{s['median_ms']:.3f}", f"{s['p90_ms']:.3f}",
                          f"{s['share_over_2ms']:.0%}"])
     return "\n".join([
-        "# gloo all_reduce vs pairwise exchange (2 ranks, one core each)", "",
+        "# gloo all_reduce vs pairwise exchange (2 ranks)", "",
         f"Machine: {P.machine_line(res['machine'])}", "", f"Command: `{command}`", "",
+        f"Ranks bound to one core each (msrec_dist/runtime.py): {res.get('bound', 'yes')}. "
         f"{res['rounds']} alternating rounds of {res['calls']} back-to-back calls per implementation and size; "
         "times are per call over all rounds (rank 0's clock).", "",
         P.table(["values", "KiB", "implementation", "p10 ms", "median ms", "p90 ms", "calls > 2 ms"], rows),
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
             raise RuntimeError(f"2-rank run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         with open(out) as f:
             sizes = json.load(f)
-    res = {"machine": P.machine(), "calls": a.calls, "rounds": a.rounds, "sizes": sizes}
+    res = {"machine": P.machine(), "bound": "no" if os.environ.get("MSREC_BIND_CORES") == "0" else "yes",
+           "calls": a.calls, "rounds": a.rounds, "sizes": sizes}
     command = "python -m benchmarks.collectives" + (" " + " ".join(argv) if argv else "")
     js, md = P.write_results(a.out, res, markdown(res, command))
     print(open(md).read())

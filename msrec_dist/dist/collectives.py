@@ -6,11 +6,12 @@
       otherwise (NCCL, other world sizes): dist.all_reduce
 
 Why by hand: on this project's 2-core CPU machine gloo's all_reduce of a small tensor takes
-3-5 ms in about a third of calls (2 ranks, 300 calls each of 3, 1k and 30k floats: median
-0.45-0.62 ms, p90 4.0 ms), while an isend/irecv exchange of the same tensor between the same two
-processes stays at 0.21-0.36 ms from p10 to p90 (up to 120k floats: 0.45 ms median vs 0.64 ms,
-p90 0.51 vs 0.88 ms; at 500k floats both are bandwidth-bound, ~2.2-2.4 ms).
-(benchmarks/collectives.py measures both side by side.)
+3-5 ms in a good share of calls, while an isend/irecv exchange of the same tensor between the
+same two processes mostly does not (`python -m benchmarks.collectives`, 400 calls per size).
+Ranks unbound: all_reduce of 3 to 30k values median 0.55-0.64 ms with 14-31% of calls over 2 ms,
+the exchange 0.35-0.38 ms with 0-2% (up to 65k values); at 306k values both take ~1.05 ms and at
+1M values both are bandwidth-bound. Ranks bound to one core each (train.py's default), both
+suffer more: over 2 ms in 55-66% of all_reduce's calls and 22-65% of the exchange's.
 
 Every rank ends with bitwise the same sum: in each round the two partners add the same two
 values (a + b == b + a in IEEE arithmetic), so they hold equal partial sums for the next round.
