@@ -91,18 +91,14 @@ class FlatAllReduce:
         self.group, self.world_size = group, world_size
 
     def all_reduce_(self, flat: FlatGrads) -> None:
-        if flat.bound():
-            all_reduce_sum_(flat.buffer, self.group)
-            flat.buffer.div_(self.world_size)
+        bound = flat.bound()
+        grads = [] if bound else [p.grad for p in flat.params if p.grad is not None]
+        if not bound and not grads:
             return
-        grads = [p.grad for p in flat.params if p.grad is not None]
-        if not grads:
-            return
-        buffer = _flatten_dense_tensors(grads)
-        all_reduce_sum_(buffer, self.group)
-        buffer.div_(self.world_size)
-        for g, synced in zip(grads, _unflatten_dense_tensors(buffer, grads)):
-            g.copy_(synced)
+        buffer = flat.buffer if bound else _flatten_dense_tensors(grads)
+        all_reduce_sum_(buffer, self.group).div_(self.world_size)
+        for g, synced in zip(grads, _unflatten_dense_tensors(buffer, grads) if grads else ()):
+            g.copy_(synced)  # the temporary's values back into the gradients (unbound case)
 
 
 def unwrap_replicated_lookups(module: nn.Module) -> list[nn.Parameter]:

@@ -88,3 +88,29 @@ def test_flat_grads_clip_only_the_clipped_part():
     assert float(total) == pytest.approx(5.0)
     torch.testing.assert_close(dense.grad, torch.tensor([0.6, 0.8, 0.0]), rtol=1e-5, atol=1e-6)
     assert torch.equal(table.grad, torch.full((2, 2), 100.0))  # not clipped
+
+
+def _unbound_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        from msrec_dist.dist.grad_sync import FlatAllReduce
+
+        a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+        flat = FlatGrads([a], (b,))
+        a.grad.fill_(float(rank + 1))  # a view of the buffer
+        b.grad = torch.full((2,), 10.0 * (rank + 1))  # replaced: the buffer path is off
+        bound = flat.bound()
+        FlatAllReduce([b], None, 2).all_reduce_(flat)
+        torch.save({"bound": bound, "a": a.grad.clone(), "b": b.grad.clone()}, os.path.join(out_dir, f"u{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_flat_all_reduce_averages_replaced_gradients(tmp_path):
+    """When a caller replaced a gradient (views unbound), the average goes through a temporary."""
+    mp.spawn(_unbound_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        o = torch.load(tmp_path / f"u{r}.pt")
+        assert not o["bound"]
+        assert torch.equal(o["a"], torch.full((3,), 1.5))
+        assert torch.equal(o["b"], torch.full((2,), 15.0))
