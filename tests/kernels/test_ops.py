@@ -175,6 +175,31 @@ def test_torch_compile_inductor_default_impl():
         torch.testing.assert_close(got, x.grad, **tol(torch.float32))
 
 
+def test_eager_triton_skips_the_custom_op():
+    """In eager mode the wrappers run Triton through ops.TritonGateCombine / TritonFieldAttention
+    (autograd.Functions, no custom-op dispatch), with the same values and gradients, bit for bit,
+    as msrec::gate_combine / msrec::field_attention routed to the same kernels, strided inputs
+    and a key mask included; the same shape checks run first."""
+    y, g = gate_inputs(9, 4, 3, 16)
+    y_t = y.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_()  # PLE's strided view
+    assert type(K.gate_combine(y_t, g, kernel="triton").grad_fn).__name__ == "TritonGateCombineBackward"
+    direct, direct_grads = run_with_grads(lambda a, b: K.gate_combine(a, b, kernel="triton"), (y_t, g))
+    via_op, op_grads = run_with_grads(lambda a, b: torch.ops.msrec.gate_combine(a, b, "triton"), (y_t, g))
+    assert torch.equal(direct, via_op) and all(torch.equal(a, b) for a, b in zip(direct_grads, op_grads))
+    assert direct_grads[0].stride() == y_t.stride()
+    with pytest.raises(ValueError, match="gate_logits"):
+        K.gate_combine(y_t, g[:, :5], kernel="triton")
+
+    q, k, v = attn_inputs(5, 2, 7, 8)
+    mask = key_mask(5, 7)
+    att = K.field_attention(q, k, v, mask, kernel="triton")
+    assert type(att.grad_fn).__name__ == "TritonFieldAttentionBackward"
+    direct, direct_grads = run_with_grads(lambda a, b, c: K.field_attention(a, b, c, mask, kernel="triton"), (q, k, v))
+    via_op, op_grads = run_with_grads(
+        lambda a, b, c: torch.ops.msrec.field_attention(a, b, c, mask, "triton")[0], (q, k, v))
+    assert torch.equal(direct, via_op) and all(torch.equal(a, b) for a, b in zip(direct_grads, op_grads))
+
+
 def test_fx_trace_shows_ops():
     class Block(torch.nn.Module):
         def forward(self, y, g, q, k, v):

@@ -1,0 +1,94 @@
+"""Host cost of each way into the Triton kernels at small batches (GPU only): the eager PyTorch
+reference, the custom op msrec::gate_combine / msrec::field_attention (routed to Triton), the
+Triton launcher called directly, and an autograd.Function over the launchers (what
+msrec_dist.kernels' wrappers now call in eager mode: kernels/ops.py, TritonGateCombine and
+TritonFieldAttention, of which the two classes below are the copies this was first run with).
+Per path: median ms from triton.testing.do_bench, and host-only microseconds per call
+(2000 calls without a sync).
+
+    device run:   OUT=DIR python3 benchmarks/kernel_dispatch.py    -> DIR/host_overhead.json
+Result (H200, 2026-11-26): benchmarks/results/gpu/host_overhead_run5.json.
+"""
+import importlib
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.getcwd())
+from msrec_dist.kernels import ops  # noqa: E402  (needs msrec_dist/kernels: pip install -e . or gpu_check.sh's link)
+from msrec_dist.kernels.field_attention_ref import field_attention_ref  # noqa: E402
+from msrec_dist.kernels.gate_combine_ref import gate_combine_ref  # noqa: E402
+
+gk = importlib.import_module("msrec_dist.kernels.gate_combine")      # the Triton modules
+fk = importlib.import_module("msrec_dist.kernels.field_attention")
+
+class GateFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, x):
+        ctx.save_for_backward(y, x)
+        return gk.gate_combine_fwd(y, x)
+    @staticmethod
+    def backward(ctx, g):
+        y, x = ctx.saved_tensors
+        return gk.gate_combine_bwd(g, y, x)
+
+class AttnFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out, lse = fk.field_attention_fwd(q, k, v, None)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+    @staticmethod
+    def backward(ctx, g):
+        q, k, v, out, lse = ctx.saved_tensors
+        return fk.field_attention_bwd(g, q, k, v, None, out, lse)
+
+def host_us(fn, n=2000):
+    for _ in range(20): fn()
+    torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(n): fn()
+    h = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize(); return h
+
+res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "rows": []}
+dt = torch.bfloat16
+for B, E, T, D in [(16384, 4, 2, 64), (16384, 8, 3, 128), (1048576, 4, 2, 64)]:
+    y = torch.randn(B, E, D, device="cuda", dtype=dt, requires_grad=True)
+    x = torch.randn(T, B, E, device="cuda", dtype=dt, requires_grad=True)
+    g = torch.randn(T, B, D, device="cuda", dtype=dt)
+    paths = {"eager": lambda: gate_combine_ref(y, x), "custom_op": lambda: ops.gate_combine(y, x, "triton"),
+             "direct": lambda: gk.gate_combine_fwd(y, x), "autograd_fn": lambda: GateFn.apply(y, x)}
+    for name, f in paths.items():
+      try:
+        fwd = do_bench(f); hf = host_us(f)
+        fb = None
+        if name != "direct":
+            def step(): f().backward(g)
+            fb = do_bench(step, grad_to_none=[y, x]); hb = host_us(step)
+      except Exception as e:
+        print(name, "failed", repr(e)[:300]); continue
+      if True:
+        row = dict(op="gate_combine", shape=f"B={B} E={E} T={T} D={D}", path=name, fwd_ms=fwd, fwd_host_us=hf,
+                   fwdbwd_ms=fb, fwdbwd_host_us=hb if fb else None)
+        print(row, flush=True); res["rows"].append(row)
+for B, H, F, dh in [(16384, 2, 32, 16), (16384, 4, 64, 32)]:
+    q, k, v = (torch.randn(B, H, F, dh, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
+    g = torch.randn(B, H, F, dh, device="cuda", dtype=dt)
+    paths = {"eager": lambda: field_attention_ref(q, k, v, None),
+             "custom_op": lambda: ops.field_attention(q, k, v, None, "triton")[0], "autograd_fn": lambda: AttnFn.apply(q, k, v)}
+    for name, f in paths.items():
+        try:
+            fwd = do_bench(f); hf = host_us(f)
+            def step(): f().backward(g)
+            fb = do_bench(step, grad_to_none=[q, k, v]); hb = host_us(step)
+        except Exception as e:  # record, go on
+            print(name, "failed", repr(e)[:300]); continue
+        row = dict(op="field_attention", shape=f"B={B} H={H} F={F} dh={dh}", path=name, fwd_ms=fwd, fwd_host_us=hf,
+                   fwdbwd_ms=fb, fwdbwd_host_us=hb)
+        print(row, flush=True); res["rows"].append(row)
+json.dump(res, open(os.path.join(os.environ.get("OUT", "."), "host_overhead.json"), "w"), indent=1)
