@@ -153,6 +153,8 @@ BAD_ROWS = {  # case → (overrides, column, file row)
     "nan_label": ({"click": _nan_at(5)}, "click", 5),
     "non_binary_label": ({"convert": [0, 1, 0, 1, 0, 1, 0, 2]}, "convert", 7),
     "nan_dense": ({"price": _nan_at(3).astype(np.float32)}, "price", 3),
+    "inf_dense": ({"price": [0.0, 0.0, np.inf, 0.0, 0.0, 0.0, 0.0, 0.0]}, "price", 2),
+    "dense_past_float32": ({"price": [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1e39, 0.0]}, "price", 6),  # inf as float32
 }
 
 
