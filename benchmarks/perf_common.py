@@ -125,6 +125,7 @@ def step_fn(state, cfg, world_size: int = 1) -> Callable:
 
     def step(batch, global_rows=None):
         return loop.train_step(state, batch, global_rows or batch.size * world_size, world_size, last)
+    step.dense_step = last  # agreed_batches(..., step.dense_step) lets its all-reduce carry the agreement
     return step
 
 

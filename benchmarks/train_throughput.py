@@ -59,7 +59,7 @@ def timed_steps(state, cfg, data, ctx, warmup: int, steps: int, loader=None) -> 
 
     step = P.step_fn(state, cfg, ctx.world_size)
     loader = loader or make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size)
-    it = agreed_batches(loader, data, ctx)
+    it = agreed_batches(loader, data, ctx, getattr(step, "dense_step", None))  # one step per batch, as training
     for _ in range(warmup):
         batch, rows = next(it)
         step(batch, rows)

@@ -4,7 +4,9 @@
     grad_sync "ddp":  torch DDP around the dense modules, and torchrec's DDP around each replicated
                       (data_parallel) table lookup, all-reduce in buckets during backward (two
                       reducers: two all-reduces a step, plus their per-step hooks)
-    grad_sync "flat": no DDP; after backward FlatAllReduce averages the whole buffer in ONE all-reduce
+    grad_sync "flat": no DDP; after backward FlatAllReduce averages the whole buffer in ONE all-reduce,
+                      which also carries the loop's has-data agreement for the next batch (3 extra
+                      slots: one collective a step instead of two)
     then: clip (dense part only) → optimizers → zero the buffer (one fill)
 
 `grad_sync: auto` is "flat" on CPU (gloo) and "ddp" on CUDA. DDP's buckets overlap the all-reduce
@@ -55,18 +57,23 @@ class FlatGrads:
     update of an SGD/Adam step that every parameter gets anyway (an empty batch gives zeros).
     """
 
-    def __init__(self, params: list[nn.Parameter], unclipped: tuple[nn.Parameter, ...] = ()) -> None:
+    def __init__(self, params: list[nn.Parameter], unclipped: tuple[nn.Parameter, ...] = (), extra: int = 0) -> None:
+        """`extra` slots after the gradients (`self.extra`) ride along in the all-reduce: the
+        loop's has-data agreement for the next batch (dist/loop.py, agreed_batches)."""
         self.params = [p for p in params if p.requires_grad] + [p for p in unclipped if p.requires_grad]
+        self.extra: Optional[torch.Tensor] = None
         if not self.params or len({(p.dtype, p.device) for p in self.params}) != 1:
             self.buffer, self.clipped, self.ptrs = None, None, []
             return
         p0 = self.params[0]
-        self.buffer = torch.zeros(sum(p.numel() for p in self.params), dtype=p0.dtype, device=p0.device)
+        num_grads = sum(p.numel() for p in self.params)
+        self.buffer = torch.zeros(num_grads + extra, dtype=p0.dtype, device=p0.device)
         offset, num_clipped = 0, sum(p.numel() for p in params if p.requires_grad)
         for p in self.params:
             p.grad = self.buffer[offset: offset + p.numel()].view_as(p)
             offset += p.numel()
         self.clipped = self.buffer[:num_clipped]
+        self.extra = self.buffer[num_grads:] if extra else None
         self.ptrs = [p.grad.data_ptr() for p in self.params]
 
     def bound(self) -> bool:
@@ -90,15 +97,24 @@ class FlatAllReduce:
         self.replicated_params = tuple(replicated_params)  # the replicated lookups' own weights
         self.group, self.world_size = group, world_size
 
-    def all_reduce_(self, flat: FlatGrads) -> None:
+    def all_reduce_(self, flat: FlatGrads) -> Optional[list[int]]:
+        """Averages the gradients; returns the sums over ranks of FlatGrads' extra slots (small
+        integers, exact in float32), or None without extra slots."""
         bound = flat.bound()
         grads = [] if bound else [p.grad for p in flat.params if p.grad is not None]
+        if not bound and flat.extra is not None:
+            grads.append(flat.extra)  # the extra slots ride in the temporary too
         if not bound and not grads:
-            return
+            return None
         buffer = flat.buffer if bound else _flatten_dense_tensors(grads)
-        all_reduce_sum_(buffer, self.group).div_(self.world_size)
+        all_reduce_sum_(buffer, self.group)
+        sums = None
+        if flat.extra is not None:  # read before the average
+            sums = [int(v) for v in buffer[buffer.numel() - flat.extra.numel():].round().tolist()]
+        buffer.div_(self.world_size)
         for g, synced in zip(grads, _unflatten_dense_tensors(buffer, grads) if grads else ()):
             g.copy_(synced)  # the temporary's values back into the gradients (unbound case)
+        return sums
 
 
 def unwrap_replicated_lookups(module: nn.Module) -> list[nn.Parameter]:

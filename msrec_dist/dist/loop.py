@@ -11,7 +11,10 @@
     schedule step.
 
 One small all_reduce per step carries the agreement; it is also the step's only host sync
-besides the logged loss.
+besides the logged loss. With grad_sync 'flat' in a world > 1 the agreement on batch k+1 rides
+in step k's gradient all-reduce instead (3 extra slots of its buffer), so a training step runs
+one collective, not two: each collective costs a gloo round trip (and, with ranks bound to one
+core each, often a scheduler tick: benchmarks/results/collectives.md).
 """
 from __future__ import annotations
 
@@ -66,13 +69,26 @@ class Agreement:
     error: Optional[str]
 
 
+AGREEMENT_SLOTS = 3  # [has_data, rows, failed]
+
+
+def agreement_flags(batch: Optional[Batch], error: Optional[str]) -> list[int]:
+    """This rank's [has_data, rows, failed], summed over ranks by the agreement."""
+    return [int(batch is not None), batch.size if batch is not None else 0, int(error is not None)]
+
+
 def agree(batch: Optional[Batch], error: Optional[str], ctx: DistContext) -> Agreement:
     """All-reduce [has_data, rows, failed] over ranks; on failure every rank gets the first error."""
-    flags = torch.tensor([int(batch is not None), batch.size if batch is not None else 0, int(error is not None)],
-                         dtype=torch.long)
+    flags = torch.tensor(agreement_flags(batch, error), dtype=torch.long)
     if ctx.world_size > 1:
         flags = all_reduce_sum_(flags.to(ctx.device))
-    ranks_with_data, global_rows, failures = (int(x) for x in flags.tolist())  # host sync, once per step
+    return settle([int(x) for x in flags.tolist()], error, ctx)  # host sync, once per step
+
+
+def settle(sums: list[int], error: Optional[str], ctx: DistContext) -> Agreement:
+    """The agreement from the summed flags; on failure every rank gets the first rank's error
+    (one all_gather of the messages, only then)."""
+    ranks_with_data, global_rows, failures = sums
     if failures:
         messages = [None] * ctx.world_size
         if ctx.world_size > 1:
@@ -84,19 +100,35 @@ def agree(batch: Optional[Batch], error: Optional[str], ctx: DistContext) -> Agr
     return Agreement(ranks_with_data, global_rows, None)
 
 
-def agreed_batches(loader, data: DataConfig, ctx: DistContext) -> Iterator[tuple[Batch, int]]:
+def agreed_batches(loader, data: DataConfig, ctx: DistContext,
+                   step: Optional["DenseStep"] = None) -> Iterator[tuple[Batch, int]]:
     """Yields (this rank's batch or an empty one, global rows) while any rank has data;
-    raises the same DataError on every rank when any rank met bad data."""
+    raises the same DataError on every rank when any rank met bad data.
+
+    With a `step` that carries the agreement (DenseStep.carries_agreement), the consumer must run
+    that step's step() exactly once per batch: the flags of the batch after this one are handed to
+    it before the yield and come back summed from its gradient all-reduce, so the next batch is
+    read one step early (the read-ahead thread holds it already) and no collective of its own runs.
+    """
     it = iter(loader)
+    batch, error = next_or_error(it)
+    verdict = agree(batch, error, ctx)
+    carry = step is not None and step.carries_agreement
     while True:
-        batch, error = next_or_error(it)
-        verdict = agree(batch, error, ctx)
         if verdict.error is not None:
             raise DataError(verdict.error)
         if verdict.ranks_with_data == 0:
             return
         local = batch.to(ctx.device) if batch is not None else empty_batch(data, ctx.device)
+        if not carry:
+            yield local, verdict.global_rows
+            batch, error = next_or_error(it)
+            verdict = agree(batch, error, ctx)
+            continue
+        batch, error = next_or_error(it)
+        step.carry(agreement_flags(batch, error))
         yield local, verdict.global_rows
+        verdict = settle(step.carried(), error, ctx)
 
 
 class DenseStep:
@@ -109,8 +141,29 @@ class DenseStep:
 
     def __init__(self, state: TrainState, grad_clip: float) -> None:
         self.state, self.grad_clip = state, grad_clip
-        # with grad_sync 'flat' the replicated tables' gradients share the buffer (one all-reduce)
-        self.flat = FlatGrads(state.dense_params, state.grad_sync.replicated_params if state.grad_sync else ())
+        # with grad_sync 'flat' the replicated tables' gradients share the buffer (one all-reduce),
+        # and so does the has-data agreement of the next batch (AGREEMENT_SLOTS at its end)
+        sync = state.grad_sync
+        self.flat = FlatGrads(state.dense_params, sync.replicated_params if sync else (),
+                              extra=AGREEMENT_SLOTS if sync else 0)
+        self._summed: Optional[list[int]] = None  # the carried flags summed by the last step()
+
+    @property
+    def carries_agreement(self) -> bool:
+        """Whether step()'s all-reduce can carry the agreement (grad_sync 'flat', one buffer)."""
+        return self.state.grad_sync is not None and self.flat.extra is not None
+
+    def carry(self, flags: list[int]) -> None:
+        """Flags for the next step()'s all-reduce to sum (after this step's zero_grad)."""
+        self.flat.extra.copy_(torch.tensor(flags, dtype=self.flat.extra.dtype))
+        self._summed = None
+
+    def carried(self) -> list[int]:
+        """The carried flags summed over ranks by the last step()."""
+        if self._summed is None:
+            raise RuntimeError("DenseStep.carried(): no step() ran since carry() (one step per batch)")
+        summed, self._summed = self._summed, None
+        return summed
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self.flat.bound():  # the views stay; zeros change no update (see FlatGrads)
@@ -124,7 +177,7 @@ class DenseStep:
 
     def step(self) -> None:
         if self.state.grad_sync is not None:  # average over ranks (grad_sync 'flat'; DDP did it in backward)
-            self.state.grad_sync.all_reduce_(self.flat)
+            self._summed = self.state.grad_sync.all_reduce_(self.flat)
         if self.state.replicated_optimizer is not None:  # sparse: not clipped, as the fused tables
             self.state.replicated_optimizer.step()
         if self.grad_clip > 0:
@@ -176,7 +229,8 @@ def train_epoch(state: TrainState, loader, data: DataConfig, ctx: DistContext, g
     rank rather than per row.
     """
     dense_step = DenseStep(state, grad_clip)
-    batches = agreed_batches(loader, data, ctx)
+    # unpipelined, each batch gets one dense_step.step(), which carries the agreement
+    batches = agreed_batches(loader, data, ctx, None if pipelined else dense_step)
     steps = 0
     if not pipelined:
         for batch, global_rows in batches:

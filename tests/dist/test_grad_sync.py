@@ -26,9 +26,22 @@ def _worker(rank: int, data_yaml: str, init_file: str, out_dir: str, sync: str) 
         from msrec_dist.data.reader import make_dataloader
         from msrec_dist.data.schema import load_data_config
         from msrec_dist.dist.context import init_distributed
+        from msrec_dist.dist import grad_sync, loop
         from msrec_dist.dist.loop import DenseStep, agreed_batches, train_step
         from msrec_dist.dist.model_parallel import build_train_state
         from tests.dist.launch import TINY_MODEL
+
+        calls = {"agreement": 0, "gradients": 0}  # the loop's sums: the agreement's own, the gradients'
+
+        def counted(module, key):
+            inner = module.all_reduce_sum_
+
+            def wrapper(*args, **kwargs):
+                calls[key] += 1
+                return inner(*args, **kwargs)
+            module.all_reduce_sum_ = wrapper
+        counted(loop, "agreement")
+        counted(grad_sync, "gradients")
 
         cfg = load_experiment("configs/msrec.yaml", data_yaml, tuple(TINY_MODEL) + (
             f"run.dir={out_dir}/run", "reader.batch_size=64", f"train.grad_sync={sync}"))
@@ -39,7 +52,9 @@ def _worker(rank: int, data_yaml: str, init_file: str, out_dir: str, sync: str) 
         # torchrec keeps a sharded EBC's lookups in a plain list, which modules() does not walk
         lookups = [lk for m in state.model.modules() for lk in (getattr(m, "_lookups", None) or [])]
         ddp = sum(isinstance(m, DistributedDataParallel) for m in [*state.model.modules(), *lookups])
-        batches = agreed_batches(make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size), data, ctx)
+        # as train_epoch: the step's gradient all-reduce carries the next batch's agreement (flat)
+        batches = agreed_batches(make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size), data, ctx,
+                                 step)
         for _ in range(3):
             batch, rows = next(batches)
             train_step(state, batch, rows, ctx.world_size, step)
@@ -47,7 +62,8 @@ def _worker(rank: int, data_yaml: str, init_file: str, out_dir: str, sync: str) 
         weights = {k: v.detach().clone() for k, v in state.model.named_parameters()}
         torch.save({"ddp_modules": ddp, "bound": step.flat.bound(), "synced": state.grad_sync is not None,
                     "buffer": step.flat.buffer.numel() if step.flat.buffer is not None else 0,
-                    "dense": sum(p.numel() for p in state.dense_params), "weights": weights},
+                    "dense": sum(p.numel() for p in state.dense_params), "weights": weights,
+                    "carries": step.carries_agreement, "calls": calls},
                    os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -62,9 +78,13 @@ def test_two_ranks_stay_identical(synth_data, tmp_path, sync):
         if sync == "flat":
             assert o["ddp_modules"] == 0
             assert o["bound"]  # the gradients stayed views of the one buffer the all-reduce sends
-            assert o["buffer"] > o["dense"]  # the replicated tables' gradients share it
+            assert o["buffer"] > o["dense"] + 3  # the replicated tables' gradients and the agreement share it
+            # one collective a step: the first batch's agreement, then each step's gradient sum
+            # carries the next one's (3 steps read 3 batches and 3 agreements)
+            assert o["carries"] and o["calls"] == {"agreement": 1, "gradients": 3}
         else:
             assert o["ddp_modules"] >= 2  # the dense modules' DDP and the replicated lookups'
+            assert not o["carries"] and o["calls"] == {"agreement": 3, "gradients": 0}
     assert a["weights"].keys() == b["weights"].keys()
     for key, value in a["weights"].items():
         assert torch.equal(value, b["weights"][key]), key
