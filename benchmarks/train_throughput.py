@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--models", nargs="+", default=P.MODELS)
     ap.add_argument("--batch-sizes", nargs="+", type=int, default=BATCH_SIZES)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=20)  # 3 + 20 batches of 8192 fit the 200k default rows
     ap.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3, help="alternating runs of the grids; each cell keeps its fastest")
     ap.add_argument("--rows", type=int, default=200_000)
@@ -273,6 +273,9 @@ def main(argv: list[str] | None = None) -> None:
         return worker(a)
     if a.quick:
         a.batch_sizes, a.steps = [1024, 4096], 5
+    if not a.data and (a.warmup + a.steps) * max(a.batch_sizes) > a.rows:  # one epoch must hold every timed step
+        ap.error(f"--rows {a.rows} holds {a.rows // max(a.batch_sizes)} batches of {max(a.batch_sizes)}, "
+                 f"fewer than --warmup {a.warmup} + --steps {a.steps}: raise --rows or lower --steps")
     data_path = a.data or P.ensure_data(rows=a.rows)
     ctx = P.init_world()
     mm = P.matmul_flops()
