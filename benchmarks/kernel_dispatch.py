@@ -1,8 +1,8 @@
 """Host cost of each way into the Triton kernels at small batches (GPU only): the eager PyTorch
 reference, the custom op msrec::gate_combine / msrec::field_attention (routed to Triton), the
-Triton launcher called directly, and an autograd.Function over the launchers (what
-msrec_dist.kernels' wrappers now call in eager mode: kernels/ops.py, TritonGateCombine and
-TritonFieldAttention, of which the two classes below are the copies this was first run with).
+Triton launcher called directly, and the autograd.Function over the launchers that
+msrec_dist.kernels' wrappers call in eager mode (kernels/ops.py: TritonGateCombine,
+TritonFieldAttention; run 5 used copies of them written into this script, the same calls).
 Per path: median ms from triton.testing.do_bench, and host-only microseconds per call
 (2000 calls without a sync).
 
@@ -24,29 +24,7 @@ from msrec_dist.kernels import ops  # noqa: E402  (needs msrec_dist/kernels: pip
 from msrec_dist.kernels.field_attention_ref import field_attention_ref  # noqa: E402
 from msrec_dist.kernels.gate_combine_ref import gate_combine_ref  # noqa: E402
 
-gk = importlib.import_module("msrec_dist.kernels.gate_combine")      # the Triton modules
-fk = importlib.import_module("msrec_dist.kernels.field_attention")
-
-class GateFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, y, x):
-        ctx.save_for_backward(y, x)
-        return gk.gate_combine_fwd(y, x)
-    @staticmethod
-    def backward(ctx, g):
-        y, x = ctx.saved_tensors
-        return gk.gate_combine_bwd(g, y, x)
-
-class AttnFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v):
-        out, lse = fk.field_attention_fwd(q, k, v, None)
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-    @staticmethod
-    def backward(ctx, g):
-        q, k, v, out, lse = ctx.saved_tensors
-        return fk.field_attention_bwd(g, q, k, v, None, out, lse)
+gk = importlib.import_module("msrec_dist.kernels.gate_combine")  # the Triton module (its launcher)
 
 def host_us(fn, n=2000):
     for _ in range(20): fn()
@@ -62,7 +40,7 @@ for B, E, T, D in [(16384, 4, 2, 64), (16384, 8, 3, 128), (1048576, 4, 2, 64)]:
     x = torch.randn(T, B, E, device="cuda", dtype=dt, requires_grad=True)
     g = torch.randn(T, B, D, device="cuda", dtype=dt)
     paths = {"eager": lambda: gate_combine_ref(y, x), "custom_op": lambda: ops.gate_combine(y, x, "triton"),
-             "direct": lambda: gk.gate_combine_fwd(y, x), "autograd_fn": lambda: GateFn.apply(y, x)}
+             "direct": lambda: gk.gate_combine_fwd(y, x), "autograd_fn": lambda: ops.TritonGateCombine.apply(y, x)}
     for name, f in paths.items():
       try:
         fwd = do_bench(f); hf = host_us(f)
@@ -80,7 +58,7 @@ for B, H, F, dh in [(16384, 2, 32, 16), (16384, 4, 64, 32)]:
     q, k, v = (torch.randn(B, H, F, dh, device="cuda", dtype=dt, requires_grad=True) for _ in range(3))
     g = torch.randn(B, H, F, dh, device="cuda", dtype=dt)
     paths = {"eager": lambda: field_attention_ref(q, k, v, None),
-             "custom_op": lambda: ops.field_attention(q, k, v, None, "triton")[0], "autograd_fn": lambda: AttnFn.apply(q, k, v)}
+             "custom_op": lambda: ops.field_attention(q, k, v, None, "triton")[0], "autograd_fn": lambda: ops.TritonFieldAttention.apply(q, k, v, None)}
     for name, f in paths.items():
         try:
             fwd = do_bench(f); hf = host_us(f)

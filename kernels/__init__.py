@@ -73,9 +73,10 @@ def field_attention(
 
 
 def _direct_impl(kernel: str, op: str, x: torch.Tensor) -> Optional[str]:
-    """"cpp" or "triton" where the wrapper skips the Python custom op, else None (the custom op
-    runs: the reference, an empty batch, FX symbolic tracing with Proxy inputs, and Triton while
-    torch.compile traces, which sees the op through its fake; the C++ op has fakes of its own)."""
+    """The implementation the wrapper calls without the Python custom op ("cpp" or "triton"), or
+    None where the custom op runs: the reference, an empty batch, FX symbolic tracing (Proxy
+    inputs), and Triton while torch.compile traces (it sees the op through its fake; the C++ op
+    has fakes of its own)."""
     if isinstance(x, torch.fx.Proxy):
         return None
     chosen = ops.choose_impl(kernel, op, x)

@@ -222,8 +222,9 @@ def open_parquet(path: str) -> pq.ParquetFile:
     try:
         if os.path.getsize(path) == 0:
             raise DataError(f"{path}: empty shard (0-byte file)")
-        # pre_buffer: one read per row group's column chunks instead of one per page (with
-        # single-threaded decoding below, 2.9 -> 2.5 ms per 16384-row group of the demo data)
+        # pre_buffer: one read per row group's column chunks instead of one per page (with the
+        # reader's single-threaded decoding, 2.9 -> 2.5 ms per 16384-row group of the benchmarks'
+        # synthetic data; see data/reader.py)
         return pq.ParquetFile(path, pre_buffer=True)
     except DataError:
         raise

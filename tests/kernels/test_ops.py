@@ -191,13 +191,14 @@ def test_eager_triton_skips_the_custom_op():
         K.gate_combine(y_t, g[:, :5], kernel="triton")
 
     q, k, v = attn_inputs(5, 2, 7, 8)
-    mask = key_mask(5, 7)
-    att = K.field_attention(q, k, v, mask, kernel="triton")
-    assert type(att.grad_fn).__name__ == "TritonFieldAttentionBackward"
-    direct, direct_grads = run_with_grads(lambda a, b, c: K.field_attention(a, b, c, mask, kernel="triton"), (q, k, v))
-    via_op, op_grads = run_with_grads(
-        lambda a, b, c: torch.ops.msrec.field_attention(a, b, c, mask, "triton")[0], (q, k, v))
-    assert torch.equal(direct, via_op) and all(torch.equal(a, b) for a, b in zip(direct_grads, op_grads))
+    for mask in (key_mask(5, 7), None):
+        att = K.field_attention(q, k, v, mask, kernel="triton")
+        assert type(att.grad_fn).__name__ == "TritonFieldAttentionBackward"
+        direct, direct_grads = run_with_grads(lambda a, b, c: K.field_attention(a, b, c, mask, kernel="triton"),
+                                              (q, k, v))
+        via_op, op_grads = run_with_grads(
+            lambda a, b, c: torch.ops.msrec.field_attention(a, b, c, mask, "triton")[0], (q, k, v))
+        assert torch.equal(direct, via_op) and all(torch.equal(a, b) for a, b in zip(direct_grads, op_grads))
 
 
 def test_fx_trace_shows_ops():
