@@ -7,9 +7,11 @@
    KJTs, the main process receives them) over one epoch of the synthetic train split, for each
    worker count (0 = in the main process).
 2. Per model: trainer samples/s with pre-built in-memory batches vs with the real reader (the
-   config's default workers), in interleaved rounds (fresh loader each round, warm-up steps
-   excluded); overhead = step time with reader / step time in memory - 1 (median over rounds).
-   Target: reader rows/s at the default workers >= 10x the trainer's samples/s; overhead <= 5%.
+   config's default workers) in both in-process read modes (read-ahead thread, inline), in
+   interleaved rounds (fresh loader each round, warm-up steps excluded); overhead = step time
+   with reader / step time in memory - 1 (median over rounds).
+   Target: reader rows/s at the default workers >= 10x the trainer's samples/s; overhead <= 5%
+   in the mode the default (`reader.prefetch_thread: auto`) picks on the machine.
 Writes benchmarks/results/reader_throughput.json and .md.
 """
 from __future__ import annotations
@@ -44,35 +46,46 @@ def reader_rows_per_s(data, reader_cfg, max_batches: int | None = None) -> tuple
     return rows / (time.perf_counter() - start), rows
 
 
+READ_MODES = {"thread": True, "inline": False}  # reader.prefetch_thread of each measured read mode
+
+
 def step_overhead(model: str, data_path: str, batch_size: int, rounds: int, steps: int, warmup: int = 3) -> dict:
-    from msrec_dist.data.reader import make_dataloader
+    """Step time with the real reader, in each read mode (read-ahead thread, inline), vs pre-built
+    in-memory batches: interleaved rounds, the order rotating each round."""
+    from msrec_dist.data.reader import make_dataloader, read_ahead_in_thread, usable_cores
 
     cfg, data, _, state = P.make_state(model, data_path, batch_size)
     step = P.step_fn(state, cfg)
     mem = P.prebuilt_batches(cfg, data, steps + warmup)
-    real_t, mem_t = [], []
-    for r in range(rounds):
-        # real reader: fresh loader (its workers start), warm-up excluded
-        it = iter(make_dataloader(data, data.train, cfg.reader))
+
+    def timed(batches) -> float:
         for _ in range(warmup):
-            step(next(it))
+            step(next(batches))
         t = time.perf_counter()
         for _ in range(steps):
-            step(next(it))
-        real_t.append((time.perf_counter() - t) / steps)
-        del it
-        for b in mem[:warmup]:
-            step(b)
-        t = time.perf_counter()
-        for b in mem[warmup:]:
-            step(b)
-        mem_t.append((time.perf_counter() - t) / steps)
-    overheads = [a / b - 1 for a, b in zip(real_t, mem_t)]
-    return {"batch_size": batch_size, "workers": cfg.reader.num_workers,
-            "step_ms_reader": [x * 1e3 for x in real_t], "step_ms_memory": [x * 1e3 for x in mem_t],
-            "overhead": P.median(overheads), "overheads": overheads,
-            "samples_per_s_memory": batch_size / P.median(mem_t),
-            "samples_per_s_reader": batch_size / P.median(real_t)}
+            step(next(batches))
+        return (time.perf_counter() - t) / steps
+
+    def loader(mode: str):  # fresh loader each round (its read-ahead thread starts), warm-up excluded
+        return iter(make_dataloader(data, data.train, dataclasses.replace(cfg.reader, prefetch_thread=READ_MODES[mode])))
+
+    variants = ["memory", *READ_MODES]
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(rounds):
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
+            times[v].append(timed(iter(mem) if v == "memory" else loader(v)))
+    default = "thread" if read_ahead_in_thread(cfg.reader.prefetch_thread, "cpu", usable_cores(),
+                                               torch.get_num_threads()) else "inline"
+    out = {"batch_size": batch_size, "workers": cfg.reader.num_workers, "default_mode": default,
+           "step_ms_memory": [x * 1e3 for x in times["memory"]],
+           "samples_per_s_memory": batch_size / P.median(times["memory"]), "modes": {}}
+    for mode in READ_MODES:
+        overheads = [a / b - 1 for a, b in zip(times[mode], times["memory"])]
+        out["modes"][mode] = {"step_ms_reader": [x * 1e3 for x in times[mode]], "overhead": P.median(overheads),
+                              "overheads": overheads, "samples_per_s_reader": batch_size / P.median(times[mode])}
+    # the default mode's figures, as before the modes were split
+    out.update({k: out["modes"][default][k] for k in ("overhead", "overheads", "samples_per_s_reader")})
+    return out
 
 
 def markdown(res: dict, command: str) -> str:
@@ -85,14 +98,18 @@ def markdown(res: dict, command: str) -> str:
     rows = []
     for model, o in res["overhead"].items():
         rd = res["reader_rows_per_s"][str(o["workers"])]
-        rows.append([model, o["workers"], f"{o['samples_per_s_memory']:,.0f}", f"{o['samples_per_s_reader']:,.0f}",
-                     f"{rd:,.0f}", f"{rd / o['samples_per_s_memory']:.1f}x",
-                     f"{100 * o['overhead']:+.1f}% ({', '.join(f'{100 * x:+.1f}' for x in o['overheads'])})"])
+        for mode, m in o["modes"].items():
+            rows.append([model, mode + (" (default here)" if mode == o["default_mode"] else ""),
+                         f"{o['samples_per_s_memory']:,.0f}", f"{m['samples_per_s_reader']:,.0f}",
+                         f"{rd:,.0f}", f"{rd / o['samples_per_s_memory']:.1f}x",
+                         f"{100 * m['overhead']:+.1f}% ({', '.join(f'{100 * x:+.1f}' for x in m['overheads'])})"])
     lines += ["## Trainer with the real reader vs pre-built in-memory batches (1 rank)", "",
               "Reader rows/s (default workers) over trainer samples/s (in memory): target >= 10x. "
               "Overhead = median over interleaved rounds of step time with reader / in memory - 1 (each round's "
-              "value in brackets): target <= 5%.", "",
-              P.table(["model", "default workers", "train samples/s (memory)", "train samples/s (reader)",
+              "value in brackets): target <= 5%. Read modes (`reader.prefetch_thread`, workers 0): decoding in the "
+              "read-ahead thread, or inline in the train loop; 'default here' is the one `auto` picks on this "
+              "machine (msrec_dist.data.reader.read_ahead_in_thread).", "",
+              P.table(["model", "read mode", "train samples/s (memory)", "train samples/s (reader)",
                        "reader rows/s", "reader / trainer", "step-time overhead"], rows), ""]
     return "\n".join(lines)
 
@@ -126,8 +143,9 @@ def main(argv: list[str] | None = None) -> None:
             res["reader_rows_per_s"][str(o["workers"])] = reader_rows_per_s(
                 data, dataclasses.replace(ReaderConfig(), batch_size=a.batch_size, num_workers=o["workers"]))[0]
         res["overhead"][model] = o
-        print(f"{model}: memory {o['samples_per_s_memory']:,.0f} samples/s, reader {o['samples_per_s_reader']:,.0f}, "
-              f"overhead {100 * o['overhead']:+.1f}%", flush=True)
+        print(f"{model}: memory {o['samples_per_s_memory']:,.0f} samples/s; " + "; ".join(
+            f"{mode} {m['samples_per_s_reader']:,.0f}, overhead {100 * m['overhead']:+.1f}%" for mode, m in o["modes"].items()),
+            flush=True)
     command = "python -m benchmarks.reader_throughput " + " ".join(argv if argv is not None else sys.argv[1:])
     res["command"] = command
     res["torch_threads"] = torch.get_num_threads()

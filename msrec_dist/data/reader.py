@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -339,13 +340,36 @@ class _Loader(DataLoader):
             yield item
 
 
+def read_ahead_in_thread(setting: bool | str, device_type: str, usable_cores: int, step_threads: int) -> bool:
+    """Whether the in-process reader decodes in a read-ahead thread (`reader.prefetch_thread`).
+
+    'auto': only where the thread has a core of its own: the step runs on an accelerator (the host
+    threads mostly wait for it), or the process may use more cores than the step's intra-op
+    threads. On a CPU trainer whose OpenMP threads fill every core (one rank with 2 threads on 2
+    cores; or ranks bound to one core each) the thread only takes turns with them: an OpenMP
+    parallel op waits for its slowest thread, so every time slice the decode takes from one of
+    them stalls both, and the thread also contends for the GIL. Reading inline costs the decode
+    itself, nothing more (benchmarks/results/reader_throughput.md measures both).
+    """
+    if setting != "auto":
+        return bool(setting)
+    return device_type != "cpu" or usable_cores > step_threads
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def make_dataloader(cfg: DataConfig, files: list[str], reader: ReaderConfig, rank: int = 0,
-                    world_size: int = 1, start_batch: int = 0) -> DataLoader:
-    """DataLoader yielding this rank's `Batch`es; file problems raise DataError right here."""
+                    world_size: int = 1, start_batch: int = 0, device_type: str = "cpu") -> DataLoader:
+    """DataLoader yielding this rank's `Batch`es; file problems raise DataError right here.
+    `device_type`: where the train step runs ('auto' read-ahead thread, read_ahead_in_thread)."""
     reader.validate("reader")
     index = validate_files(cfg, files)
     ds = ParquetBatchDataset(cfg, index, reader, rank, world_size, start_batch)
     extra = {"prefetch_factor": reader.prefetch_factor} if reader.num_workers > 0 else {}
-    ahead = reader.prefetch_factor if reader.num_workers == 0 and reader.prefetch_thread else 0
+    in_thread = reader.num_workers == 0 and read_ahead_in_thread(reader.prefetch_thread, device_type, usable_cores(),
+                                                                 torch.get_num_threads())
+    ahead = reader.prefetch_factor if in_thread else 0
     return _Loader(ds, batch_size=None, num_workers=reader.num_workers, persistent_workers=False,
                    read_ahead_depth=ahead, **extra)

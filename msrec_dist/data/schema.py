@@ -13,7 +13,7 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Union
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -240,7 +240,9 @@ class ReaderConfig:
     num_workers: int = 0  # in-process: on few cores, worker IPC costs more than reading (benchmarks/results/reader_throughput.md)
     split: Literal["interleave", "files"] = "interleave"
     prefetch_factor: int = 4  # batches read ahead (per worker, or by the read-ahead thread)
-    prefetch_thread: bool = True  # with num_workers 0: decode in a background thread, overlapped with the step
+    # with num_workers 0: decode in a background thread, overlapped with the step. auto: only where
+    # the thread has a core to run on (reader.read_ahead_in_thread)
+    prefetch_thread: Union[bool, Literal["auto"]] = "auto"
 
     def validate(self, where: str = "") -> None:
         for key, low in (("batch_size", 1), ("num_workers", 0), ("prefetch_factor", 1)):

@@ -118,7 +118,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
     start = time.perf_counter()
     while pos.epoch < cfg.train.epochs and pos.step < total_steps:
         loader = make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size,
-                                 start_batch=pos.batch_in_epoch)
+                                 start_batch=pos.batch_in_epoch, device_type=ctx.device.type)
         train_epoch(state, loader, data, ctx, cfg.train.grad_clip, on_step, pipelined)
         if pos.step < total_steps or pos.batch_in_epoch >= steps_per_epoch:
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
@@ -132,7 +132,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
     samples_t = torch.tensor([pos.samples], dtype=torch.long)
     if ctx.world_size > 1:
         torch.distributed.all_reduce(samples_t)
-    eval_loader = make_dataloader(data, data.eval, cfg.reader, ctx.rank, ctx.world_size)
+    eval_loader = make_dataloader(data, data.eval, cfg.reader, ctx.rank, ctx.world_size, device_type=ctx.device.type)
     metrics = evaluate(state, eval_loader, data, ctx)
     result = {
         "model": cfg.model.name,

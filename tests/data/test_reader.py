@@ -9,12 +9,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from msrec_dist.data.reader import DataError, ReaderConfig, count_rows, make_dataloader, validate_files
+from msrec_dist.data.reader import (DataError, ReaderConfig, count_rows, make_dataloader, read_ahead_in_thread,
+                                    validate_files)
 from msrec_dist.data.schema import load_data_config
 
 
-def _batches(cfg, files, batch_size, workers=0, split="interleave", rank=0, world=1, start=0):
-    dl = make_dataloader(cfg, files, ReaderConfig(batch_size, workers, split, prefetch_factor=2), rank, world, start)
+def _batches(cfg, files, batch_size, workers=0, split="interleave", rank=0, world=1, start=0, thread=True):
+    """All batches; without workers, decoded in the read-ahead thread (`thread`) or inline."""
+    reader = ReaderConfig(batch_size, workers, split, prefetch_factor=2, prefetch_thread=thread)
+    dl = make_dataloader(cfg, files, reader, rank, world, start)
     out = list(dl)
     assert len(dl) == len(out)
     return out
@@ -49,6 +52,36 @@ def test_batch_contents_match_rows(synth_data):
             assert np.array_equal(b.scenario.numpy(), scen[r])
             assert np.array_equal(b.labels[:, 0].numpy(), click[r].astype(np.float32))
             assert b.dense.dtype == b.labels.dtype == torch.float32 and b.scenario.dtype == torch.int64
+
+
+def test_read_modes_yield_the_same_batches(synth_data):
+    cfg = load_data_config(synth_data)
+    runs = {mode: _batches(cfg, cfg.train, 700, world=2, rank=1, start=3, thread=mode)
+            for mode in (True, False, "auto")}
+    for mode in (False, "auto"):
+        assert len(runs[mode]) == len(runs[True])
+        for a, b in zip(runs[True], runs[mode]):
+            assert torch.equal(a.rows, b.rows) and torch.equal(a.dense, b.dense) and torch.equal(a.labels, b.labels)
+            assert torch.equal(a.sparse.values(), b.sparse.values()) and torch.equal(a.sparse.lengths(), b.sparse.lengths())
+
+
+def test_auto_read_ahead_thread_only_with_a_core_for_it():
+    # (setting, device, usable cores, step threads) -> thread?
+    assert read_ahead_in_thread("auto", "cpu", 2, 2) is False  # 1 rank, OpenMP threads on both cores
+    assert read_ahead_in_thread("auto", "cpu", 1, 1) is False  # a rank bound to its own core
+    assert read_ahead_in_thread("auto", "cpu", 16, 8) is True  # spare cores
+    assert read_ahead_in_thread("auto", "cuda", 2, 2) is True  # the host threads wait on the GPU
+    assert read_ahead_in_thread(True, "cpu", 1, 1) is True and read_ahead_in_thread(False, "cuda", 16, 1) is False
+
+
+def test_prefetch_thread_config_values():
+    from msrec_dist.typed_yaml import ConfigError, from_dict
+
+    for value in (True, False, "auto"):
+        assert from_dict(ReaderConfig, {"prefetch_thread": value}).prefetch_thread == value
+    assert ReaderConfig().prefetch_thread == "auto"
+    with pytest.raises(ConfigError, match="prefetch_thread"):
+        from_dict(ReaderConfig, {"prefetch_thread": "sometimes"}, "reader")
 
 
 # ---------------------------------------------------------------- splits
@@ -158,14 +191,14 @@ BAD_ROWS = {  # case → (overrides, column, file row)
 }
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers, thread", [(0, True), (0, False), (1, True)], ids=["thread", "inline", "worker"])
 @pytest.mark.parametrize("case", sorted(BAD_ROWS))
-def test_bad_values_name_file_column_row(tiny_cfg, make_parquet, case, workers):
+def test_bad_values_name_file_column_row(tiny_cfg, make_parquet, case, workers, thread):
     overrides, column, row = BAD_ROWS[case]
     good = make_parquet("good.parquet", rows=5)
     bad = make_parquet(f"bad_{case}.parquet", overrides=overrides, row_group_size=3)
     with pytest.raises(DataError) as e:
-        _batches(tiny_cfg, [good, bad], 4, workers)
+        _batches(tiny_cfg, [good, bad], 4, workers, thread=thread)
     msg = str(e.value)
     assert f"bad_{case}.parquet" in msg and f"'{column}'" in msg and f"row {row}:" in msg, msg
 
