@@ -340,20 +340,24 @@ class _Loader(DataLoader):
             yield item
 
 
-def read_ahead_in_thread(setting: bool | str, device_type: str, usable_cores: int, step_threads: int) -> bool:
+def read_ahead_in_thread(setting: bool | str, device_type: str, usable_cores: int, step_threads: int,
+                         world_size: int = 1) -> bool:
     """Whether the in-process reader decodes in a read-ahead thread (`reader.prefetch_thread`).
 
-    'auto': only where the thread has a core of its own: the step runs on an accelerator (the host
-    threads mostly wait for it), or the process may use more cores than the step's intra-op
-    threads. On a CPU trainer whose OpenMP threads fill every core (one rank with 2 threads on 2
-    cores; or ranks bound to one core each) the thread only takes turns with them: an OpenMP
-    parallel op waits for its slowest thread, so every time slice the decode takes from one of
-    them stalls both, and the thread also contends for the GIL. Reading inline costs the decode
-    itself, nothing more (benchmarks/results/reader_throughput.md measures both).
+    'auto': only where the thread has CPU time to itself: the step runs on an accelerator (the
+    host threads mostly wait for it), the process may use more cores than the step's intra-op
+    threads, or the world has several ranks (each step waits for the others in its collectives,
+    and the thread decodes meanwhile). A single CPU process whose OpenMP threads fill every core
+    reads inline: there the thread only takes turns with them (an OpenMP parallel op waits for its
+    slowest thread, so every slice the decode takes from one of them stalls both, and the thread
+    contends for the GIL), and inline costs the decode itself, nothing more. Measured on a 2-core
+    machine (benchmarks/results/reader_throughput.md; README, Performance): 1 rank, ple step-time
+    overhead +4.4% inline vs +7.2% with the thread; 2 ranks bound to a core each, the thread ~2%
+    faster at B=8192 and even at 512-1024.
     """
     if setting != "auto":
         return bool(setting)
-    return device_type != "cpu" or usable_cores > step_threads
+    return device_type != "cpu" or usable_cores > step_threads or world_size > 1
 
 
 def usable_cores() -> int:
@@ -369,7 +373,7 @@ def make_dataloader(cfg: DataConfig, files: list[str], reader: ReaderConfig, ran
     ds = ParquetBatchDataset(cfg, index, reader, rank, world_size, start_batch)
     extra = {"prefetch_factor": reader.prefetch_factor} if reader.num_workers > 0 else {}
     in_thread = reader.num_workers == 0 and read_ahead_in_thread(reader.prefetch_thread, device_type, usable_cores(),
-                                                                 torch.get_num_threads())
+                                                                 torch.get_num_threads(), world_size)
     ahead = reader.prefetch_factor if in_thread else 0
     return _Loader(ds, batch_size=None, num_workers=reader.num_workers, persistent_workers=False,
                    read_ahead_depth=ahead, **extra)

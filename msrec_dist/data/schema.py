@@ -241,7 +241,7 @@ class ReaderConfig:
     split: Literal["interleave", "files"] = "interleave"
     prefetch_factor: int = 4  # batches read ahead (per worker, or by the read-ahead thread)
     # with num_workers 0: decode in a background thread, overlapped with the step. auto: only where
-    # the thread has a core to run on (reader.read_ahead_in_thread)
+    # the thread gets CPU time of its own: GPU step, spare cores, or several ranks (reader.read_ahead_in_thread)
     prefetch_thread: Union[bool, Literal["auto"]] = "auto"
 
     def validate(self, where: str = "") -> None:

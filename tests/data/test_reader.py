@@ -65,13 +65,13 @@ def test_read_modes_yield_the_same_batches(synth_data):
             assert torch.equal(a.sparse.values(), b.sparse.values()) and torch.equal(a.sparse.lengths(), b.sparse.lengths())
 
 
-def test_auto_read_ahead_thread_only_with_a_core_for_it():
-    # (setting, device, usable cores, step threads) -> thread?
-    assert read_ahead_in_thread("auto", "cpu", 2, 2) is False  # 1 rank, OpenMP threads on both cores
-    assert read_ahead_in_thread("auto", "cpu", 1, 1) is False  # a rank bound to its own core
-    assert read_ahead_in_thread("auto", "cpu", 16, 8) is True  # spare cores
-    assert read_ahead_in_thread("auto", "cuda", 2, 2) is True  # the host threads wait on the GPU
-    assert read_ahead_in_thread(True, "cpu", 1, 1) is True and read_ahead_in_thread(False, "cuda", 16, 1) is False
+def test_auto_read_ahead_thread_only_with_cpu_time_for_it():
+    # (setting, device, usable cores, step threads, world size) -> thread?
+    assert read_ahead_in_thread("auto", "cpu", 2, 2, 1) is False  # 1 rank, OpenMP threads on both cores
+    assert read_ahead_in_thread("auto", "cpu", 1, 1, 2) is True  # ranks wait for each other in collectives
+    assert read_ahead_in_thread("auto", "cpu", 16, 8, 1) is True  # spare cores
+    assert read_ahead_in_thread("auto", "cuda", 2, 2, 1) is True  # the host threads wait on the GPU
+    assert read_ahead_in_thread(True, "cpu", 2, 2, 1) is True and read_ahead_in_thread(False, "cuda", 16, 1, 8) is False
 
 
 def test_prefetch_thread_config_values():
