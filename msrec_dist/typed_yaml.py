@@ -55,7 +55,10 @@ def _check(tp: Any, value: Any, where: str) -> Any:
                 return _check(arg, value, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {tp}")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        # each alternative's own message without the repeated key: "expected true/false, got ..."
+        raise ConfigError(f"{where}: {value!r} fits none of: " + "; ".join(e.split(": ", 1)[-1] for e in errors))
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")

@@ -80,8 +80,9 @@ def test_prefetch_thread_config_values():
     for value in (True, False, "auto"):
         assert from_dict(ReaderConfig, {"prefetch_thread": value}).prefetch_thread == value
     assert ReaderConfig().prefetch_thread == "auto"
-    with pytest.raises(ConfigError, match="prefetch_thread"):
+    with pytest.raises(ConfigError) as e:
         from_dict(ReaderConfig, {"prefetch_thread": "sometimes"}, "reader")
+    assert "reader.prefetch_thread" in str(e.value) and "true/false" in str(e.value) and "'auto'" in str(e.value)
 
 
 # ---------------------------------------------------------------- splits
