@@ -199,10 +199,11 @@ class _RowReader:
                 a += hi - local
 
     def read(self, ranges: list[Range]) -> Batch:
-        # Runs once per batch beside the train step (a read-ahead thread on the same cores), so
-        # it copies each array once: the KJT's values and lengths into one buffer each; dense,
-        # labels and scenario are views of the decoded row group when the batch lies in one
-        # (the usual case: batches are row-group aligned), else one concatenation.
+        # Runs once per batch, in the read-ahead thread beside the train step or inline between
+        # steps (read_ahead_in_thread), on the trainer's cores either way, so it copies each
+        # array once: the KJT's values and lengths into one buffer each; dense, labels and
+        # scenario are views of the decoded row group when the batch lies in one (the usual
+        # case: batches are row-group aligned), else one concatenation.
         pieces = list(self._pieces(ranges))
         nk = len(self.kjt_keys)
         sparse = KeyedJaggedTensor(
@@ -321,7 +322,8 @@ class _Failure:
 
 class _Loader(DataLoader):
     """DataLoader that re-raises worker DataErrors with their original message; with no workers
-    and `prefetch_thread`, it reads `prefetch_factor` batches ahead in a background thread."""
+    and a read-ahead depth (make_dataloader: read_ahead_in_thread), it reads that many batches
+    ahead in a background thread."""
 
     def __init__(self, *args, read_ahead_depth: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
