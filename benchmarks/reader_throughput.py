@@ -52,7 +52,8 @@ READ_MODES = {"thread": True, "inline": False}  # reader.prefetch_thread of each
 def step_overhead(model: str, data_path: str, batch_size: int, rounds: int, steps: int, warmup: int = 3) -> dict:
     """Step time with the real reader, in each read mode (read-ahead thread, inline), vs pre-built
     in-memory batches: interleaved rounds, the order rotating each round."""
-    from msrec_dist.data.reader import make_dataloader, read_ahead_in_thread, usable_cores
+    from msrec_dist.data.reader import make_dataloader, read_ahead_in_thread
+    from msrec_dist.runtime import allowed_cores
 
     cfg, data, _, state = P.make_state(model, data_path, batch_size)
     step = P.step_fn(state, cfg)
@@ -74,7 +75,7 @@ def step_overhead(model: str, data_path: str, batch_size: int, rounds: int, step
     for r in range(rounds):
         for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             times[v].append(timed(iter(mem) if v == "memory" else loader(v)))
-    default = "thread" if read_ahead_in_thread(cfg.reader.prefetch_thread, "cpu", usable_cores(),
+    default = "thread" if read_ahead_in_thread(cfg.reader.prefetch_thread, "cpu", len(allowed_cores()),
                                                torch.get_num_threads()) else "inline"
     out = {"batch_size": batch_size, "workers": cfg.reader.num_workers, "default_mode": default,
            "step_ms_memory": [x * 1e3 for x in times["memory"]],

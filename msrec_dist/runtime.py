@@ -65,11 +65,18 @@ def rank_cores(allowed: list[int], online: int, local_rank: int, local_world_siz
     return cores[local_rank * per_rank: (local_rank + 1) * per_rank]
 
 
+def allowed_cores() -> list[int]:
+    """The cores this process may run on (its affinity; all online cores where that is unknown)."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
 def bind_rank_cores(env=os.environ) -> list[int] | None:
     """Restrict this process to its local rank's cores (see the module docstring); the cores, or None."""
     if env.get("MSREC_BIND_CORES", "1") == "0" or not hasattr(os, "sched_setaffinity"):
         return None
-    cores = rank_cores(list(os.sched_getaffinity(0)), os.cpu_count() or 1,
+    cores = rank_cores(allowed_cores(), os.cpu_count() or 1,
                        int(env.get("LOCAL_RANK", 0)), int(env.get("LOCAL_WORLD_SIZE", 1)))
     if cores is not None:
         os.sched_setaffinity(0, cores)

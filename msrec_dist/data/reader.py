@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -35,6 +34,7 @@ from msrec_dist.data.batch import Batch
 from msrec_dist.data.native import first_bad_id
 from msrec_dist.data.read_ahead import read_ahead
 from msrec_dist.data.schema import DataConfig, DataError, ReaderConfig, open_parquet, validate_file_schema
+from msrec_dist.runtime import allowed_cores
 
 Range = tuple[int, int]  # [start, end) global rows
 
@@ -362,10 +362,6 @@ def read_ahead_in_thread(setting: bool | str, device_type: str, usable_cores: in
     return device_type != "cpu" or usable_cores > step_threads or world_size > 1
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def make_dataloader(cfg: DataConfig, files: list[str], reader: ReaderConfig, rank: int = 0,
                     world_size: int = 1, start_batch: int = 0, device_type: str = "cpu") -> DataLoader:
     """DataLoader yielding this rank's `Batch`es; file problems raise DataError right here.
@@ -374,7 +370,7 @@ def make_dataloader(cfg: DataConfig, files: list[str], reader: ReaderConfig, ran
     index = validate_files(cfg, files)
     ds = ParquetBatchDataset(cfg, index, reader, rank, world_size, start_batch)
     extra = {"prefetch_factor": reader.prefetch_factor} if reader.num_workers > 0 else {}
-    in_thread = reader.num_workers == 0 and read_ahead_in_thread(reader.prefetch_thread, device_type, usable_cores(),
+    in_thread = reader.num_workers == 0 and read_ahead_in_thread(reader.prefetch_thread, device_type, len(allowed_cores()),
                                                                  torch.get_num_threads(), world_size)
     ahead = reader.prefetch_factor if in_thread else 0
     return _Loader(ds, batch_size=None, num_workers=reader.num_workers, persistent_workers=False,
