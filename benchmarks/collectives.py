@@ -1,9 +1,10 @@
-"""gloo's all_reduce vs msrec_dist's pairwise-exchange sum (msrec_dist/dist/collectives.py), side by side.
+"""gloo's all_reduce vs msrec_dist's sums (msrec_dist/dist/collectives.py: the pairwise exchange
+over gloo and the shared-memory all-reduce), side by side.
 
     python -m benchmarks.collectives [--sizes 3 1000 ...] [--calls 300]
 
 Starts 2 ranks with torchrun (bound to disjoint cores as train.py's ranks are,
-msrec_dist/runtime.py). For each tensor size, rounds alternate the two implementations
+msrec_dist/runtime.py). For each tensor size, rounds alternate the implementations (in a rotating order)
 (`--rounds` of `--calls` back-to-back calls each) and every call's wall time is kept: the table
 shows p10 / median / p90 over all calls of each, and the share of calls over 2 ms.
 The sizes default to the train loop's: the has-data agreement (3 ints), a STAR partitioned-norm
@@ -39,13 +40,22 @@ def worker(a) -> None:
     from msrec_dist.dist.context import init_distributed
 
     ctx = init_distributed()
-    impls = {"gloo all_reduce": lambda t: dist.all_reduce(t), "exchange (msrec_dist)": collectives.all_reduce_sum_}
+    shm = collectives.SharedMemoryAllReduce(dist.group.WORLD, timeout_s=60.0)
+    impls = {"gloo all_reduce": lambda t: dist.all_reduce(t), "exchange (msrec_dist)": collectives.all_reduce_sum_,
+             "shared memory (msrec_dist)": shm}
+    for name, fn in impls.items():  # each gives the sum: rank-dependent values, every rank checks
+        x = torch.arange(1000, dtype=torch.float32) * (ctx.rank + 1)
+        fn(x)
+        expect = torch.arange(1000, dtype=torch.float32) * sum(r + 1 for r in range(ctx.world_size))
+        if not torch.equal(x, expect):
+            raise AssertionError(f"{name}: wrong sum on rank {ctx.rank}")
     out: dict = {}
     for n in a.sizes:
         t = torch.ones(n) if n > 3 else torch.ones(n, dtype=torch.long)
         times: dict[str, list[float]] = {k: [] for k in impls}
         for r in range(a.rounds):
-            for name in (list(impls) if r % 2 == 0 else list(impls)[::-1]):
+            names = list(impls)
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 fn = impls[name]
                 for _ in range(5):
                     fn(t)
@@ -71,7 +81,7 @@ def markdown(res: dict, command: str) -> str:
                          f"{s['p10_ms']:.3f}", f"{s['median_ms']:.3f}", f"{s['p90_ms']:.3f}",
                          f"{s['share_over_2ms']:.0%}"])
     return "\n".join([
-        "# gloo all_reduce vs pairwise exchange (2 ranks)", "",
+        "# gloo all_reduce vs pairwise exchange vs shared memory (2 ranks)", "",
         f"Machine: {P.machine_line(res['machine'])}", "", f"Command: `{command}`", "",
         f"Ranks bound to one core each (msrec_dist/runtime.py): {res.get('bound', 'yes')}. "
         f"{res['rounds']} alternating rounds of {res['calls']} back-to-back calls per implementation and size; "

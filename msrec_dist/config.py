@@ -114,6 +114,12 @@ class TrainConfig:
     # torch DDP buckets overlapped with backward; flat = one all-reduce after backward; auto =
     # ddp on CUDA, flat on CPU (gloo)
     grad_sync: Literal["auto", "ddp", "flat"] = "auto"
+    # how the loop's sums over ranks travel when every rank is on one host (grad_sync flat's
+    # all-reduce, the has-data agreement, STAR's partitioned-norm statistics;
+    # msrec_dist/dist/collectives.py): shm = a shared-memory segment, waits spin (C++ op, needs
+    # msrec_dist._C); gloo = gloo point-to-point exchanges; auto = shm where it can (gloo backend,
+    # one host, the op built), gloo elsewhere. NCCL (CUDA) always uses its own all-reduce.
+    host_reduce: Literal["auto", "shm", "gloo"] = "auto"
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     log_every: int = 50

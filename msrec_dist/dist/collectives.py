@@ -1,6 +1,11 @@
-"""The train loop's in-place sum all-reduce: torch.distributed's, or on gloo pairwise exchanges.
+"""The train loop's in-place sum all-reduce: through shared memory, gloo pairwise exchanges or
+torch.distributed's.
 
-    all_reduce_sum_(t)
+    all_reduce_sum_(t, group)
+      a SharedMemoryAllReduce enabled for the group (every rank on this host, gloo, the C++
+          extension built; `enable_host_reduce`): each rank copies t into its slot of a mapped
+          segment, spins until every rank has, and sums the slots in rank order
+          (csrc/shm_all_reduce.cpp)
       gloo, world a power of two: recursive doubling, log2(world) rounds; in round k every rank
           swaps its running sum with rank ^ 2^k (isend + irecv) and adds what it received
       otherwise (NCCL, other world sizes): dist.all_reduce
@@ -18,10 +23,17 @@ values (a + b == b + a in IEEE arithmetic), so they hold equal partial sums for 
 """
 from __future__ import annotations
 
+import os
+import socket
+import tempfile
+import weakref
 from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+HOST_REDUCES = ("auto", "shm", "gloo")
+SLOT_BYTES = 4 << 20  # per rank and parity; longer tensors take several rounds
 
 
 def is_power_of_two(n: int) -> bool:
@@ -33,11 +45,117 @@ def uses_exchange(group: Optional[dist.ProcessGroup] = None) -> bool:
     return dist.get_backend(group) == "gloo" and is_power_of_two(dist.get_world_size(group))
 
 
+class SharedMemoryAllReduce:
+    """In-place sum over the ranks of one host through a file every rank maps (MAP_SHARED, via
+    torch.from_file), by the C++ op msrec::shm_all_reduce_sum_ (layout and protocol there).
+
+    Rank 0 creates the file (under /dev/shm where it exists), the ranks map it, and rank 0
+    unlinks it once all have: the mapping outlives the name, and nothing is left behind if a
+    process dies. `rounds` counts the rounds done, the same on every rank.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, timeout_s: float, slot_bytes: int = SLOT_BYTES) -> None:
+        if (why := shm_op_missing()) is not None:
+            raise RuntimeError(f"shared-memory all-reduce: {why}")
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.timeout_s, self.rounds = timeout_s, 0
+        self.failed: Optional[str] = None  # a failed sum leaves the ranks out of step for good
+        nbytes = 64 * self.world + 2 * self.world * slot_bytes
+        path = [None]
+        if self.rank == 0:
+            fd, path[0] = tempfile.mkstemp(prefix="msrec_allreduce_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+            os.close(fd)
+        dist.broadcast_object_list(path, src=dist.get_global_rank(group, 0), group=group)
+        try:
+            # zero-filled on creation (ftruncate): every rank's round starts at 0
+            self.region = torch.from_file(path[0], shared=True, size=nbytes, dtype=torch.uint8)
+        finally:
+            dist.barrier(group=group)
+            if self.rank == 0:
+                os.unlink(path[0])
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if self.failed is not None:
+            raise RuntimeError(f"shared-memory all-reduce: an earlier sum failed, the ranks are out of step: {self.failed}")
+        work = t if t.is_contiguous() else t.contiguous()
+        try:
+            self.rounds = torch.ops.msrec.shm_all_reduce_sum_(work, self.region, self.rank, self.world, self.rounds,
+                                                              self.timeout_s)
+        except RuntimeError as e:
+            self.failed = str(e).splitlines()[0]
+            raise
+        if work is not t:
+            t.copy_(work)
+        return t
+
+
+# The host reducer of each process group, like torch.distributed's own registry of groups: the
+# partitioned norm (model/star.py) sums inside the model's forward, where no config reaches.
+_HOST_REDUCERS: "weakref.WeakKeyDictionary[dist.ProcessGroup, SharedMemoryAllReduce]" = weakref.WeakKeyDictionary()
+_SHM_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32)
+
+
+def shm_op_missing() -> Optional[str]:
+    """Why torch.ops.msrec.shm_all_reduce_sum_ cannot run here, or None (it loads with msrec_dist._C)."""
+    from msrec_dist.data.native import CSRC_ERROR, HAVE_CSRC  # imports msrec_dist._C
+
+    if not HAVE_CSRC:
+        return f"msrec_dist._C is not built ({CSRC_ERROR})"
+    if not hasattr(torch.ops.msrec, "shm_all_reduce_sum_"):
+        return "msrec_dist._C has no shm_all_reduce_sum_ (built before csrc/shm_all_reduce.cpp: rebuild it)"
+    return None
+
+
+def host_id() -> str:
+    """This machine, as the ranks of one host must agree on it (hostname and kernel boot id)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        boot = ""
+    return f"{socket.gethostname()}/{boot}"
+
+
+def enable_host_reduce(mode: str, group: Optional[dist.ProcessGroup] = None, timeout_s: float = 300.0) -> bool:
+    """Sum through shared memory in `group` (default: the world) from now on, where `mode`
+    ('auto', 'shm', 'gloo') allows it and it can: gloo, more than one rank, all on this host
+    (compared by host_id), the C++ extension built. 'shm' raises where it cannot; 'auto' keeps the
+    exchange / dist.all_reduce then. Collective: every rank of the group must call it. Returns
+    whether shared memory is used."""
+    if mode not in HOST_REDUCES:
+        raise ValueError(f"host_reduce must be one of {HOST_REDUCES}, got {mode!r}")
+    group = group or dist.group.WORLD
+    _HOST_REDUCERS.pop(group, None)  # a new state's setting replaces the last one's
+    if mode == "gloo" or dist.get_world_size(group) == 1 or dist.get_backend(group) != "gloo":
+        if mode == "shm":
+            raise ValueError(f"host_reduce 'shm' needs a gloo group of several ranks, got backend "
+                             f"{dist.get_backend(group)!r} with {dist.get_world_size(group)} rank(s)")
+        return False
+    hosts: list[Optional[tuple]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(hosts, (host_id(), shm_op_missing()), group=group)
+    missing = [f"rank {r}: {why}" for r, (_, why) in enumerate(hosts) if why]
+    reason = ("the ranks are on several hosts" if len({h for h, _ in hosts}) > 1 else
+              f"the C++ op is missing ({'; '.join(missing)})" if missing else None)
+    if reason is not None:
+        if mode == "shm":
+            raise RuntimeError(f"host_reduce 'shm': {reason}")
+        return False
+    _HOST_REDUCERS[group] = SharedMemoryAllReduce(group, timeout_s)
+    return True
+
+
+def disable_host_reduce(group: Optional[dist.ProcessGroup] = None) -> None:
+    _HOST_REDUCERS.pop(group or dist.group.WORLD, None)
+
+
 def all_reduce_sum_(t: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Sum `t` over the ranks of `group` in place (every rank gets the same values); returns `t`."""
     world = dist.get_world_size(group)
     if world == 1:
         return t
+    host = _HOST_REDUCERS.get(group or dist.group.WORLD)
+    if host is not None and t.device.type == "cpu" and t.dtype in _SHM_DTYPES:
+        return host(t)
     if not uses_exchange(group):
         dist.all_reduce(t, group=group)
         return t

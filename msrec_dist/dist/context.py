@@ -27,6 +27,7 @@ class DistContext:
     local_world_size: int
     device: torch.device
     backend: str
+    timeout_s: float = 300.0  # the process group's; the shared-memory sums wait as long
 
     @property
     def is_main(self) -> bool:
@@ -58,7 +59,7 @@ def init_distributed(env: Mapping[str, str] | None = None, timeout_s: float = 30
             store = dist.TCPStore("127.0.0.1", free_port(), 1, is_master=True)
             dist.init_process_group(backend, store=store, rank=0, world_size=1,
                                     timeout=timedelta(seconds=timeout_s))
-    return DistContext(rank, world_size, local_rank, local_world_size, device, backend)
+    return DistContext(rank, world_size, local_rank, local_world_size, device, backend, timeout_s)
 
 
 def shutdown() -> None:

@@ -8,7 +8,8 @@
     replicated (data_parallel) tables: unscaled field gradients + ReplicatedTableOptimizer
         (dist/replicated.py), stepped after backward with the dense optimizer
     world > 1: dense and replicated gradients averaged by DDP or by one flat all-reduce
-        (train.grad_sync, dist/grad_sync.py)
+        (train.grad_sync, dist/grad_sync.py); on one host with gloo, the loop's sums go through
+        shared memory (train.host_reduce, dist/collectives.py)
     dense optimizer (Adam by default) over every other parameter, + LR schedule
 
 Embedding rows are initialised from a generator seeded by (seed, table, row block), so the
@@ -33,6 +34,7 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from msrec_dist.config import ExperimentConfig, TrainConfig
 from msrec_dist.data.schema import DataConfig
+from msrec_dist.dist.collectives import enable_host_reduce
 from msrec_dist.dist.context import DistContext
 from msrec_dist.dist.grad_sync import FlatAllReduce, broadcast_from_rank0, resolve_grad_sync, unwrap_replicated_lookups
 from msrec_dist.dist.local_lookup import find_kernel_lookup
@@ -78,6 +80,7 @@ class TrainState:
     local_lookup: bool = False  # the embedding calls the sharded EBC's kernel directly (world of one)
     replicated_optimizer: Optional[ReplicatedTableOptimizer] = None  # the data_parallel tables' (if any)
     grad_sync: Optional[FlatAllReduce] = None  # grad_sync 'flat' in a world > 1; None: DDP or a world of one
+    host_reduce: bool = False  # the loop's sums over ranks go through shared memory (train.host_reduce)
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -155,6 +158,7 @@ def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext,
     dmp = DistributedModelParallel(module, device=ctx.device, plan=plan,
                                    data_parallel_wrapper=DenseDataParallel(ddp=sync == "ddp"))
     init_embeddings(dmp, data, cfg.run.seed)
+    host_reduce = ctx.world_size > 1 and enable_host_reduce(t.host_reduce, dist.group.WORLD, ctx.timeout_s)
     grad_sync = None
     if sync == "flat":
         grad_sync = FlatAllReduce(unwrap_replicated_lookups(dmp), dist.group.WORLD, ctx.world_size)
@@ -181,4 +185,4 @@ def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext,
         broadcast_from_rank0(list(named_dense.values()) + list(grad_sync.replicated_params), grad_sync.group)
     return TrainState(dmp, optimizer, dense, scheduler, list(named_dense.values()), plan,
                       local_lookup=embedding.local_lookup is not None, replicated_optimizer=replicated_optimizer,
-                      grad_sync=grad_sync)
+                      grad_sync=grad_sync, host_reduce=host_reduce)

@@ -1,6 +1,9 @@
 """msrec_dist/dist/collectives.py on real gloo process groups (spawned ranks): the pairwise-exchange
 sum equals torch's all_reduce and is bitwise the same on every rank, for 2 and 4 ranks; 3 ranks
-take torch's all_reduce; the differentiable form sums gradients over ranks in backward."""
+take torch's all_reduce; the differentiable form sums gradients over ranks in backward. The
+shared-memory sum (csrc/shm_all_reduce.cpp) the same for 2, 3 and 4 ranks, over several rounds,
+every dtype it takes and odd layouts, and its errors: tensors that differ in size, a rank that
+never comes (the timeout names it), a group it cannot serve."""
 from __future__ import annotations
 
 import os
@@ -13,6 +16,18 @@ import torch.multiprocessing as mp
 from msrec_dist.dist import collectives
 
 pytestmark = pytest.mark.dist
+
+
+def _shm_mark():
+    """Skip the shared-memory tests where the C++ op is not built, unless MSREC_REQUIRE_CSRC=1
+    (as `make test` sets), which makes that a failure."""
+    missing = collectives.shm_op_missing()
+    if missing and os.environ.get("MSREC_REQUIRE_CSRC") == "1":
+        raise RuntimeError(f"MSREC_REQUIRE_CSRC=1 but {missing}")
+    return pytest.mark.skipif(missing is not None, reason=missing or "")
+
+
+needs_shm_op = _shm_mark()
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -52,3 +67,104 @@ def test_all_reduce_sum_matches_torch_and_agrees_across_ranks(tmp_path, world):
 def test_power_of_two():
     assert [n for n in range(1, 20) if collectives.is_power_of_two(n)] == [1, 2, 4, 8, 16]
     assert not collectives.is_power_of_two(0)
+
+
+def _shm_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        gen = torch.Generator().manual_seed(100 + rank)
+        x = torch.randn(1000, generator=gen) * 10 ** torch.randint(-3, 4, (1000,), generator=gen)
+        want = x.clone()
+        dist.all_reduce(want)
+        small = collectives.SharedMemoryAllReduce(dist.group.WORLD, timeout_s=60.0, slot_bytes=256)  # 64 floats a round
+        got_rounds = small(x.clone())
+        rounds_after = small.rounds
+        assert collectives.enable_host_reduce("shm")  # all_reduce_sum_ goes through shared memory from now on
+        got = collectives.all_reduce_sum_(x.clone())
+        out = {"want": want, "got": got, "got_rounds": got_rounds, "rounds": rounds_after,
+               "f64": collectives.all_reduce_sum_(torch.arange(5, dtype=torch.float64) * (rank + 1)),
+               "i64": collectives.all_reduce_sum_(torch.tensor([rank, 1, 2 ** 40], dtype=torch.long)),
+               "i32": collectives.all_reduce_sum_(torch.tensor([rank, 1], dtype=torch.int32)),
+               "strided": collectives.all_reduce_sum_(torch.full((6, 4), float(rank + 1)).t()),  # non-contiguous
+               "empty": collectives.all_reduce_sum_(torch.empty(0))}
+        leaf = torch.full((4, 3), float(rank + 1), requires_grad=True)
+        summed = collectives.all_reduce_sum(leaf)
+        (summed * (rank + 1)).sum().backward()
+        out.update(summed=summed.detach(), grad=leaf.grad)
+        try:  # ranks disagree on the size: every rank gets an error naming it, none hangs
+            collectives.all_reduce_sum_(torch.ones(10 + rank))
+            out["mismatch"] = None
+        except RuntimeError as e:
+            out["mismatch"] = str(e)
+        try:  # and the sums after it refuse to run out of step
+            collectives.all_reduce_sum_(torch.ones(3))
+            out["after"] = None
+        except RuntimeError as e:
+            out["after"] = str(e)
+        torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        collectives.disable_host_reduce()
+        dist.destroy_process_group()
+
+
+@needs_shm_op
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_shared_memory_sum_matches_torch_and_agrees_across_ranks(tmp_path, world):
+    mp.spawn(_shm_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    outs = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    total = sum(range(1, world + 1))
+    for o in outs:
+        torch.testing.assert_close(o["got"], o["want"], rtol=1e-6, atol=1e-5)
+        assert torch.equal(o["got"], outs[0]["got"])  # bitwise the same everywhere
+        assert torch.equal(o["got_rounds"], o["got"])  # 16 rounds of 64 floats: the same sum
+        assert o["rounds"] == 16
+        assert o["f64"].dtype == torch.float64 and o["f64"].tolist() == [float(i * total) for i in range(5)]
+        assert o["i64"].tolist() == [sum(range(world)), world, world * 2 ** 40]
+        assert o["i32"].dtype == torch.int32 and o["i32"].tolist() == [sum(range(world)), world]
+        assert o["strided"].shape == (4, 6) and torch.equal(o["strided"], torch.full((4, 6), float(total)))
+        assert o["empty"].numel() == 0
+        assert torch.equal(o["summed"], torch.full((4, 3), float(total)))
+        assert torch.equal(o["grad"], torch.full((4, 3), float(total)))
+        assert o["mismatch"] is not None and "differ in size" in o["mismatch"]
+        assert o["after"] is not None and "an earlier sum failed" in o["after"]
+    if world == 2:  # two summands: a + b == b + a exactly, so torch's own sum is matched bit for bit
+        assert torch.equal(outs[0]["got"], outs[0]["want"])
+
+
+def _timeout_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        shm = collectives.SharedMemoryAllReduce(dist.group.WORLD, timeout_s=0.5)
+        if rank == 0:  # rank 1 never sums: rank 0 must not wait for ever
+            try:
+                shm(torch.ones(3))
+                msg = None
+            except RuntimeError as e:
+                msg = str(e)
+            torch.save(msg, os.path.join(out_dir, "0.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_shm_op
+def test_shared_memory_sum_times_out_naming_the_missing_rank(tmp_path):
+    mp.spawn(_timeout_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    msg = torch.load(tmp_path / "0.pt")
+    assert msg is not None and "rank 0 waited more than 0.5 s for rank 1" in msg
+    if os.path.isdir("/dev/shm"):  # the segment's name is gone once every rank has mapped it
+        assert not [f for f in os.listdir("/dev/shm") if f.startswith("msrec_allreduce_")]
+
+
+def test_enable_host_reduce_where_it_cannot(tmp_path):
+    """A world of one: 'auto' keeps the plain path, 'shm' says why it cannot, a bad mode is named."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        assert collectives.enable_host_reduce("auto") is False
+        assert collectives.enable_host_reduce("gloo") is False
+        with pytest.raises(ValueError, match="needs a gloo group of several ranks"):
+            collectives.enable_host_reduce("shm")
+        with pytest.raises(ValueError, match="host_reduce must be one of"):
+            collectives.enable_host_reduce("nvlink")
+    finally:
+        dist.destroy_process_group()

@@ -18,7 +18,7 @@ from msrec_dist.dist.grad_sync import FlatGrads, resolve_grad_sync
 pytestmark = pytest.mark.dist
 
 
-def _worker(rank: int, data_yaml: str, init_file: str, out_dir: str, sync: str) -> None:
+def _worker(rank: int, data_yaml: str, init_file: str, out_dir: str, sync: str, host_reduce: str = "auto") -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -44,7 +44,8 @@ def _worker(rank: int, data_yaml: str, init_file: str, out_dir: str, sync: str) 
         counted(grad_sync, "gradients")
 
         cfg = load_experiment("configs/msrec.yaml", data_yaml, tuple(TINY_MODEL) + (
-            f"run.dir={out_dir}/run", "reader.batch_size=64", f"train.grad_sync={sync}"))
+            f"run.dir={out_dir}/run", "reader.batch_size=64", f"train.grad_sync={sync}",
+            f"train.host_reduce={host_reduce}"))
         data = load_data_config(cfg.data)
         ctx = init_distributed()
         state = build_train_state(cfg, data, ctx, total_steps=100)
@@ -63,7 +64,7 @@ def _worker(rank: int, data_yaml: str, init_file: str, out_dir: str, sync: str) 
         torch.save({"ddp_modules": ddp, "bound": step.flat.bound(), "synced": state.grad_sync is not None,
                     "buffer": step.flat.buffer.numel() if step.flat.buffer is not None else 0,
                     "dense": sum(p.numel() for p in state.dense_params), "weights": weights,
-                    "carries": step.carries_agreement, "calls": calls},
+                    "carries": step.carries_agreement, "calls": calls, "host_reduce": state.host_reduce},
                    os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -134,3 +135,23 @@ def test_flat_all_reduce_averages_replaced_gradients(tmp_path):
         assert not o["bound"]
         assert torch.equal(o["a"], torch.full((3,), 1.5))
         assert torch.equal(o["b"], torch.full((2,), 15.0))
+
+
+def test_host_reduce_modes_give_bitwise_the_same_training(synth_data, tmp_path):
+    """train.host_reduce shm (shared memory) and gloo (pairwise exchange) sum the same two values
+    in either order (a + b == b + a), so 3 steps of 2 ranks end with bitwise the same weights."""
+    from tests.dist.test_collectives import needs_shm_op
+
+    if needs_shm_op.args[0]:
+        pytest.skip(needs_shm_op.kwargs["reason"])
+    weights = {}
+    for mode in ("gloo", "shm"):
+        run = tmp_path / mode
+        run.mkdir()
+        mp.spawn(_worker, args=(synth_data, str(run / "init"), str(run), "flat", mode), nprocs=2, join=True)
+        outs = [torch.load(run / f"{r}.pt", weights_only=False) for r in range(2)]
+        assert [o["host_reduce"] for o in outs] == [mode == "shm"] * 2
+        weights[mode] = outs[0]["weights"]
+    assert weights["gloo"].keys() == weights["shm"].keys()
+    for key, value in weights["gloo"].items():
+        assert torch.equal(value, weights["shm"][key]), key

@@ -1,0 +1,161 @@
+// The sum all-reduce of ranks on one host through a shared-memory segment, waiting by spinning.
+//
+//   msrec::shm_all_reduce_sum_(Tensor(a!) t, Tensor region, int rank, int world, int done_rounds,
+//                              float timeout_s) -> int      (the rounds done after this call)
+//
+// region: a uint8 CPU tensor over a file every rank of the group has mapped MAP_SHARED
+// (msrec_dist/dist/collectives.py, SharedMemoryAllReduce, maps it with torch.from_file). Layout:
+//
+//   [world lines of 64 bytes: the rank's round, its lengths (int64)] [2 parities x world slots of `capacity` bytes]
+//
+// One round sums up to `capacity` bytes of t (longer tensors take several rounds):
+//   1. copy my part of t into my slot of parity (round & 1);
+//   2. publish: length[rank][parity] = elements, then flag[rank] = round (release store);
+//   3. wait until every flag[p] >= round (acquire loads), spinning, then yielding the core;
+//   4. t = slot[0] + slot[1] + ... + slot[world-1], in rank order on every rank, so every rank
+//      ends with bitwise the same sum.
+// Two parities make a second barrier unnecessary: a rank rewrites its slot of one parity two rounds
+// later, and it gets there only after every peer has published the round in between, i.e. after
+// every peer has finished reading this round's slots.
+//
+// Why by hand: torch.distributed offers gloo alone for CPU tensors, and its TCP transport between
+// two ranks bound to one core each takes 3-5 ms in more than half of its small all-reduces on this
+// project's 2-core VM (benchmarks/results/collectives.md: each hand-off between gloo's threads on
+// a busy core waits for the scheduler). Shared memory with a spinning wait is how DeepSpeed's and
+// vLLM's CPU back-ends sum among the ranks of one host; neither is a dependency here.
+//
+// The caller (torch.ops) releases the GIL while the op runs, so a rank's read-ahead thread keeps
+// decoding while the rank waits; after kSpins polls the wait yields the core at every poll.
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <sched.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define MSREC_CPU_RELAX() _mm_pause()
+#else
+#define MSREC_CPU_RELAX() ((void)0)
+#endif
+
+namespace msrec {
+namespace {
+
+constexpr int64_t kLine = 64;        // bytes per flag: one cache line each, no false sharing
+constexpr int64_t kSpins = 1 << 14;  // polls (each a pause, ~10-40 ns) before the wait yields the core
+
+int64_t header_bytes(int64_t world) { return world * kLine; }
+
+int64_t slot_capacity(int64_t region_bytes, int64_t world) {
+  return (region_bytes - header_bytes(world)) / (2 * world) / kLine * kLine;
+}
+
+// rank's line: [0] the last round it published, [1 + parity] the elements it sent in the last
+// round of that parity (per parity, like the slots: a peer may still check round r's lengths
+// while this rank writes round r + 1's)
+int64_t* flag(uint8_t* base, int64_t rank) { return reinterpret_cast<int64_t*>(base + rank * kLine); }
+int64_t* length(uint8_t* base, int64_t rank, int64_t parity) { return flag(base, rank) + 1 + parity; }
+
+uint8_t* slot(uint8_t* base, int64_t world, int64_t capacity, int64_t parity, int64_t rank) {
+  return base + header_bytes(world) + (parity * world + rank) * capacity;
+}
+
+// Waits until every rank has published `round`; throws after timeout_s naming the first late rank.
+void wait_for_peers(uint8_t* base, int64_t rank, int64_t world, int64_t round, double timeout_s) {
+  using clock = std::chrono::steady_clock;
+  const auto deadline = clock::now() + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(timeout_s));
+  for (int64_t p = 0; p < world; ++p) {
+    if (p == rank) continue;
+    int64_t polls = 0;
+    while (__atomic_load_n(flag(base, p), __ATOMIC_ACQUIRE) < round) {
+      if (++polls < kSpins) {
+        MSREC_CPU_RELAX();
+        continue;
+      }
+      sched_yield();
+      if ((polls & 255) == 0 && clock::now() > deadline) {
+        TORCH_CHECK(false, "msrec::shm_all_reduce_sum_: rank ", rank, " waited more than ", timeout_s,
+                    " s for rank ", p, " in round ", round, " (rank ", p, " is at round ",
+                    __atomic_load_n(flag(base, p), __ATOMIC_ACQUIRE), "): did it fail or leave the loop?");
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+void sum_slots(uint8_t* base, int64_t world, int64_t capacity, int64_t parity, scalar_t* out, int64_t n) {
+  const scalar_t* __restrict__ s0 = reinterpret_cast<const scalar_t*>(slot(base, world, capacity, parity, 0));
+  std::memcpy(out, s0, n * sizeof(scalar_t));
+  for (int64_t p = 1; p < world; ++p) {
+    const scalar_t* __restrict__ sp = reinterpret_cast<const scalar_t*>(slot(base, world, capacity, parity, p));
+    for (int64_t i = 0; i < n; ++i) out[i] += sp[i];
+  }
+}
+
+// Rounds of one call: ceil(n / per_round) (none for an empty tensor: every rank skips it alike).
+template <typename scalar_t>
+int64_t reduce_in_rounds(scalar_t* data, int64_t n, uint8_t* base, int64_t rank, int64_t world, int64_t capacity,
+                         int64_t round, double timeout_s) {
+  const int64_t per_round = capacity / static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t start = 0; start < n; start += per_round) {
+    const int64_t len = std::min(per_round, n - start);
+    const int64_t parity = ++round & 1;
+    std::memcpy(slot(base, world, capacity, parity, rank), data + start, len * sizeof(scalar_t));
+    *length(base, rank, parity) = len;
+    __atomic_store_n(flag(base, rank), round, __ATOMIC_RELEASE);  // publishes the slot and the length
+    wait_for_peers(base, rank, world, round, timeout_s);
+    for (int64_t p = 0; p < world; ++p) {
+      TORCH_CHECK(*length(base, p, parity) == len, "msrec::shm_all_reduce_sum_: rank ", p, " sent ", *length(base, p, parity),
+                  " elements in round ", round, ", rank ", rank, " ", len, ": the ranks' tensors differ in size");
+    }
+    sum_slots(base, world, capacity, parity, data + start, len);
+  }
+  return round;
+}
+
+int64_t shm_all_reduce_sum_(at::Tensor& t, const at::Tensor& region, int64_t rank, int64_t world,
+                            int64_t done_rounds, double timeout_s) {
+  const char* name = "msrec::shm_all_reduce_sum_";
+  TORCH_CHECK(t.device().is_cpu() && region.device().is_cpu(), name, ": CPU tensors only");
+  TORCH_CHECK(t.is_contiguous(), name, ": t must be contiguous");
+  TORCH_CHECK(region.scalar_type() == at::kByte && region.dim() == 1 && region.is_contiguous(), name,
+              ": region must be a contiguous 1-D uint8 tensor");
+  TORCH_CHECK(world >= 1 && rank >= 0 && rank < world, name, ": rank ", rank, " outside a world of ", world);
+  TORCH_CHECK(done_rounds >= 0, name, ": done_rounds must be >= 0");
+  const int64_t capacity = slot_capacity(region.numel(), world);
+  TORCH_CHECK(capacity >= 8, name, ": a region of ", region.numel(), " bytes holds no slot for a world of ", world);
+  uint8_t* base = region.data_ptr<uint8_t>();
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(base) % kLine == 0, name, ": region must be 64-byte aligned");
+  const int64_t n = t.numel();
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return reduce_in_rounds(t.data_ptr<float>(), n, base, rank, world, capacity, done_rounds, timeout_s);
+    case at::kDouble:
+      return reduce_in_rounds(t.data_ptr<double>(), n, base, rank, world, capacity, done_rounds, timeout_s);
+    case at::kLong:
+      return reduce_in_rounds(t.data_ptr<int64_t>(), n, base, rank, world, capacity, done_rounds, timeout_s);
+    case at::kInt:
+      return reduce_in_rounds(t.data_ptr<int32_t>(), n, base, rank, world, capacity, done_rounds, timeout_s);
+    default:
+      TORCH_CHECK(false, name, ": float32, float64, int64 or int32 only, got ", t.scalar_type());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(msrec, m) {
+  m.def("shm_all_reduce_sum_(Tensor(a!) t, Tensor region, int rank, int world, int done_rounds, float timeout_s) -> int");
+}
+
+TORCH_LIBRARY_IMPL(msrec, CPU, m) {
+  m.impl("shm_all_reduce_sum_", &shm_all_reduce_sum_);
+}
+
+}  // namespace msrec
