@@ -76,12 +76,15 @@ def timed_steps(state, cfg, data, ctx, warmup: int, steps: int, loader=None) -> 
     return elapsed / steps
 
 
-def throughput_grid(models, batch_sizes, data_path, warmup, steps, ctx) -> dict:
-    """{model: {B: samples/s}} of this world (local batch B / world_size)."""
+def throughput_grid(models, batch_sizes, data_path, warmup, steps, ctx, paths: dict | None = None) -> dict:
+    """{model: {B: samples/s}} of this world (local batch B / world_size); `paths` gets
+    {model: {host_reduce, local_lookup}}: how the runs summed and looked up."""
     out: dict = {}
     for model in models:
         for B in batch_sizes:
             cfg, data, ctx, state = P.make_state(model, data_path, B // ctx.world_size, ctx=ctx)
+            if paths is not None:
+                paths[model] = {"host_reduce": state.host_reduce, "local_lookup": state.local_lookup}
             sec = timed_steps(state, cfg, data, ctx, warmup, steps)
             out.setdefault(model, {})[B] = B / sec
             if ctx.is_main:
@@ -192,11 +195,12 @@ def two_rank_grid(models, batch_sizes, data_path, warmup, steps) -> dict:
 def worker(a) -> None:
     """One rank of the 2-rank measurement (started by torchrun)."""
     ctx = P.init_world()
-    grid = throughput_grid(a.models, a.batch_sizes, a.data, a.warmup, a.steps, ctx)
+    paths: dict = {}
+    grid = throughput_grid(a.models, a.batch_sizes, a.data, a.warmup, a.steps, ctx, paths)
     if ctx.is_main:
         with open(a.worker, "w") as f:
             json.dump({"threads_per_rank": torch.get_num_threads(), "world_size": ctx.world_size,
-                       "samples_per_s": grid}, f)
+                       "samples_per_s": grid, "paths": paths}, f)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -221,6 +225,14 @@ def markdown(res: dict, command: str) -> str:
             rows.append([model, "2 ranks / 1 rank"] + [f"{two[model][str(b)] / one[model][str(b)]:.2f}" for b in bs])
     lines += ["## Samples/s (global batch B; 2 ranks: B/2 per rank)", "", P.table(head, rows), ""]
     if two:
+        paths = res["two_ranks"].get("paths", {})
+        if paths:
+            def said(key):
+                on = [mo for mo in res["models"] if paths.get(mo, {}).get(key)]
+                return "all models" if len(on) == len(res["models"]) else (", ".join(on) or "none")
+            lines += [f"2 ranks: a gloo process group; the loop's sums through shared memory "
+                      f"(`train.host_reduce`): {said('host_reduce')}; the embedding through the replicated "
+                      f"tables' kernel (local lookup): {said('local_lookup')}.", ""]
         ratios = [two[mo][str(b)] / one[mo][str(b)] for mo in res["models"] for b in bs]
         lines += [f"Target 2 gloo ranks >= 0.8x 1 rank with 2 threads: met in "
                   f"{sum(r >= 0.8 for r in ratios)}/{len(ratios)} cells (min {min(ratios):.2f}, "

@@ -4,7 +4,8 @@
       ──apply_optimizer_in_backward(sparse optimizer, EBC params)──►
       ──plan_sharding──► ShardingPlan ──DistributedModelParallel──► DMP
       ──init_embeddings (deterministic per row block, independent of the sharding)──►
-    world of one: FieldEmbedding.local_lookup = the sharded EBC's kernel (dist/local_lookup.py)
+    world of one, or every table replicated with grad_sync 'flat': FieldEmbedding.local_lookup =
+        the sharded EBC's kernel (dist/local_lookup.py)
     replicated (data_parallel) tables: unscaled field gradients + ReplicatedTableOptimizer
         (dist/replicated.py), stepped after backward with the dense optimizer
     world > 1: dense and replicated gradients averaged by DDP or by one flat all-reduce
@@ -77,7 +78,7 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     dense_params: list[nn.Parameter]
     plan: ShardingPlan
-    local_lookup: bool = False  # the embedding calls the sharded EBC's kernel directly (world of one)
+    local_lookup: bool = False  # the embedding calls the sharded EBC's kernel directly (world of one, all replicated)
     replicated_optimizer: Optional[ReplicatedTableOptimizer] = None  # the data_parallel tables' (if any)
     grad_sync: Optional[FlatAllReduce] = None  # grad_sync 'flat' in a world > 1; None: DDP or a world of one
     host_reduce: bool = False  # the loop's sums over ranks go through shared memory (train.host_reduce)
@@ -163,9 +164,13 @@ def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext,
     if sync == "flat":
         grad_sync = FlatAllReduce(unwrap_replicated_lookups(dmp), dist.group.WORLD, ctx.world_size)
     embedding = dmp.module.model.embedding
-    if ctx.world_size == 1 and cfg.train.pipeline != "sparse_dist":  # a pipeline must find the sharded EBC
-        embedding.local_lookup = find_kernel_lookup(embedding.ebc, data.kjt_keys)
-    embedding.set_grad_scales(model_parallel_grad_scale(ctx.world_size), replicated_tables(plan))
+    replicated = replicated_tables(plan)
+    # every table on every rank: the kernel alone is the lookup (with DDP its hooks must run, and
+    # a train pipeline must find the sharded EBC)
+    all_replicated = ctx.world_size > 1 and grad_sync is not None and replicated == {t.name for t in data.tables()}
+    if (ctx.world_size == 1 or all_replicated) and cfg.train.pipeline != "sparse_dist":
+        embedding.local_lookup = find_kernel_lookup(embedding.ebc, data.kjt_keys, replicated=all_replicated)
+    embedding.set_grad_scales(model_parallel_grad_scale(ctx.world_size), replicated)
     named_dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     # the embedding tables left here are the replicated ones (the fused ones optimize in backward)
     table_of = {key: table_name(key) for key in sorted(named_dense) if table_name(key)}

@@ -1,10 +1,17 @@
-"""World-of-one local lookup (msrec_dist/dist/local_lookup.py): the embedding calls the sharded
-EBC's own kernel instead of DMP's distributed forward. Same pooled fields, same training (fused
-row-wise Adagrad inside the kernel's backward, dense Adam) and the same state_dict as the DMP
-path; it is off where a train pipeline needs the sharded module or the layout differs."""
+"""Local lookup (msrec_dist/dist/local_lookup.py): the embedding calls the sharded EBC's own
+kernel instead of DMP's distributed forward, in a world of one (fused kernel) and on 2 ranks with
+every table replicated (dense kernel). Same pooled fields, same training (fused row-wise Adagrad
+inside the kernel's backward, or the replicated tables' update after the gradient sum; dense
+Adam) and the same state_dict as the DMP path; it is off where a train pipeline needs the sharded
+module, a table is model-parallel, or the layout differs."""
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from msrec_dist.config import load_experiment
 from msrec_dist.data.reader import make_dataloader
@@ -78,3 +85,59 @@ def test_local_lookup_needs_the_kernel_feature_order(synth_data, tmp_path):
     assert find_kernel_lookup(ebc, data.kjt_keys) is not None
     assert data.kjt_keys != data.sparse_names  # the demo schema interleaves the item table's features
     assert find_kernel_lookup(ebc, data.sparse_names) is None
+
+
+def _two_rank_worker(rank: int, data_yaml: str, init_file: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        ctx = init_distributed()
+
+        def state(*overrides):
+            cfg = load_experiment("configs/msrec.yaml", data_yaml, tuple(TINY_MODEL) + (
+                f"run.dir={out_dir}/run", "reader.batch_size=32") + overrides)
+            data = load_data_config(cfg.data)
+            return cfg, data, build_train_state(cfg, data, ctx, total_steps=100)
+
+        cfg, data, fast = state()
+        _, _, slow = state()
+        _embedding(slow).local_lookup = None  # the DMP path
+        _, _, table_wise = state("sharding.replicate_max_mb=0")
+        _, _, with_ddp = state("train.grad_sync=ddp")
+        batches = []
+        for b in make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size):
+            batches.append(b)
+            if len(batches) == 3:
+                break
+        b = batches[0]
+        fields = [_embedding(s)(b.sparse, b.dense, b.scenario).detach() for s in (fast, slow)]
+        steps = {id(s): DenseStep(s, cfg.train.grad_clip) for s in (fast, slow)}
+        losses = [[float(train_step(s, b, b.size * 2, 2, steps[id(s)])) for s in (fast, slow)] for b in batches]
+        weights = [{k: v.detach().clone() for k, v in s.model.named_parameters()} for s in (fast, slow, with_ddp)]
+        torch.save({"local": [_embedding(s).local_lookup is not None for s in (fast, slow, table_wise, with_ddp)]
+                    + [fast.local_lookup], "fields": fields,
+                    "losses": losses, "weights": weights}, os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_replicated_local_lookup_trains_like_the_dmp_path(synth_data, tmp_path):
+    """2 ranks, every table replicated (the demo's tables are under sharding.replicate_max_mb)."""
+    mp.spawn(_two_rank_worker, args=(synth_data, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    outs = [torch.load(tmp_path / f"{r}.pt", weights_only=False) for r in range(2)]
+    for o in outs:
+        # on for the replicated layout; off for model-parallel tables and under DDP
+        assert o["local"] == [True, False, False, False, True]
+        torch.testing.assert_close(o["fields"][0], o["fields"][1], rtol=0, atol=0)
+        for fast, slow in o["losses"]:
+            assert fast == pytest.approx(slow, rel=1e-6, abs=1e-6)
+        fast, slow, untrained = o["weights"]
+        tables = [k for k in fast if ".embedding_bags." in k]
+        assert fast.keys() == slow.keys() and tables
+        for key in fast:
+            torch.testing.assert_close(fast[key], slow[key], rtol=1e-5, atol=1e-6, msg=key)
+        for key in tables:  # the tables learned (same init as the untrained replicated state)
+            assert (fast[key] - untrained[key]).abs().max() > 0, key
+    for key, value in outs[0]["weights"][0].items():  # and the ranks stay identical
+        assert torch.equal(value, outs[1]["weights"][0][key]), key
