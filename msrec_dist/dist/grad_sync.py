@@ -13,7 +13,8 @@
 with the rest of backward, which pays on GPUs (NCCL runs on its own stream). On CPU the gloo
 all-reduce runs on the same cores as backward, so there is nothing to overlap with, and each gloo
 collective costs 0.6-0.7 ms of latency on this project's 2-core machine (median; 4 ms at p90),
-on top of the reducers' Python in every forward and backward.
+on top of the reducers' Python in every forward and backward. The flat sum itself goes through
+msrec_dist.dist.collectives.all_reduce_sum_ (shared memory when the ranks share a host).
 
 Why by hand: torch's DDP and torchrec's replicated lookups each own a reducer, and neither merges
 collectives with the other; torch's clip_grad_norm_ and zero_grad work per tensor.

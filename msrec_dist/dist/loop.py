@@ -13,8 +13,9 @@
 One small all_reduce per step carries the agreement; it is also the step's only host sync
 besides the logged loss. With grad_sync 'flat' in a world > 1 the agreement on batch k+1 rides
 in step k's gradient all-reduce instead (3 extra slots of its buffer), so a training step runs
-one collective, not two: each collective costs a gloo round trip (and, with ranks bound to one
-core each, often a scheduler tick: benchmarks/results/collectives.md).
+one collective, not two: over gloo each costs a round trip (and, with ranks bound to one core
+each, often a scheduler tick), through shared memory on one host (train.host_reduce) microseconds
+plus the wait for the slowest rank (benchmarks/results/collectives.md).
 """
 from __future__ import annotations
 
