@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import warnings
 import weakref
 from typing import Optional
 
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 HOST_REDUCES = ("auto", "shm", "gloo")
-SLOT_BYTES = 4 << 20  # per rank and parity; longer tensors take several rounds
+SLOT_BYTES = 2 << 20  # per rank and parity (8 MiB for 2 ranks, 32 MiB for 8); longer tensors take several rounds
 
 
 def is_power_of_two(n: int) -> bool:
@@ -43,6 +44,10 @@ def is_power_of_two(n: int) -> bool:
 def uses_exchange(group: Optional[dist.ProcessGroup] = None) -> bool:
     """Whether all_reduce_sum_ runs the pairwise exchange in this group."""
     return dist.get_backend(group) == "gloo" and is_power_of_two(dist.get_world_size(group))
+
+
+class SharedMemoryUnavailable(RuntimeError):
+    """The segment could not be made (raised on every rank of the group alike)."""
 
 
 class SharedMemoryAllReduce:
@@ -61,18 +66,28 @@ class SharedMemoryAllReduce:
         self.timeout_s, self.rounds = timeout_s, 0
         self.failed: Optional[str] = None  # a failed sum leaves the ranks out of step for good
         nbytes = 64 * self.world + 2 * self.world * slot_bytes
-        path = [None]
+        # [path, error]: rank 0 reserves the file's blocks up front, so a full /dev/shm (a
+        # container's 64 MB default) fails here, on every rank alike, not as a SIGBUS mid-step
+        made: list[Optional[str]] = [None, None]
         if self.rank == 0:
-            fd, path[0] = tempfile.mkstemp(prefix="msrec_allreduce_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-            os.close(fd)
-        dist.broadcast_object_list(path, src=dist.get_global_rank(group, 0), group=group)
+            folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+            fd, made[0] = tempfile.mkstemp(prefix="msrec_allreduce_", dir=folder)
+            try:
+                os.posix_fallocate(fd, 0, nbytes)  # zero-filled: every rank's round starts at 0
+            except OSError as e:
+                os.unlink(made[0])
+                made = [None, f"cannot reserve {nbytes} bytes in {folder}: {e}"]
+            finally:
+                os.close(fd)
+        dist.broadcast_object_list(made, src=dist.get_global_rank(group, 0), group=group)
+        if made[0] is None:
+            raise SharedMemoryUnavailable(f"shared-memory all-reduce: {made[1]}")
         try:
-            # zero-filled on creation (ftruncate): every rank's round starts at 0
-            self.region = torch.from_file(path[0], shared=True, size=nbytes, dtype=torch.uint8)
+            self.region = torch.from_file(made[0], shared=True, size=nbytes, dtype=torch.uint8)
         finally:
             dist.barrier(group=group)
             if self.rank == 0:
-                os.unlink(path[0])
+                os.unlink(made[0])
 
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         if self.failed is not None:
@@ -116,11 +131,12 @@ def host_id() -> str:
     return f"{socket.gethostname()}/{boot}"
 
 
-def enable_host_reduce(mode: str, group: Optional[dist.ProcessGroup] = None, timeout_s: float = 300.0) -> bool:
+def enable_host_reduce(mode: str, group: Optional[dist.ProcessGroup] = None, timeout_s: float = 300.0,
+                       slot_bytes: int = SLOT_BYTES) -> bool:
     """Sum through shared memory in `group` (default: the world) from now on, where `mode`
     ('auto', 'shm', 'gloo') allows it and it can: gloo, more than one rank, all on this host
-    (compared by host_id), the C++ extension built. 'shm' raises where it cannot; 'auto' keeps the
-    exchange / dist.all_reduce then. Collective: every rank of the group must call it. Returns
+    (compared by host_id), the C++ extension built, the segment made. 'shm' raises where it cannot;
+    'auto' keeps the exchange / dist.all_reduce then (with a warning if the segment failed). Collective: every rank of the group must call it. Returns
     whether shared memory is used."""
     if mode not in HOST_REDUCES:
         raise ValueError(f"host_reduce must be one of {HOST_REDUCES}, got {mode!r}")
@@ -140,7 +156,13 @@ def enable_host_reduce(mode: str, group: Optional[dist.ProcessGroup] = None, tim
         if mode == "shm":
             raise RuntimeError(f"host_reduce 'shm': {reason}")
         return False
-    _HOST_REDUCERS[group] = SharedMemoryAllReduce(group, timeout_s)
+    try:
+        _HOST_REDUCERS[group] = SharedMemoryAllReduce(group, timeout_s, slot_bytes)
+    except SharedMemoryUnavailable as e:
+        if mode == "shm":
+            raise
+        warnings.warn(f"{e}; summing over gloo instead (train.host_reduce: auto)", stacklevel=2)
+        return False
     return True
 
 

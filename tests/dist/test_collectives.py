@@ -3,7 +3,7 @@ sum equals torch's all_reduce and is bitwise the same on every rank, for 2 and 4
 take torch's all_reduce; the differentiable form sums gradients over ranks in backward. The
 shared-memory sum (csrc/shm_all_reduce.cpp) the same for 2, 3 and 4 ranks, over several rounds,
 every dtype it takes and odd layouts, and its errors: tensors that differ in size, a rank that
-never comes (the timeout names it), a group it cannot serve."""
+never comes (the timeout names it), a segment that cannot be made, a group it cannot serve."""
 from __future__ import annotations
 
 import os
@@ -168,3 +168,38 @@ def test_enable_host_reduce_where_it_cannot(tmp_path):
             collectives.enable_host_reduce("nvlink")
     finally:
         dist.destroy_process_group()
+
+
+def _no_room_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import warnings
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        huge = 1 << 50  # no file system reserves 2^52 bytes: posix_fallocate fails on rank 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            auto = collectives.enable_host_reduce("auto", slot_bytes=huge)
+        try:
+            collectives.enable_host_reduce("shm", slot_bytes=huge)
+            forced = None
+        except collectives.SharedMemoryUnavailable as e:
+            forced = str(e)
+        summed = collectives.all_reduce_sum_(torch.tensor([rank + 1.0]))  # the exchange still sums
+        torch.save({"auto": auto, "warned": [str(w.message) for w in caught], "forced": forced, "sum": summed},
+                   os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        collectives.disable_host_reduce()
+        dist.destroy_process_group()
+
+
+@needs_shm_op
+def test_shared_memory_without_room_falls_back_on_every_rank(tmp_path):
+    mp.spawn(_no_room_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        o = torch.load(tmp_path / f"{r}.pt")
+        assert o["auto"] is False
+        assert any("cannot reserve" in w and "summing over gloo instead" in w for w in o["warned"])
+        assert o["forced"] is not None and "cannot reserve" in o["forced"]
+        assert o["sum"].tolist() == [3.0]
+    if os.path.isdir("/dev/shm"):  # the failed file is removed too
+        assert not [f for f in os.listdir("/dev/shm") if f.startswith("msrec_allreduce_")]
