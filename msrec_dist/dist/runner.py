@@ -79,6 +79,10 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
     state = build_train_state(cfg, data, ctx, total_steps)
     if ctx.is_main:
         print(describe_plan(state.plan), flush=True)
+        if ctx.world_size > 1:
+            print(f"sums over ranks: {'shared memory' if state.host_reduce else ctx.backend} "
+                  f"(train.host_reduce={cfg.train.host_reduce}); embedding lookup: "
+                  f"{'the tables kernel, called directly' if state.local_lookup else 'DMP'}", flush=True)
         save_plan(state.plan, os.path.join(cfg.run.dir, "plan.json"))
         write_json_atomic(os.path.join(cfg.run.dir, "config.json"), to_dict(cfg))
     ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
@@ -141,6 +145,8 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
         "wall_s": wall,
         "train_samples_per_s": int(samples_t.item()) / wall if wall > 0 else 0.0,
         "world_size": ctx.world_size,
+        "host_reduce": state.host_reduce,  # the sums over ranks went through shared memory
+        "local_lookup": state.local_lookup,  # the embedding called the tables' kernel directly
         **metrics,
     }
     if ctx.is_main:

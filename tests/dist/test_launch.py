@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from msrec_dist.dist import collectives
 from tests.dist.launch import REPO, TINY_MODEL
 
 pytestmark = pytest.mark.dist
@@ -24,6 +25,11 @@ def test_torchx_local_cwd_two_ranks(synth_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((run_dir / "final_metrics.json").read_text())
     assert result["world_size"] == 2 and result["steps"] == 5
+    # one host, all tables replicated: sums through shared memory (where the C++ op is built) and
+    # the embedding through the replicated tables' kernel
+    assert result["host_reduce"] == (collectives.shm_op_missing() is None)
+    assert result["local_lookup"] is True
+    assert "sums over ranks: " in proc.stdout + proc.stderr
     plan = json.loads((run_dir / "plan.json").read_text())["model.embedding.ebc"]
     # the synthetic tables are all under sharding.replicate_max_mb (1 MB): replicated on both ranks
     assert {t["sharding_type"] for t in plan.values()} == {"data_parallel"}
