@@ -118,7 +118,7 @@ class TrainConfig:
     # all-reduce, the has-data agreement, STAR's partitioned-norm statistics;
     # msrec_dist/dist/collectives.py): shm = a shared-memory segment, waits spin (C++ op, needs
     # msrec_dist._C); gloo = gloo point-to-point exchanges; auto = shm where it can (gloo backend,
-    # one host, the op built), gloo elsewhere. NCCL (CUDA) always uses its own all-reduce.
+    # one host, the op built, a core per rank), gloo elsewhere. NCCL (CUDA) uses its own all-reduce.
     host_reduce: Literal["auto", "shm", "gloo"] = "auto"
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2

@@ -79,9 +79,10 @@ def _shm_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         small = collectives.SharedMemoryAllReduce(dist.group.WORLD, timeout_s=60.0, slot_bytes=256)  # 64 floats a round
         got_rounds = small(x.clone())
         rounds_after = small.rounds
+        auto = collectives.enable_host_reduce("auto")  # only with a core per rank
         assert collectives.enable_host_reduce("shm")  # all_reduce_sum_ goes through shared memory from now on
         got = collectives.all_reduce_sum_(x.clone())
-        out = {"want": want, "got": got, "got_rounds": got_rounds, "rounds": rounds_after,
+        out = {"want": want, "got": got, "got_rounds": got_rounds, "rounds": rounds_after, "auto": auto,
                "f64": collectives.all_reduce_sum_(torch.arange(5, dtype=torch.float64) * (rank + 1)),
                "i64": collectives.all_reduce_sum_(torch.tensor([rank, 1, 2 ** 40], dtype=torch.long)),
                "i32": collectives.all_reduce_sum_(torch.tensor([rank, 1], dtype=torch.int32)),
@@ -113,7 +114,11 @@ def test_shared_memory_sum_matches_torch_and_agrees_across_ranks(tmp_path, world
     mp.spawn(_shm_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
     outs = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
     total = sum(range(1, world + 1))
+    from msrec_dist.runtime import allowed_cores
+
     for o in outs:
+        # 'auto' spins only where every rank can have a core (4 ranks on a 2-core machine: gloo)
+        assert o["auto"] == (len(allowed_cores()) >= world)
         torch.testing.assert_close(o["got"], o["want"], rtol=1e-6, atol=1e-5)
         assert torch.equal(o["got"], outs[0]["got"])  # bitwise the same everywhere
         assert torch.equal(o["got_rounds"], o["got"])  # 16 rounds of 64 floats: the same sum
