@@ -73,7 +73,8 @@ class SharedMemoryAllReduce:
             folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
             fd, made[0] = tempfile.mkstemp(prefix="msrec_allreduce_", dir=folder)
             try:
-                os.posix_fallocate(fd, 0, nbytes)  # zero-filled: every rank's round starts at 0
+                # zero-filled: every rank's round starts at 0 (ftruncate where there is no fallocate)
+                (os.posix_fallocate(fd, 0, nbytes) if hasattr(os, "posix_fallocate") else os.ftruncate(fd, nbytes))
             except OSError as e:
                 os.unlink(made[0])
                 made = [None, f"cannot reserve {nbytes} bytes in {folder}: {e}"]
