@@ -30,6 +30,12 @@ def _shm_mark():
 needs_shm_op = _shm_mark()
 
 
+def _spawn(worker, tmp_path, world: int, *args) -> list:
+    """Run worker(rank, *args, init_file, out_dir) on `world` spawned ranks; each rank's saved output."""
+    mp.spawn(worker, args=(*args, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
+    return [torch.load(tmp_path / f"{r}.pt") if (tmp_path / f"{r}.pt").exists() else None for r in range(world)]
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -50,8 +56,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_all_reduce_sum_matches_torch_and_agrees_across_ranks(tmp_path, world):
-    mp.spawn(_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
-    outs = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    outs = _spawn(_worker, tmp_path, world, world)
     total = sum(range(1, world + 1))
     for o in outs:
         assert o["exchange"] == (world in (2, 4))
@@ -111,8 +116,7 @@ def _shm_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 @needs_shm_op
 @pytest.mark.parametrize("world", [2, 3, 4])
 def test_shared_memory_sum_matches_torch_and_agrees_across_ranks(tmp_path, world):
-    mp.spawn(_shm_worker, args=(world, str(tmp_path / "init"), str(tmp_path)), nprocs=world, join=True)
-    outs = [torch.load(tmp_path / f"{r}.pt") for r in range(world)]
+    outs = _spawn(_shm_worker, tmp_path, world, world)
     total = sum(range(1, world + 1))
     from msrec_dist.runtime import allowed_cores
 
@@ -154,8 +158,7 @@ def _timeout_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @needs_shm_op
 def test_shared_memory_sum_times_out_naming_the_missing_rank(tmp_path):
-    mp.spawn(_timeout_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    msg = torch.load(tmp_path / "0.pt")
+    msg = _spawn(_timeout_worker, tmp_path, 2)[0]
     assert msg is not None and "rank 0 waited more than 0.5 s for rank 1" in msg
     if os.path.isdir("/dev/shm"):  # the segment's name is gone once every rank has mapped it
         assert not [f for f in os.listdir("/dev/shm") if f.startswith("msrec_allreduce_")]
@@ -199,9 +202,7 @@ def _no_room_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 @needs_shm_op
 def test_shared_memory_without_room_falls_back_on_every_rank(tmp_path):
-    mp.spawn(_no_room_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    for r in range(2):
-        o = torch.load(tmp_path / f"{r}.pt")
+    for o in _spawn(_no_room_worker, tmp_path, 2):
         assert o["auto"] is False
         assert any("cannot reserve" in w and "summing over gloo instead" in w for w in o["warned"])
         assert o["forced"] is not None and "cannot reserve" in o["forced"]
