@@ -14,20 +14,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from msrec_dist.dist import collectives
+from tests.kernels.utils import csrc_mark
 
 pytestmark = pytest.mark.dist
 
 
-def _shm_mark():
-    """Skip the shared-memory tests where the C++ op is not built, unless MSREC_REQUIRE_CSRC=1
-    (as `make test` sets), which makes that a failure."""
-    missing = collectives.shm_op_missing()
-    if missing and os.environ.get("MSREC_REQUIRE_CSRC") == "1":
-        raise RuntimeError(f"MSREC_REQUIRE_CSRC=1 but {missing}")
-    return pytest.mark.skipif(missing is not None, reason=missing or "")
-
-
-needs_shm_op = _shm_mark()
+needs_shm_op = csrc_mark(collectives.shm_op_missing())  # skip, or fail under MSREC_REQUIRE_CSRC=1
 
 
 def _spawn(worker, tmp_path, world: int, *args) -> list:

@@ -40,13 +40,18 @@ def run_with_grads(fn, inputs, grad_out_seed=1):
     return out.detach(), [x.grad.clone() for x in inputs]
 
 
-def cpp_kernel_mark(op: str):
-    """pytestmark for the tests of op's C++ CPU kernel: skipped where the extension is not built,
+def csrc_mark(missing: str | None):
+    """pytestmark for tests of a C++ op: skipped with `missing` as the reason where it is not None,
     unless MSREC_REQUIRE_CSRC=1 (as `make test` sets), which turns the skip into a failure."""
+    if missing and os.environ.get("MSREC_REQUIRE_CSRC") == "1":
+        raise RuntimeError(f"MSREC_REQUIRE_CSRC=1 but {missing} "
+                           "(MSREC_BUILD_CSRC=1 pip install --no-build-isolation -e .)")
+    return pytest.mark.skipif(missing is not None, reason=missing or "")
+
+
+def cpp_kernel_mark(op: str):
+    """csrc_mark for the tests of op's C++ CPU kernel."""
     from msrec_dist.kernels import ops
 
-    built = op in ops.cpp_kernels()
-    if not built and os.environ.get("MSREC_REQUIRE_CSRC") == "1":
-        raise RuntimeError(f"MSREC_REQUIRE_CSRC=1 but the C++ {op} kernel is not built "
-                           "(MSREC_BUILD_CSRC=1 pip install --no-build-isolation -e .)")
-    return pytest.mark.skipif(not built, reason="C++ extension msrec_dist._C not built")
+    return csrc_mark(None if op in ops.cpp_kernels() else
+                     f"the C++ {op} kernel is not built (C++ extension msrec_dist._C not built)")
