@@ -86,6 +86,9 @@ class ModelConfig:
     name: str = "msrec"
     kernels: Kernel = "auto"
     scenario_field: bool = True  # feed the scenario id as one more embedded field
+    # the first linear layer over the field stack folds the dense and scenario fields into its
+    # weight (msrec_dist/model/fields.py): same function, fewer FLOPs; off = build the stack
+    fold_fields: bool = True
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     star: StarConfig = field(default_factory=StarConfig)
     bottom: BottomConfig = field(default_factory=BottomConfig)

@@ -7,6 +7,8 @@
     batch.dense   [B, N_d] ──x_n * w_n + b_n per feature──► [B, N_d, D]
     batch.scenario [B] ──one-hot [B, S] @ nn.Embedding(S, D).weight──► [B, 1, D]   (only if scenario_field)
     concat ──► fields [B, F, D],  F = F_s + N_d (+1)
+    (parts(): the same in factored form, FieldParts, for a first layer that folds the dense and
+    scenario fields into its weight: msrec_dist/model/fields.py)
 
 Sparse fields follow the KJT key order (`DataConfig.kjt_keys`: features grouped by table).
 In a world of one the pooling runs through `local_lookup` when one is set (the sharded EBC's own
@@ -28,6 +30,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from msrec_dist.data.schema import DataConfig
+from msrec_dist.model.fields import FieldParts
 from msrec_dist.model.star import scenario_onehot
 
 PooledLookup = Callable[[KeyedJaggedTensor], torch.Tensor]  # KJT → [B, F_s * D], fields in KJT key order
@@ -93,6 +96,11 @@ class FieldEmbedding(nn.Module):
         self.grad_scale_value = values.pop() if len(values) == 1 else None
 
     def forward(self, sparse: KeyedJaggedTensor, dense: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
+        return self.parts(sparse, dense, scenario).stack()  # [B, F, D]
+
+    def parts(self, sparse: KeyedJaggedTensor, dense: torch.Tensor, scenario: torch.Tensor) -> FieldParts:
+        """The fields in factored form (msrec_dist/model/fields.py): a first linear layer can fold
+        the dense and scenario fields into its weight instead of reading the [B, F, D] stack."""
         batch_size = dense.size(0)
         if isinstance(sparse, KeyedJaggedTensor) and sparse.keys() != self.field_names:  # (not when FX tracing)
             raise ValueError(f"KJT keys {sparse.keys()} are not in the expected order {self.field_names} "
@@ -106,12 +114,12 @@ class FieldEmbedding(nn.Module):
         lengths = sparse.lengths().view(self.num_sparse, batch_size)  # [F_s, B]
         divisor = torch.where(self.is_mean.unsqueeze(1), lengths.clamp(min=1), torch.ones_like(lengths))
         pooled = pooled / divisor.t().unsqueeze(2).to(pooled.dtype)  # [B, F_s, D]
-        dense_fields = torch.addcmul(self.dense_bias, dense.unsqueeze(2), self.dense_weight)  # [B, N_d, D]
-        fields = [pooled, dense_fields]
+        parts = FieldParts(pooled, dense, self.dense_weight, self.dense_bias)  # dense fields: x_n * w_n + b_n
         if self.scenario_emb is not None:
-            # A [B, S] @ [S, D] product instead of an embedding lookup: S is a handful of surfaces,
-            # and the lookup's CPU backward (embedding_dense_backward: sort + scatter) cost ~0.2 ms
-            # a step where this GEMM's costs a few µs. Same values (one-hot rows pick weight rows).
-            onehot = scenario_onehot(scenario, self.scenario_emb.num_embeddings, pooled.dtype)  # [B, S]
-            fields.append((onehot @ self.scenario_emb.weight).unsqueeze(1))  # [B, 1, D]
-        return torch.cat(fields, dim=1)  # [B, F, D]
+            # The scenario field is a [B, S] @ [S, D] product instead of an embedding lookup: S is a
+            # handful of surfaces, and the lookup's CPU backward (embedding_dense_backward: sort +
+            # scatter) cost ~0.2 ms a step where this GEMM's costs a few µs. Same values (one-hot
+            # rows pick weight rows).
+            parts.onehot = scenario_onehot(scenario, self.scenario_emb.num_embeddings, pooled.dtype)  # [B, S]
+            parts.scenario_weight = self.scenario_emb.weight  # [S, D]
+        return parts

@@ -6,6 +6,9 @@
 
 Stacking the K weights into one tensor replaces a Python loop of K small GEMMs by one batched
 GEMM (the PLE/MMoE experts, the per-task towers).
+
+Both also take the field stack in factored form (FieldParts, msrec_dist/model/fields.py) as the
+input of their first layer: it then folds the dense and scenario fields into that layer's weight.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import math
 
 import torch
 from torch import nn
+
+from msrec_dist.model.fields import FieldParts
 
 
 class MLP(nn.Sequential):
@@ -26,6 +31,16 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
         self.out_dim = in_dim
 
+    def forward(self, x: torch.Tensor | FieldParts) -> torch.Tensor | FieldParts:
+        """[B, in] → [B, out]; FieldParts in: the first Linear folds them. No layers: x as is."""
+        layers = iter(self)
+        if isinstance(x, FieldParts) and len(self) > 0:
+            first = next(layers)
+            x = x.linear(first.weight.t(), first.bias)  # [B, out]
+        for layer in layers:
+            x = layer(x)
+        return x
+
 
 class StackedLinear(nn.Module):
     """K independent Linear(in, out) layers held as weight [K, in, out], bias [K, 1, out]."""
@@ -37,8 +52,24 @@ class StackedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(num, 1, out_dim).uniform_(-bound, bound))
         self.num, self.in_dim, self.out_dim = num, in_dim, out_dim
 
-    def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | FieldParts, relu: bool = False) -> torch.Tensor:
+        if isinstance(x, FieldParts):  # shared input, as [B, in] below, folded
+            y = x.linear(*shared_input_weight(self.weight, self.bias))  # [B, K*out]
+            return stacked_output(y, self.num, self.out_dim, relu)  # [K, B, out]
         return stacked_linear(x, self.weight, self.bias, relu)  # [K, B, out]
+
+
+def shared_input_weight(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight [K, in, out], bias [K, 1, out] → one layer over a shared input: [in, K*out], [K*out]."""
+    num, in_dim, out_dim = weight.shape
+    return weight.permute(1, 0, 2).reshape(in_dim, num * out_dim), bias.reshape(num * out_dim)
+
+
+def stacked_output(y: torch.Tensor, num: int, out_dim: int, relu: bool) -> torch.Tensor:
+    """[B, K*out] of a shared-input layer → [K, B, out] view (ReLU in place first when `relu`)."""
+    if relu:
+        y = y.relu_()
+    return y.view(y.size(0), num, out_dim).transpose(0, 1)
 
 
 def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool = False) -> torch.Tensor:
@@ -54,12 +85,8 @@ def stacked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, re
     one call instead of failing on control flow over a traced value.
     """
     if x.dim() == 2:  # shared input [B, in]: one GEMM against [in, K*out]
-        num, in_dim, out_dim = weight.shape
-        w = weight.permute(1, 0, 2).reshape(in_dim, num * out_dim)  # [in, K*out]
-        y = torch.addmm(bias.reshape(num * out_dim), x, w)  # [B, K*out]
-        if relu:
-            y = y.relu_()
-        return y.view(x.size(0), num, out_dim).transpose(0, 1)  # [K, B, out] view
+        w, b = shared_input_weight(weight, bias)  # [in, K*out], [K*out]
+        return stacked_output(torch.addmm(b, x, w), weight.size(0), weight.size(2), relu)  # [K, B, out]
     if weight.size(2) == 1:  # one output column (the towers' logit): a dot product per row.
         # MKL's batched GEMM at N = 1, and its backward (an outer product at K = 1), ran 1.7x
         # slower than this multiply + sum (fwd + bwd at [2, 1024, 32]: 294 vs 176 µs).

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from msrec_dist.kernels import gate_combine
+from msrec_dist.model.fields import FieldParts
 from msrec_dist.model.mlp import StackedLinear, StackedMLP
 
 
@@ -66,9 +67,13 @@ class CGCLevel(nn.Module):
                                    if num_scenarios > 0 else None)  # [G, S, E]
         self.out_dim = hidden
 
-    def forward(self, x: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, in] (first level) or [T+1, B, in]; onehot [B, S] with scenario gates; returns [G, B, h]."""
-        expert_in, gate_in = level_inputs(x, self.expert_group, self.mask.size(0))
+    def forward(self, x: torch.Tensor | FieldParts, onehot: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, in] or FieldParts (first level) or [T+1, B, in]; onehot [B, S] with scenario
+        gates; returns [G, B, h]."""
+        if isinstance(x, FieldParts):  # first level over the field stack: experts and gates fold it
+            expert_in, gate_in = x, x
+        else:
+            expert_in, gate_in = level_inputs(x, self.expert_group, self.mask.size(0))
         expert_out = self.experts(expert_in)  # [E, B, h]
         logits = self.gates(gate_in)  # [G, B, E]
         if self.scenario_gate_bias is not None:
@@ -88,7 +93,7 @@ class PLE(nn.Module):
             in_dim = hidden
         self.out_dim = hidden
 
-    def forward(self, x: torch.Tensor, onehot: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | FieldParts, onehot: torch.Tensor | None = None) -> torch.Tensor:
         for level in self.levels:
             x = level(x, onehot)
         return x  # [T, B, h]

@@ -1,6 +1,6 @@
 """The model zoo: one `MultiScenarioModel` whose blocks are switched by `ModelConfig`.
 
-    Batch ──FieldEmbedding──► fields [B, F, D]
+    Batch ──FieldEmbedding──► fields [B, F, D]   (fold_fields: FieldParts, read by the first layer)
           ──FieldSelfAttention (opt.)──► [B, F, D'] ──flatten──► [B, F·D']
           ──trunk: StarTrunk (PN + star FC) or plain MLP──► [B, H]
           ──experts: PLE/MMoE (CGC levels) or none──► [T, B, h]
@@ -72,14 +72,24 @@ class MultiScenarioModel(nn.Module):
         # the blocks that read the scenario one-hot (plain MLP/PLE/MMoE models skip building it)
         self.uses_onehot = star.enabled or self.mixing is not None or (
             self.experts is not None and ex.scenario_gates)
+        # the first layer folds the dense and scenario fields into its weight (model/fields.py)
+        # where it is linear and the only reader of the field stack: the bottom MLP's first
+        # Linear, or (no bottom) the first CGC level's experts and gates
+        self.fold_fields = cfg.fold_fields and self.attention is None and not star.enabled and (
+            bool(cfg.bottom.hidden) or (self.experts is not None and not self.expert_residual
+                                        and self.mixing is None))
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns per-task logits [B, T]."""
-        fields = self.embedding(batch.sparse, batch.dense, batch.scenario)  # [B, F, D]
-        onehot = (scenario_onehot(batch.scenario, self.num_scenarios, fields.dtype)
+        onehot = (scenario_onehot(batch.scenario, self.num_scenarios, batch.dense.dtype)
                   if self.uses_onehot else None)  # [B, S]
-        x = self.attention(fields) if self.attention is not None else fields  # [B, F, D']
-        x = x.flatten(1)  # [B, F·D']
+        if self.fold_fields:
+            fields = None
+            x = self.embedding.parts(batch.sparse, batch.dense, batch.scenario)  # FieldParts: [B, F·D] factored
+        else:
+            fields = self.embedding(batch.sparse, batch.dense, batch.scenario)  # [B, F, D]
+            x = self.attention(fields) if self.attention is not None else fields  # [B, F, D']
+            x = x.flatten(1)  # [B, F·D']
         h = self.trunk(x, onehot) if isinstance(self.trunk, StarTrunk) else self.trunk(x)  # [B, H]
         if self.experts is not None:
             task_in = self.experts(h, onehot)  # [T, B, h]

@@ -114,3 +114,26 @@ def test_empty_batch_stride0_through_unsharded_ebc(model_data, empty_batch):
     module = _train_module(CONFIGS[NAMES.index("shared_bottom")], model_data)
     loss, _ = module(empty_batch)
     assert loss.item() == 0.0
+
+
+FOLDED = {"ple", "mmoe", "shared_bottom"}  # first layer linear over the field stack (no attention, no STAR)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=NAMES)
+def test_fold_fields_gives_the_same_model(path, model_data, batch4):
+    """model.fold_fields (dense and scenario fields folded into the first layer, model/fields.py)
+    is on exactly where the first layer reads the field stack, and gives the logits and every
+    parameter's gradient of the unfolded model (same seed, same parameters)."""
+    name = os.path.splitext(os.path.basename(path))[0]
+    module = _train_module(path, model_data)
+    assert module.model.fold_fields == (name in FOLDED)
+    unfolded = _train_module(path, model_data)
+    unfolded.model.fold_fields = False
+    for m in (module, unfolded):
+        loss, (_, logits, _) = m(batch4)
+        loss.backward()
+        m.logits = logits
+    # float32: only the summation order differs (the exact identity is checked in float64 in test_fields.py)
+    torch.testing.assert_close(module.logits, unfolded.logits, rtol=1e-5, atol=1e-6)
+    for (n, p), (_, q) in zip(module.named_parameters(), unfolded.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
