@@ -62,7 +62,7 @@ class FieldParts:
         num_dense, dim = self.dense_weight.shape
         sizes = [self.pooled.size(1) * dim, num_dense * dim] + ([dim] if self.onehot is not None else [])
         parts = torch.split(weight, sizes, dim=0)  # one SplitBackward, not a zero-filled copy per slice
-        w_dense = parts[1].reshape(num_dense, dim, -1)  # [N_d, D, N]
+        w_dense = parts[1].reshape(num_dense, dim, weight.size(1))  # [N_d, D, N] (N_d may be 0)
         factors = torch.stack([self.dense_weight, self.dense_bias], dim=1)  # [N_d, 2, D]
         projected = torch.bmm(factors, w_dense)  # [N_d, 2, N]: rows w_n·W_n and b_n·W_n
         rows = [parts[0], projected[:, 0]]

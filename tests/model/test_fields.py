@@ -12,13 +12,13 @@ from msrec_dist.model.mlp import MLP, StackedLinear
 B, F_S, N_D, S, D, N = 6, 3, 2, 3, 4, 5
 
 
-def _parts(scenario: bool, batch: int = B, seed: int = 0) -> FieldParts:
+def _parts(scenario: bool, batch: int = B, seed: int = 0, num_dense: int = N_D) -> FieldParts:
     g = torch.Generator().manual_seed(seed)
 
     def leaf(*shape):
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
-    parts = FieldParts(pooled=leaf(batch, F_S, D), dense=torch.randn(batch, N_D, generator=g, dtype=torch.float64),
-                       dense_weight=leaf(N_D, D), dense_bias=leaf(N_D, D))
+    parts = FieldParts(pooled=leaf(batch, F_S, D), dense=torch.randn(batch, num_dense, generator=g, dtype=torch.float64),
+                       dense_weight=leaf(num_dense, D), dense_bias=leaf(num_dense, D))
     if scenario:
         ids = torch.randint(0, S, (batch,), generator=g)
         parts.onehot = torch.nn.functional.one_hot(ids, S).to(torch.float64)
@@ -57,6 +57,14 @@ def test_folded_linear_equals_linear_over_the_stack(scenario):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{leaf}: {m}")
     # the folded GEMM's inner size: D per sparse field, 1 per dense feature, S for the scenario
     assert parts.inputs().shape == (B, F_S * D + N_D + (S if scenario else 0))
+
+
+def test_no_dense_features():
+    parts = _parts(True, num_dense=0)
+    weight = torch.randn((F_S + 1) * D, N, dtype=torch.float64)
+    bias = torch.randn(N, dtype=torch.float64)
+    torch.testing.assert_close(parts.linear(weight, bias), parts.stack().flatten(1) @ weight + bias,
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_empty_batch_folds_to_bias():
