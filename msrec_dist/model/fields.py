@@ -37,10 +37,6 @@ class FieldParts:
     scenario_weight: Optional[torch.Tensor] = None  # [S, D], with the scenario field
     _inputs: Optional[torch.Tensor] = field(default=None, repr=False)  # [B, F_s·D + N_d + S], built once
 
-    @property
-    def batch_size(self) -> int:
-        return self.pooled.size(0)
-
     def stack(self) -> torch.Tensor:
         """The field stack [B, F, D] (sparse, dense, scenario fields in that order)."""
         dense_fields = torch.addcmul(self.dense_bias, self.dense.unsqueeze(2), self.dense_weight)  # [B, N_d, D]
