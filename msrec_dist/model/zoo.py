@@ -20,6 +20,7 @@ from msrec_dist.data.batch import Batch
 from msrec_dist.data.schema import DataConfig
 from msrec_dist.model.attention import FieldSelfAttention
 from msrec_dist.model.embedding import FieldEmbedding
+from msrec_dist.model.fields import FieldParts
 from msrec_dist.model.mixing import BalancedMixing
 from msrec_dist.model.mlp import MLP, StackedMLP
 from msrec_dist.model.ple import PLE
@@ -81,8 +82,6 @@ class MultiScenarioModel(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns per-task logits [B, T]."""
-        onehot = (scenario_onehot(batch.scenario, self.num_scenarios, batch.dense.dtype)
-                  if self.uses_onehot else None)  # [B, S]
         if self.fold_fields:
             fields = None
             x = self.embedding.parts(batch.sparse, batch.dense, batch.scenario)  # FieldParts: [B, F·D] factored
@@ -90,6 +89,10 @@ class MultiScenarioModel(nn.Module):
             fields = self.embedding(batch.sparse, batch.dense, batch.scenario)  # [B, F, D]
             x = self.attention(fields) if self.attention is not None else fields  # [B, F, D']
             x = x.flatten(1)  # [B, F·D']
+        onehot = None  # [B, S]
+        if self.uses_onehot:  # the parts' own one-hot where they have one (the scenario field)
+            onehot = x.onehot if isinstance(x, FieldParts) and x.onehot is not None else \
+                scenario_onehot(batch.scenario, self.num_scenarios, batch.dense.dtype)
         h = self.trunk(x, onehot) if isinstance(self.trunk, StarTrunk) else self.trunk(x)  # [B, H]
         if self.experts is not None:
             task_in = self.experts(h, onehot)  # [T, B, h]
