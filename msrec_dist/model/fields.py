@@ -14,7 +14,7 @@ Why: a dense field is rank one in its input value and the scenario field picks o
 the first layer after the field stack needs one input column per dense feature and S for the
 scenario, not D each. For the ple config (5 sparse + 4 dense fields + the scenario, D = 16) the
 GEMM's inner size drops from 160 to 87: the first CGC level's expert GEMMs at B = 1024 (forward,
-input gradient, weight gradient) measured 3.8 → 2.0 ms on this project's CPU. Same parameters,
+input gradient, weight gradient) measured 3.8 → 2.0–2.2 ms on this project's CPU. Same parameters,
 same function, same gradients; only the floats are summed in another order. The models whose
 first layer reads the flat field stack directly (no attention, no STAR) use it
 (ModelConfig.fold_fields); the folded weights are a few small products per step.
