@@ -33,6 +33,7 @@
 #include <torch/library.h>
 
 #include "clones.h"
+#include "vec_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -87,25 +88,7 @@ struct Args {
 
 // MSREC_CLONES / MSREC_INLINE: clones.h (AVX2 + FMA where the CPU has them, baseline x86-64 else).
 
-// exp(x), vectorizable. fp32: the Cephes expf polynomial (relative error about 1e-7, as
-// std::exp within 2 ulp) with the power of two built in the exponent bits, so a loop over lanes
-// runs 8 wide under AVX2 (a libm call per score would not vectorize); x below -87.3 (padded
-// keys: -inf) gives 0. fp64 (gradcheck) keeps std::exp.
-MSREC_INLINE float exp_approx(float x) {
-  const float xc = std::min(std::max(x, -87.3f), 88.3f);
-  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2), branch-free
-  const float r = xc - n * 0.693359375f + n * 2.12194440e-4f;                // x - n ln 2, |r| <= ln2 / 2
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const float pow2 = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);  // 2^n
-  const float keep = x >= -87.3f ? 1.0f : 0.0f;  // a blend, not a branch
-  return y * pow2 * keep;
-}
+// lane_exp: vec_math.h (the vectorizable exp shared with gate_combine.cpp).
 
 // The kernels below work on groups of kLanes (sample, head) blocks at once, one block per SIMD
 // lane: each block's q, k, v are first laid out lane-minor (x[(f * DH + d) * kLanes + lane]), so
@@ -136,8 +119,6 @@ MSREC_INLINE void scatter_lanes(const scalar_t* __restrict__ xs, int64_t bh0, in
   }
 }
 
-MSREC_INLINE float lane_exp(float x) { return exp_approx(x); }
-MSREC_INLINE double lane_exp(double x) { return std::exp(x); }
 
 // Scaled scores of query row i of every lane against every key: s[j * kLanes + lane], -inf at
 // padded keys (bias: the lanes' key masks as 0 / -inf, lane-minor); m: each lane's row max.
