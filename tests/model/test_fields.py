@@ -55,8 +55,13 @@ def test_folded_linear_equals_linear_over_the_stack(scenario):
     for leaf, got, want in zip(["pooled", "dense_weight", "dense_bias", "weight", "bias", "scenario_weight"],
                                grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=lambda m: f"{leaf}: {m}")
-    # the folded GEMM's inner size: D per sparse field, 1 per dense feature, S for the scenario
-    assert parts.inputs().shape == (B, F_S * D + N_D + (S if scenario else 0))
+    # the folded GEMM's inner size: D per sparse field, 1 per dense feature, S for the scenario, 1
+    # for the bias, then zero columns up to a multiple of 8; the inputs end [.. | 1 | 0 ..]
+    width = F_S * D + N_D + (S if scenario else 0)
+    inputs = parts.inputs()
+    assert inputs.shape == (B, -(-(width + 1) // 8) * 8)
+    assert inputs[:, width].eq(1).all() and inputs[:, width + 1:].eq(0).all()
+    torch.testing.assert_close(inputs[:, :F_S * D], parts.pooled.flatten(1), rtol=0, atol=0)
 
 
 def test_no_dense_features():
