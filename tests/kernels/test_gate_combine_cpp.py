@@ -123,3 +123,28 @@ def test_errors():
         K.gate_combine(y.detach().half(), g.detach().half(), kernel="cpp")
     with pytest.raises(RuntimeError, match="at most 64 experts"):
         torch.ops.msrec.gate_combine_cpp(torch.zeros(2, 65, 4), torch.zeros(1, 2, 65))
+
+
+def test_extreme_and_fully_masked_logits():
+    """The softmax's polynomial exp (csrc/vec_math.h, 8 samples per SIMD lane) over the whole
+    range: logits of ±1e4 and ±80 (exp underflows to 0 where the reference's does), the exact
+    ties of a constant row, and a gate with every expert masked (NaN, as torch.softmax), in a
+    batch that is not a multiple of the 8 lanes."""
+    B, E, T, D = 11, 4, 3, 8
+    y = randn(B, E, D, seed=6, requires_grad=False)
+    logits = torch.zeros(T, B, E)
+    logits[0] = torch.tensor([1e4, -1e4, 0.0, 80.0])
+    logits[1] = torch.tensor([-80.0, 80.0, -87.0, 88.0])
+    logits[2, :5] = float("-inf")  # samples 0..4: gate 2 sees no expert
+    logits[2, 5:] = randn(B - 5, E, seed=7, requires_grad=False) * 30
+    out = cpp(y, logits)
+    ref = gate_combine_ref(y, logits)
+    assert out[2, :5].isnan().all() and ref[2, :5].isnan().all()
+    torch.testing.assert_close(out, ref, equal_nan=True, **tol(torch.float32))
+    grad = randn(T, B, D, seed=8, requires_grad=False)
+    grad[2, :5] = 0  # keep the NaN gate out of the gradient check
+    d_y, d_logits = torch.ops.msrec.gate_combine_backward_cpp(grad, y, logits)
+    y_ref, l_ref = y.clone().requires_grad_(), logits.clone().requires_grad_()
+    gate_combine_ref(y_ref, l_ref).backward(grad)
+    torch.testing.assert_close(d_logits[:2], l_ref.grad[:2], **tol(torch.float32))
+    torch.testing.assert_close(d_logits[2, 5:], l_ref.grad[2, 5:], **tol(torch.float32))
