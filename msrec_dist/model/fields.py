@@ -39,7 +39,8 @@ class FieldParts:
     dense_bias: torch.Tensor  # [N_d, D]
     onehot: Optional[torch.Tensor] = None  # [B, S], with the scenario field
     scenario_weight: Optional[torch.Tensor] = None  # [S, D], with the scenario field
-    _inputs: Optional[torch.Tensor] = field(default=None, repr=False)  # [B, F_s·D + N_d + S], built once
+    _inputs: Optional[torch.Tensor] = field(default=None, repr=False)  # [B, K], built once
+    _factors: Optional[torch.Tensor] = field(default=None, repr=False)  # [N_d, 2, D], built once
 
     def stack(self) -> torch.Tensor:
         """The field stack [B, F, D] (sparse, dense, scenario fields in that order)."""
@@ -64,8 +65,9 @@ class FieldParts:
         sizes = [self.pooled.size(1) * dim, num_dense * dim] + ([dim] if self.onehot is not None else [])
         parts = torch.split(weight, sizes, dim=0)  # one SplitBackward, not a zero-filled copy per slice
         w_dense = parts[1].reshape(num_dense, dim, weight.size(1))  # [N_d, D, N] (N_d may be 0)
-        factors = torch.stack([self.dense_weight, self.dense_bias], dim=1)  # [N_d, 2, D]
-        projected = torch.bmm(factors, w_dense)  # [N_d, 2, N]: rows w_n·W_n and b_n·W_n
+        if self._factors is None:  # shared by every first-layer consumer (a CGC level's experts and gates)
+            self._factors = torch.stack([self.dense_weight, self.dense_bias], dim=1)  # [N_d, 2, D]
+        projected = torch.bmm(self._factors, w_dense)  # [N_d, 2, N]: rows w_n·W_n and b_n·W_n
         rows = [parts[0], projected[:, 0]]
         if self.onehot is not None:
             rows.append(self.scenario_weight @ parts[2])  # [S, N]
