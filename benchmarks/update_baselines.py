@@ -2,6 +2,10 @@
 
     python -m benchmarks.update_baselines [--runs 5] [--cases train_step_msrec reader ...] [--tolerance 0.15]
 
+It writes the cases into this host's entry of the file (perf_common.host_signature: CPU vendor,
+family, model, stepping, cores), keeping the other hosts' entries: the same code's ratios differ
+between the kinds of host this project's VMs run on.
+
 Each case (benchmarks/perf_common.CASES) is set up and measured `--runs` times, each run the way
 tests/perf measures it (interleaved work / calibration repeats, min/min ratio). The baseline
 ratio is the lowest over runs, like for like with the check, which passes on its best attempt
@@ -109,18 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     P.set_test_data_root(os.path.join(P.REPO, "runs", "perf_test_data"))
     start = time.time()
     cases = measure(a.cases, a.runs)
-    old = {}
-    if os.path.exists(a.out) and set(a.cases) != set(P.CASES):
-        old = P.load_baselines(a.out).get("cases", {})  # keep the cases not re-measured
-    payload = {
-        "machine": P.machine(),
-        "command": "python -m benchmarks.update_baselines " + " ".join(argv or []),
-        "updated": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "tolerance": a.tolerance,
-        "note": "ratio = work time / calibration time (min over interleaved repeats); a test fails when "
-                "its ratio > ratio * (1 + tolerance) on every attempt",
-        "cases": {**old, **cases},
-    }
+    header = {"machine": P.machine(), "command": "python -m benchmarks.update_baselines " + " ".join(argv or []),
+              "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
+    # this host's entry only: the cases not re-measured and every other kind of host are kept
+    raw = P.read_baseline_file(a.out) if os.path.exists(a.out) else None
+    payload = P.with_host_cases(raw, P.host_signature(), cases, header, a.tolerance)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(payload, f, indent=2)

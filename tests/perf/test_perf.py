@@ -1,6 +1,8 @@
 """Throughput regression tests (part of `make test`): each case measures its work and a
-calibration interleaved in one process and compares the ratio with benchmarks/baselines/cpu.json
-(rewrite it with `python -m benchmarks.update_baselines`, a reviewed commit of its own).
+calibration interleaved in one process and compares the ratio with this kind of host's baseline in
+benchmarks/baselines/cpu.json (perf_common.host_signature; the fallback host's where this host has
+none; rewrite this host's entry with `python -m benchmarks.update_baselines`, a reviewed commit of
+its own).
 
 Calibrations are fixed workloads of the same kind as the work (benchmarks/perf_common.py): a
 plain-PyTorch MLP train loop for the train steps, a pyarrow+numpy decode of one file for the
