@@ -81,6 +81,13 @@ class FlatGrads:
         return self.buffer is not None and all(
             p.grad is not None and p.grad.data_ptr() == ptr for p, ptr in zip(self.params, self.ptrs))
 
+    def zero_except_unclipped_(self) -> None:
+        """Zeros the clipped gradients and the extra slots; the unclipped ones (the replicated
+        tables') are their optimizer's to zero (ReplicatedTableOptimizer.zero_grads_in_place_)."""
+        self.clipped.zero_()
+        if self.extra is not None:
+            self.extra.zero_()
+
     def clip_(self, max_norm: float) -> torch.Tensor:
         """clip_grad_norm_ over all the clipped gradients at once (same global L2 norm and scale)."""
         total = torch.linalg.vector_norm(self.clipped)

@@ -168,8 +168,12 @@ class DenseStep:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self.flat.bound():  # the views stay; zeros change no update (see FlatGrads)
-            self.flat.buffer.zero_()
             in_buffer = self.state.grad_sync is not None
+            if in_buffer and self.state.replicated_optimizer is not None:
+                self.flat.zero_except_unclipped_()  # the dense gradients and the carried slots; the
+                self.state.replicated_optimizer.zero_grads_in_place_()  # tables' unless step() did
+            else:
+                self.flat.buffer.zero_()
         else:
             self.state.dense_optimizer.zero_grad(set_to_none=set_to_none)
             in_buffer = False

@@ -6,6 +6,8 @@
     backward: the table's dense gradient [rows, D], averaged over ranks (one all-reduce,
       instead of the model-parallel path's KJT and pooled all-to-alls)
     DenseStep.step ──ReplicatedTableOptimizer.step──► the update the fused kernel would make
+        (row-wise Adagrad on CPU: csrc/rowwise_adagrad.cpp, one pass that updates only the rows
+        with a nonzero gradient and zeroes them; else the torch ops below, on every row)
 
 Why by hand: torchrec gives data_parallel tables no optimizer (its in-backward fused optimizer
 exists only for the fused kernels), and torchrec.optim.RowWiseAdagrad keeps its state as
@@ -24,6 +26,8 @@ import torch
 from torch import nn
 from torchrec.optim.keyed import KeyedOptimizer
 
+from msrec_dist.data.native import HAVE_CSRC  # loads msrec_dist._C: torch.ops.msrec.rowwise_adagrad_dense_
+
 # The sparse optimizers with a replicated form (config name → what the state holds).
 REPLICATED_OPTIMIZERS = ("rowwise_adagrad", "sgd")
 FUSED_ROWWISE_ADAGRAD_EPS = 1e-8  # fbgemm's default, what the fused tables use
@@ -34,6 +38,15 @@ def rowwise_adagrad_(weight: torch.Tensor, grad: torch.Tensor, momentum: torch.T
     """In place: momentum [rows] += mean over D of grad²; weight [rows, D] -= lr * grad / (sqrt(momentum) + eps)."""
     momentum.add_(grad.square().mean(dim=1))
     weight.addcdiv_(grad, momentum.sqrt().add_(eps).unsqueeze(1), value=-lr)
+
+
+def one_pass_rowwise_adagrad(weight: torch.Tensor, grad: torch.Tensor, momentum: torch.Tensor) -> bool:
+    """Whether csrc/rowwise_adagrad.cpp's op can take this table: built, CPU, contiguous, one
+    dtype. It makes rowwise_adagrad_'s update on the rows with a nonzero gradient only (the same
+    values: a zero row's update changes nothing) and zeroes those gradient rows, in one pass."""
+    return (HAVE_CSRC and weight.device.type == "cpu" and weight.dim() == 2
+            and weight.dtype == grad.dtype == momentum.dtype
+            and weight.is_contiguous() and grad.is_contiguous() and momentum.is_contiguous())
 
 
 class ReplicatedTableOptimizer(KeyedOptimizer):
@@ -54,20 +67,36 @@ class ReplicatedTableOptimizer(KeyedOptimizer):
                      for key, p in params.items()}
         groups = [{"params": list(params.values()), "lr": lr, "eps": eps}]
         super().__init__(params, state, groups)
+        self._zeroed: set[nn.Parameter] = set()  # tables whose gradient the last step() left all zeros
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params.values():
             p.grad = None  # DDP (gradient_as_bucket_view) writes a fresh bucket view next backward;
-            # with grad_sync "flat" DenseStep zeroes the shared gradient buffer instead of calling this
+            # with grad_sync "flat" DenseStep calls zero_grads_in_place_ instead
+        self._zeroed = set()
+
+    @torch.no_grad()
+    def zero_grads_in_place_(self) -> None:
+        """Zeros the gradients in place (views of a shared buffer), except those the last step()
+        zeroed already (the one-pass update leaves its table's gradient all zeros)."""
+        for p in self.params.values():
+            if p.grad is not None and p not in self._zeroed:
+                p.grad.zero_()
+        self._zeroed = set()
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         group = next(iter(self.param_groups))
+        self._zeroed = set()
         for p in self.params.values():
             if p.grad is None:
                 continue
             if self.kind == "sgd":
                 p.add_(p.grad, alpha=-group["lr"])
+                continue
+            (momentum,) = self.state[p].values()
+            if one_pass_rowwise_adagrad(p, p.grad, momentum):
+                torch.ops.msrec.rowwise_adagrad_dense_(p, p.grad, momentum, group["lr"], group["eps"])
+                self._zeroed.add(p)
             else:
-                (momentum,) = self.state[p].values()
                 rowwise_adagrad_(p, p.grad, momentum, group["lr"], group["eps"])

@@ -9,7 +9,11 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen
 
-from msrec_dist.dist.replicated import FUSED_ROWWISE_ADAGRAD_EPS, ReplicatedTableOptimizer
+import msrec_dist.dist.replicated as replicated
+from msrec_dist.data.native import HAVE_CSRC
+from msrec_dist.dist.replicated import FUSED_ROWWISE_ADAGRAD_EPS, ReplicatedTableOptimizer, rowwise_adagrad_
+
+needs_csrc = pytest.mark.skipif(not HAVE_CSRC, reason="msrec_dist._C not built (MSREC_BUILD_CSRC=1 make setup)")
 
 ROWS, D, LR = 50, 8, 0.1
 KEY = "model.embedding.ebc.embedding_bags.user.weight"
@@ -31,9 +35,15 @@ def _fused_table(weights: torch.Tensor, optimizer: EmbOptimType) -> SplitTableBa
     return tbe
 
 
-@pytest.mark.parametrize("kind,fused", [("rowwise_adagrad", EmbOptimType.EXACT_ROWWISE_ADAGRAD),
-                                        ("sgd", EmbOptimType.EXACT_SGD)])
-def test_same_updates_as_the_fused_kernel(kind, fused):
+@pytest.mark.parametrize("kind,fused,one_pass", [("rowwise_adagrad", EmbOptimType.EXACT_ROWWISE_ADAGRAD, True),
+                                                  ("rowwise_adagrad", EmbOptimType.EXACT_ROWWISE_ADAGRAD, False),
+                                                  ("sgd", EmbOptimType.EXACT_SGD, False)])
+def test_same_updates_as_the_fused_kernel(kind, fused, one_pass, monkeypatch):
+    """one_pass: csrc/rowwise_adagrad.cpp's op; else the torch ops (the fallback)."""
+    if one_pass and not HAVE_CSRC:
+        pytest.skip("msrec_dist._C not built")
+    if not one_pass:
+        monkeypatch.setattr(replicated, "one_pass_rowwise_adagrad", lambda *a: False)
     torch.manual_seed(0)
     w0 = torch.randn(ROWS, D)
     tbe = _fused_table(w0, fused)
@@ -65,3 +75,76 @@ def test_state_dict_has_the_fused_layout():
     assert ReplicatedTableOptimizer({KEY: weight}, {KEY: "user"}, "sgd", LR).state_dict()["state"] == {}
     with pytest.raises(ValueError, match="rowwise_adagrad"):
         ReplicatedTableOptimizer({KEY: weight}, {KEY: "user"}, "adam", LR)
+
+
+def _sparse_grad(rows: int, dim: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """A table gradient with ~30% of its rows nonzero, one row holding only -0.0 and one only a
+    denormal value (nonzero: must be updated)."""
+    gen = torch.Generator().manual_seed(seed)
+    grad = torch.zeros(rows, dim, dtype=dtype)
+    hit = torch.randperm(rows, generator=gen)[: rows * 3 // 10]
+    grad[hit] = torch.randn(len(hit), dim, generator=gen, dtype=dtype)
+    grad[hit[:5], 1:] = 0.0  # rows with a single nonzero
+    grad[rows - 1] = -0.0
+    grad[rows - 2, 3] = torch.finfo(dtype).tiny / 4  # denormal
+    return grad
+
+
+@needs_csrc
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-13)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_pass_update_equals_the_torch_update(dtype, tol, threads):
+    """The op updates the rows with a nonzero gradient as rowwise_adagrad_ updates them (up to the
+    order of the D squares' sum), leaves the others bitwise, and leaves the gradient all zeros."""
+    rows, dim, lr, eps = 5000, 16, 0.05, 1e-8  # rows > the op's 2048-row grain: several chunks
+    torch.manual_seed(1)
+    weight, momentum = torch.randn(rows, dim, dtype=dtype), torch.rand(rows, dtype=dtype)
+    grad = _sparse_grad(rows, dim, dtype, seed=2)
+    touched = grad.view(torch.int32 if dtype == torch.float32 else torch.int64).ne(0).any(1)
+    original, want_w, want_m = weight.clone(), weight.clone(), momentum.clone()
+    rowwise_adagrad_(want_w, grad.clone(), want_m, lr, eps)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n = torch.ops.msrec.rowwise_adagrad_dense_(weight, grad, momentum, lr, eps)
+    finally:
+        torch.set_num_threads(before)
+    assert n == int(touched.sum()) and touched[rows - 1] and touched[rows - 2]
+    assert torch.count_nonzero(grad) == 0
+    torch.testing.assert_close(weight, want_w, rtol=tol, atol=tol)
+    torch.testing.assert_close(momentum, want_m, rtol=tol, atol=tol)
+    assert not torch.equal(weight[touched], original[touched])  # the touched rows did move
+    untouched = ~touched
+    assert torch.equal(weight[untouched], want_w[untouched]) and torch.equal(momentum[untouched], want_m[untouched])
+
+
+@needs_csrc
+def test_one_pass_update_rejects_what_it_cannot_take():
+    w, g, m = torch.zeros(4, 3), torch.zeros(4, 3), torch.zeros(4)
+    op = torch.ops.msrec.rowwise_adagrad_dense_
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(w, torch.zeros(3, 4).t(), m, 0.1, 1e-8)
+    with pytest.raises(RuntimeError, match="one shape"):
+        op(w, torch.zeros(4, 2), m, 0.1, 1e-8)
+    with pytest.raises(RuntimeError, match=r"momentum must be \[rows\]"):
+        op(w, g, torch.zeros(5), 0.1, 1e-8)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        op(w, g, torch.zeros(4, dtype=torch.float64), 0.1, 1e-8)
+
+
+@needs_csrc
+def test_step_leaves_zero_grads_and_zeroing_still_covers_a_backward_without_step():
+    """DenseStep zeroes the replicated tables' gradients through zero_grads_in_place_: it skips
+    a table the one-pass step left at zero, and zeroes it when a backward ran with no step."""
+    weight = torch.nn.Parameter(torch.randn(ROWS, D))
+    opt = ReplicatedTableOptimizer({KEY: weight}, {KEY: "user"}, "rowwise_adagrad", LR)
+    indices, offsets = _bags(0)
+    F.embedding_bag(indices, weight, offsets, mode="sum", include_last_offset=True).sum().backward()
+    grad = weight.grad  # the view stays bound: the step and zeroing work in place
+    opt.step()
+    assert weight.grad is grad and torch.count_nonzero(grad) == 0
+    opt.zero_grads_in_place_()
+    F.embedding_bag(indices, weight, offsets, mode="sum", include_last_offset=True).sum().backward()
+    assert torch.count_nonzero(grad) > 0
+    opt.zero_grads_in_place_()  # no step since the backward: every row
+    assert torch.count_nonzero(grad) == 0
