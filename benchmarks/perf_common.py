@@ -68,8 +68,8 @@ def cpu_signature(cpuinfo: str, cores: int | None) -> str:
     """'<vendor> cpu family F model M stepping S, N cores' from /proc/cpuinfo text (its first CPU).
 
     The kind of host a throughput ratio belongs to. This project's VMs all report the model name
-    'AMD EPYC', but two kinds of host lie behind it: fp32 matmul at 60-69 GFLOP/s on 2 threads
-    (family 23 model 1: 128-bit FMA units) and at 108-131 GFLOP/s, and the same code's
+    'AMD EPYC', but at least two kinds of host lie behind it: fp32 matmul at 60-69 GFLOP/s on 2
+    threads (family 23 model 1) and at 100-168 GFLOP/s, and the same code's
     work/calibration ratios differed between them by 10-15% (reader, field_attention) and more
     for the train steps, too much for one baseline to catch a 25% slowdown on both."""
     fields = {}
