@@ -2,7 +2,7 @@
 
     python -m benchmarks.update_baselines [--runs 5] [--cases train_step_msrec reader ...] [--tolerance 0.15]
 
-It writes the cases into this host's entry of the file (perf_common.host_signature: CPU vendor,
+It writes the cases into this host's entry of the file (perf_baselines.host_signature: CPU vendor,
 family, model, stepping, cores), keeping the other hosts' entries: the same code's ratios differ
 between the kinds of host this project's VMs run on.
 
@@ -33,6 +33,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 
+from benchmarks import perf_baselines as B  # noqa: E402
 from benchmarks import perf_common as P  # noqa: E402  (malloc thresholds, then torch)
 
 import torch  # noqa: E402
@@ -69,7 +70,7 @@ def check(names: list[str], out: str, slowdown: float, attempts: int, data_root:
     # the same files as the baselines: measured, reading them from /tmp (another file system
     # here) made the reader case 2.5x slower
     P.set_test_data_root(data_root or os.path.join(P.REPO, "runs", "perf_test_data"))
-    baselines = P.load_baselines()
+    baselines = B.load_baselines()
     results = {}
     for name in names:
         msgs, ok, ratios = [], False, []
@@ -79,12 +80,12 @@ def check(names: list[str], out: str, slowdown: float, attempts: int, data_root:
             # re-allocating makes the attempts independent draws of that
             work, calib, _ = P.CASES[name].setup()
             r = P.measure_case(work, calib, slowdown=slowdown)
-            ok, msg = P.check_ratio(name, r["ratio"], baselines)
+            ok, msg = B.check_ratio(name, r["ratio"], baselines)
             msgs.append(msg)
             ratios.append(r["ratio"])
             if ok and not all_attempts:
                 break
-        ok = any(P.check_ratio(name, x, baselines)[0] for x in ratios)  # any attempt passed
+        ok = any(B.check_ratio(name, x, baselines)[0] for x in ratios)  # any attempt passed
         results[name] = {"passed": ok, "messages": msgs, "ratios": ratios, "slowdown": slowdown}
         print("\n".join(msgs), flush=True)
     with open(out, "w") as f:
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--cases", nargs="+", default=list(P.CASES))
     ap.add_argument("--tolerance", type=float, default=0.15)
-    ap.add_argument("--out", default=P.BASELINES)
+    ap.add_argument("--out", default=B.BASELINES)
     ap.add_argument("--check", default=None, help="write check results of --cases to this JSON file")
     ap.add_argument("--slowdown", type=float, default=0.0, help="with --check: injected slowdown")
     ap.add_argument("--attempts", type=int, default=3)
@@ -116,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     header = {"machine": P.machine(), "command": "python -m benchmarks.update_baselines " + " ".join(argv or []),
               "updated": time.strftime("%Y-%m-%d %H:%M:%S")}
     # this host's entry only: the cases not re-measured and every other kind of host are kept
-    raw = P.read_baseline_file(a.out) if os.path.exists(a.out) else None
-    payload = P.with_host_cases(raw, P.host_signature(), cases, header, a.tolerance)
+    raw = B.read_baseline_file(a.out) if os.path.exists(a.out) else None
+    payload = B.with_host_cases(raw, B.host_signature(), cases, header, a.tolerance)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(payload, f, indent=2)

@@ -1,6 +1,6 @@
 """Throughput regression tests (part of `make test`): each case measures its work and a
 calibration interleaved in one process and compares the ratio with this kind of host's baseline in
-benchmarks/baselines/cpu.json (perf_common.host_signature; the fallback host's where this host has
+benchmarks/baselines/cpu.json (perf_baselines.host_signature; the fallback host's where this host has
 none; rewrite this host's entry with `python -m benchmarks.update_baselines`, a reviewed commit of
 its own).
 
@@ -26,6 +26,7 @@ import sys
 
 import pytest
 
+from benchmarks import perf_baselines as B
 from benchmarks import perf_common as P
 
 pytestmark = pytest.mark.perf
@@ -49,9 +50,9 @@ def run_checks(tmp_path, cases: list[str], slowdown: str, attempts: int, all_att
 
 @pytest.fixture(scope="module")
 def checks(tmp_path_factory):
-    if not os.path.exists(P.BASELINES):
+    if not os.path.exists(B.BASELINES):
         pytest.skip("no baseline file; run python -m benchmarks.update_baselines")
-    names = [n for n in P.CASES if n in P.load_baselines()["cases"]]
+    names = [n for n in P.CASES if n in B.load_baselines()["cases"]]
     return run_checks(tmp_path_factory.mktemp("perf"), names, INJECT, ATTEMPTS)
 
 
@@ -75,10 +76,10 @@ def test_injected_slowdown_fails(tmp_path):
     only +14.8%).
     """
     name = "train_step_ple"
-    if name not in P.load_baselines()["cases"]:
+    if name not in B.load_baselines()["cases"]:
         pytest.skip(f"{name} not in the baseline file")
     plain = run_checks(tmp_path, [name], "0", 3, all_attempts=True)[name]
     slowed = run_checks(tmp_path, [name], "0.25", 3, all_attempts=True)[name]
-    reference = {"tolerance": P.load_baselines()["tolerance"], "cases": {name: {"ratio": min(plain["ratios"])}}}
-    passed, msg = P.check_ratio(name, min(slowed["ratios"]), reference)
+    reference = {"tolerance": B.load_baselines()["tolerance"], "cases": {name: {"ratio": min(plain["ratios"])}}}
+    passed, msg = B.check_ratio(name, min(slowed["ratios"]), reference)
     assert not passed, "a 25% slowdown passed the check:\n" + msg
