@@ -64,7 +64,7 @@ def host_baselines(raw: dict, signature: str) -> dict:
     own = raw["hosts"].get(signature, {}).get("cases", {})
     cases = {name: {**entry, "host": raw.get("fallback_host"), "own": False} for name, entry in fallback.items()}
     cases.update({name: {**entry, "host": signature, "own": True} for name, entry in own.items()})
-    return {"tolerance": raw["tolerance"], "cases": cases, "signature": signature}
+    return {"tolerance": raw["tolerance"], "cases": cases}
 
 
 def load_baselines(path: str = BASELINES, signature: str | None = None) -> dict:
