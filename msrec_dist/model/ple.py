@@ -9,6 +9,9 @@
     combine       msrec_dist.kernels.gate_combine(experts [B, E, h], logits [G, B, E]) → [G, B, h]
     last level    has no shared gate: output [T, B, h]
 
+The first level's experts and gates read one shared input ([B, in], or the field stack folded:
+FieldParts), so their first layers run as one GEMM against [in, E*h + G*E] (shared_input_layers).
+
 MMoE is the special case levels=1, task_experts=0 (every gate sees every shared expert).
 """
 from __future__ import annotations
@@ -18,7 +21,7 @@ from torch import nn
 
 from msrec_dist.kernels import gate_combine
 from msrec_dist.model.fields import FieldParts
-from msrec_dist.model.mlp import StackedLinear, StackedMLP
+from msrec_dist.model.mlp import StackedLinear, StackedMLP, shared_input_weight, stacked_output
 
 
 def expert_groups(num_tasks: int, task_experts: int, shared_experts: int) -> list[int]:
@@ -51,13 +54,29 @@ def level_inputs(x: torch.Tensor, expert_group: torch.Tensor, num_gates: int) ->
 torch.fx.wrap("level_inputs")
 
 
+def shared_input_layers(x: torch.Tensor | FieldParts, layers: list[StackedLinear]) -> tuple[torch.Tensor, ...]:
+    """Several StackedLinear layers over one shared input x ([B, in] or FieldParts) as one GEMM:
+    x @ [in, Σ K_i*out_i] (+ biases) → one [B, K_i*out_i] block per layer (torch.split views).
+
+    Why: a CGC level's gates are a GEMM of N = G*E (12 for ple) next to the experts' N = E*h; as
+    a GEMM of their own they cost a separate, poorly shaped MKL call forward and two backward,
+    and (folded fields) a second fold of the field weights. The weights stay separate parameters.
+    """
+    weights, biases = zip(*(shared_input_weight(layer.weight, layer.bias) for layer in layers))
+    weight, bias = torch.cat(weights, dim=1), torch.cat(biases)  # [in, N], [N]
+    y = x.linear(weight, bias) if isinstance(x, FieldParts) else torch.addmm(bias, x, weight)  # [B, N]
+    return torch.split(y, [layer.num * layer.out_dim for layer in layers], dim=1)  # one SplitBackward (a cat)
+
+
 class CGCLevel(nn.Module):
     def __init__(self, in_dim: int, hidden: int, num_tasks: int, task_experts: int, shared_experts: int,
-                 last: bool, kernel: str, num_scenarios: int = 0) -> None:
-        """num_scenarios > 0 adds scenario-specific gate logits (forward then needs the one-hot)."""
+                 last: bool, kernel: str, num_scenarios: int = 0, shared_input: bool = False) -> None:
+        """num_scenarios > 0 adds scenario-specific gate logits (forward then needs the one-hot).
+        shared_input: every input is one [B, in] (a first level): experts and gates share a GEMM.
+        (A flag, not a test of x.dim(), so that FX traces the level.)"""
         super().__init__()
         groups = expert_groups(num_tasks, task_experts, shared_experts)
-        self.num_tasks, self.kernel = num_tasks, kernel
+        self.num_tasks, self.kernel, self.shared_input = num_tasks, kernel, shared_input
         self.num_experts = len(groups)
         self.register_buffer("expert_group", torch.tensor(groups), persistent=False)
         self.register_buffer("mask", gate_mask(num_tasks, groups, not last).unsqueeze(1), persistent=False)  # [G, 1, E]
@@ -70,12 +89,17 @@ class CGCLevel(nn.Module):
     def forward(self, x: torch.Tensor | FieldParts, onehot: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, in] or FieldParts (first level) or [T+1, B, in]; onehot [B, S] with scenario
         gates; returns [G, B, h]."""
-        if isinstance(x, FieldParts):  # first level over the field stack: experts and gates fold it
-            expert_in, gate_in = x, x
+        if self.shared_input or isinstance(x, FieldParts):  # experts' first layer and gates: one GEMM
+            first, gate_y = shared_input_layers(x, [self.experts.layers[0], self.gates])
+            if self.experts.relu_after(0):
+                first = first.relu()  # not in place: a split's outputs are views autograd will not let change
+            layer0 = self.experts.layers[0]
+            expert_out = self.experts(stacked_output(first, layer0.num, layer0.out_dim, relu=False), start=1)  # [E, B, h]
+            logits = gate_y.view(gate_y.size(0), self.mask.size(0), self.num_experts).transpose(0, 1)  # [G, B, E]
         else:
             expert_in, gate_in = level_inputs(x, self.expert_group, self.mask.size(0))
-        expert_out = self.experts(expert_in)  # [E, B, h]
-        logits = self.gates(gate_in)  # [G, B, E]
+            expert_out = self.experts(expert_in)  # [E, B, h]
+            logits = self.gates(gate_in)  # [G, B, E]
         if self.scenario_gate_bias is not None:
             logits = logits + torch.matmul(onehot, self.scenario_gate_bias)  # [B, S] @ [G, S, E] → [G, B, E]
         logits = logits + self.mask
@@ -89,7 +113,8 @@ class PLE(nn.Module):
         self.levels = nn.ModuleList()
         for i in range(levels):
             self.levels.append(CGCLevel(in_dim, hidden, num_tasks, task_experts, shared_experts,
-                                        last=i == levels - 1, kernel=kernel, num_scenarios=num_scenarios))
+                                        last=i == levels - 1, kernel=kernel, num_scenarios=num_scenarios,
+                                        shared_input=i == 0))
             in_dim = hidden
         self.out_dim = hidden
 

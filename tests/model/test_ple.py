@@ -138,3 +138,32 @@ def test_ple_with_scenario_gates_fx_traces():
     onehot = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 1]), S).float()
     traced = symbolic_trace(ple)
     torch.testing.assert_close(traced(_x(), onehot), ple(_x(), onehot), rtol=0, atol=0)
+
+
+def test_first_level_runs_experts_and_gates_as_one_gemm_with_the_same_result():
+    """shared_input (PLE's first level): the experts' first layer and the gates are one GEMM
+    against their concatenated weights; same outputs and gradients as two stacked GEMMs."""
+    import copy
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(6)
+    fused = CGCLevel(IN, H, num_tasks=T, task_experts=1, shared_experts=2, last=False, kernel="reference",
+                     shared_input=True)
+    plain = copy.deepcopy(fused)
+    plain.shared_input = False
+    x = _x(6).requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fused(x)
+    calls = {e.key: e.count for e in prof.key_averages()}
+    assert calls.get("aten::addmm") == 1 and "aten::baddbmm" not in calls  # one GEMM for experts + gates
+    expected = plain(x2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert PLE(IN, H, num_tasks=T, levels=2, task_experts=1, shared_experts=2, kernel="reference").levels[0].shared_input
