@@ -137,7 +137,7 @@ class TableConstraint:
 @dataclass
 class ShardingConfig:
     constraints: dict[str, TableConstraint] = field(default_factory=dict)
-    # world > 1: tables of at most this many MB are replicated (data_parallel: no all-to-alls,
+    # world > 1 or CPU: tables of at most this many MB are replicated (data_parallel: no all-to-alls,
     # their gradient all-reduced); 0 = every table model-parallel. See msrec_dist/dist/sharding.py.
     replicate_max_mb: float = 1.0
     hbm_gb: float = 0.0  # per-rank memory budget for the planner; 0 = torchrec's default

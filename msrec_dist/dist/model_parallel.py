@@ -164,11 +164,13 @@ def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext,
     grad_sync = None
     if sync == "flat":
         grad_sync = FlatAllReduce(unwrap_replicated_lookups(dmp), dist.group.WORLD, ctx.world_size)
+    elif ctx.world_size == 1:  # nothing to sum over ranks: torchrec's DDP around replicated lookups only costs
+        unwrap_replicated_lookups(dmp)
     embedding = dmp.module.model.embedding
     replicated = replicated_tables(plan)
     # every table on every rank: the kernel alone is the lookup (with DDP its hooks must run, and
     # a train pipeline must find the sharded EBC)
-    all_replicated = ctx.world_size > 1 and grad_sync is not None and replicated == {t.name for t in data.tables()}
+    all_replicated = (ctx.world_size == 1 or grad_sync is not None) and replicated == {t.name for t in data.tables()}
     if (ctx.world_size == 1 or all_replicated) and cfg.train.pipeline != "sparse_dist":
         embedding.local_lookup = find_kernel_lookup(embedding.ebc, data.kjt_keys, replicated=all_replicated)
     embedding.set_grad_scales(model_parallel_grad_scale(ctx.world_size), replicated)

@@ -1,6 +1,6 @@
 """Replicated (data_parallel) embedding tables: their optimizer, in the fused kernel's state layout.
 
-    small table (sharding.replicate_max_mb, world > 1) ──planner: data_parallel──►
+    small table (sharding.replicate_max_mb; world > 1, or a CPU world of one) ──planner: data_parallel──►
       a full copy on every rank; torchrec wraps its lookup in DDP (taken off again with
       train.grad_sync 'flat', which averages these gradients with the dense ones: dist/grad_sync.py)
     backward: the table's dense gradient [rows, D], averaged over ranks (one all-reduce,

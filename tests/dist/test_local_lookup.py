@@ -1,6 +1,7 @@
 """Local lookup (msrec_dist/dist/local_lookup.py): the embedding calls the sharded EBC's own
-kernel instead of DMP's distributed forward, in a world of one (fused kernel) and on 2 ranks with
-every table replicated (dense kernel). Same pooled fields, same training (fused row-wise Adagrad
+kernel instead of DMP's distributed forward, in a world of one (every table replicated on CPU by
+default: dense kernel; or model-parallel: fused kernel) and on 2 ranks with every table replicated
+(dense kernel). Same pooled fields, same training (fused row-wise Adagrad
 inside the kernel's backward, or the replicated tables' update after the gradient sum; dense
 Adam) and the same state_dict as the DMP path; it is off where a train pipeline needs the sharded
 module, a table is model-parallel, or the layout differs."""
@@ -43,10 +44,19 @@ def _embedding(state):
     return state.model.module.model.embedding
 
 
-def test_local_lookup_trains_like_the_dmp_path(synth_data, tmp_path):
-    cfg, data, fast = _state(synth_data, tmp_path / "a")
-    _, _, slow = _state(synth_data, tmp_path / "b")
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A state_dict entry's local values (a ShardedTensor's one shard, or the replicated tensor)."""
+    return t.local_shards()[0].tensor if hasattr(t, "local_shards") else t
+
+
+# () = the CPU default in a world of one: every demo table replicated (dense kernel, the
+# replicated tables' optimizer); replicate_max_mb=0: table_wise (fused kernel, Adagrad in backward)
+@pytest.mark.parametrize("layout", [(), ("sharding.replicate_max_mb=0",)], ids=["replicated", "table_wise"])
+def test_local_lookup_trains_like_the_dmp_path(synth_data, tmp_path, layout):
+    cfg, data, fast = _state(synth_data, tmp_path / "a", *layout)
+    _, _, slow = _state(synth_data, tmp_path / "b", *layout)
     assert fast.local_lookup and _embedding(fast).local_lookup is not None
+    assert (fast.replicated_optimizer is not None) == (not layout)
     _embedding(slow).local_lookup = None  # the DMP path: input dist, sharded lookup, output dist
     batches = _batches(cfg, data, 4)
     assert batches[0].sparse.keys() == data.kjt_keys
@@ -63,15 +73,11 @@ def test_local_lookup_trains_like_the_dmp_path(synth_data, tmp_path):
     tables = [k for k in sd_fast if ".embedding_bags." in k]
     assert tables
     for key in sd_fast:
-        a, s = sd_fast[key], sd_slow[key]
-        if hasattr(a, "local_shards"):
-            a, s = a.local_shards()[0].tensor, s.local_shards()[0].tensor
-        torch.testing.assert_close(a, s, rtol=1e-5, atol=1e-6, msg=key)
+        torch.testing.assert_close(_local(sd_fast[key]), _local(sd_slow[key]), rtol=1e-5, atol=1e-6, msg=key)
     # the sparse optimizer ran in both (rows of the batches moved away from the init)
-    _, _, fresh = _state(synth_data, tmp_path / "c")
-    key = tables[0]
-    moved = sd_fast[key].local_shards()[0].tensor - fresh.model.state_dict()[key].local_shards()[0].tensor
-    assert moved.abs().max() > 0
+    _, _, fresh = _state(synth_data, tmp_path / "c", *layout)
+    for key in tables:
+        assert (_local(sd_fast[key]) - _local(fresh.model.state_dict()[key])).abs().max() > 0, key
 
 
 def test_local_lookup_off_for_the_sparse_dist_pipeline(synth_data, tmp_path):
@@ -82,9 +88,10 @@ def test_local_lookup_off_for_the_sparse_dist_pipeline(synth_data, tmp_path):
 def test_local_lookup_needs_the_kernel_feature_order(synth_data, tmp_path):
     _, data, state = _state(synth_data, tmp_path)
     ebc = _embedding(state).ebc
-    assert find_kernel_lookup(ebc, data.kjt_keys) is not None
+    assert find_kernel_lookup(ebc, data.kjt_keys, replicated=True) is not None
+    assert find_kernel_lookup(ebc, data.kjt_keys, replicated=False) is None  # the kernel is the dense one
     assert data.kjt_keys != data.sparse_names  # the demo schema interleaves the item table's features
-    assert find_kernel_lookup(ebc, data.sparse_names) is None
+    assert find_kernel_lookup(ebc, data.sparse_names, replicated=True) is None
 
 
 def _two_rank_worker(rank: int, data_yaml: str, init_file: str, out_dir: str) -> None:

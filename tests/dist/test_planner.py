@@ -75,12 +75,15 @@ def _types(constraints) -> dict[str, list[str]]:
     return {t: c.sharding_types for t, c in constraints.items()}
 
 
-def test_small_tables_are_replicated_on_more_than_one_rank():
+def test_small_tables_are_replicated_on_more_than_one_rank_or_a_cpu():
     cfg = ShardingConfig()  # replicate_max_mb = 1
-    assert _types(build_constraints(cfg, TABLES, "cpu", world_size=2)) == {
-        "user": ["table_wise"], "item": ["data_parallel"], "category": ["data_parallel"]}
-    # a world of one keeps the fused kernel (and its local lookup): nothing to replicate across
-    assert all(t == ["table_wise"] for t in _types(build_constraints(cfg, TABLES, "cpu", world_size=1)).values())
+    replicated = {"user": ["table_wise"], "item": ["data_parallel"], "category": ["data_parallel"]}
+    assert _types(build_constraints(cfg, TABLES, "cpu", world_size=2)) == replicated
+    # a CPU world of one too (the dense kernel + one-pass Adagrad beat fbgemm's fused CPU backward)
+    assert _types(build_constraints(cfg, TABLES, "cpu", world_size=1)) == replicated
+    # a CUDA world of one keeps the fused kernel: nothing to replicate across
+    cuda_one = _types(build_constraints(cfg, TABLES, "cuda", world_size=1))
+    assert "data_parallel" not in {t for types in cuda_one.values() for t in types}
     # 0 turns the rule off; so does a sparse optimizer with no replicated form
     assert all(t == ["table_wise"] for t in _types(build_constraints(ShardingConfig(replicate_max_mb=0), TABLES,
                                                                      "cpu", world_size=2)).values())
