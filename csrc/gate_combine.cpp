@@ -1,10 +1,13 @@
 // The CPU implementation of msrec::gate_combine (forward and backward), fused per sample.
 //
-//   msrec::gate_combine_cpp(Tensor expert_out [B, E, D], Tensor gate_logits [T, B, E]) -> [T, B, D]
-//   msrec::gate_combine_backward_cpp(Tensor grad_out [T, B, D], Tensor expert_out, Tensor gate_logits)
-//       -> (d expert_out (strides of expert_out), d gate_logits [T, B, E])
+//   msrec::gate_combine_cpp(Tensor expert_out [B, E, D], Tensor gate_logits [T, B, E], bool relu=False)
+//       -> [T, B, D]
+//   msrec::gate_combine_backward_cpp(Tensor grad_out [T, B, D], Tensor expert_out, Tensor gate_logits,
+//       bool relu=False) -> (d expert_out (strides of expert_out), d gate_logits [T, B, E])
 //
-// out[t, b] = sum_e softmax(gate_logits[t, b])[e] * expert_out[b, e]. kernels/ops.py routes the
+// out[t, b] = sum_e softmax(gate_logits[t, b])[e] * act(expert_out[b, e]), act = ReLU with `relu`
+// (expert_out then holds the experts' pre-activations: the ReLU is applied as the rows are read,
+// and its gradient mask as d expert_out is written), else the identity. kernels/ops.py routes the
 // Python custom op msrec::gate_combine here on CPU when this extension is built (impl "auto" or
 // "cpp"); kernels/gate_combine_ref.py is the definition and the test oracle.
 //
@@ -77,7 +80,15 @@ struct Args {
   scalar_t* dy;       // backward: d expert_out, strides dyb, dye
   int64_t dyb, dye;
   int64_t T, B, E, D;
+  bool relu;          // expert_out holds pre-activations: ReLU them on read, mask their gradient
 };
+
+// The experts' activation as the kernel reads a value: ReLU (max with 0; NaN stays NaN, as
+// torch.relu) or the identity, chosen at compile time.
+template <bool RELU, typename scalar_t>
+MSREC_INLINE scalar_t act(scalar_t v) {
+  return RELU ? (v < scalar_t(0) ? scalar_t(0) : v) : v;
+}
 
 // MSREC_CLONES / MSREC_INLINE: clones.h (AVX2 + FMA where the CPU has them, baseline x86-64 else).
 
@@ -129,7 +140,7 @@ MSREC_INLINE void softmax_lanes(const Args<scalar_t>& a, int64_t b, int64_t nl, 
 }
 
 // out[t, b] = sum_e p[t, e] y[b, e], accumulated over e in the output row (D floats, in L1).
-template <typename scalar_t>
+template <bool RELU, typename scalar_t>
 MSREC_INLINE void forward_rows(const Args<scalar_t>& a, int64_t b0, int64_t b1, scalar_t* __restrict__ p) {
   const int64_t T = a.T, E = a.E, D = a.D;
   for (int64_t b = b0; b < b1; b += kLanes) {
@@ -142,19 +153,19 @@ MSREC_INLINE void forward_rows(const Args<scalar_t>& a, int64_t b0, int64_t b1, 
         scalar_t* __restrict__ o = a.out + (t * a.B + b + l) * D;  // [D]
         const scalar_t w0 = pt[0];
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) o[d] = w0 * yb[d];
+        for (int64_t d = 0; d < D; ++d) o[d] = w0 * act<RELU>(yb[d]);
         for (int64_t e = 1; e < E; ++e) {
           const scalar_t w = pt[e * kLanes];
           const scalar_t* __restrict__ ye = yb + e * a.ye;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) o[d] += w * ye[d];
+          for (int64_t d = 0; d < D; ++d) o[d] += w * act<RELU>(ye[d]);
         }
       }
     }
   }
 }
 
-template <typename scalar_t>
+template <bool RELU, typename scalar_t>
 MSREC_INLINE void backward_rows(const Args<scalar_t>& a, int64_t b0, int64_t b1, scalar_t* __restrict__ p) {
   const int64_t T = a.T, E = a.E, D = a.D;
   scalar_t dp[kMaxExperts];  // <grad_out[t, b], y[b, e]>
@@ -178,6 +189,11 @@ MSREC_INLINE void backward_rows(const Args<scalar_t>& a, int64_t b0, int64_t b1,
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) dye[d] += w * g[d];
         }
+        if (RELU) {  // ReLU's backward, as torch's (threshold_backward): zero where the input is <= 0
+          const scalar_t* __restrict__ ye = yb + e * a.ye;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) dye[d] = ye[d] <= scalar_t(0) ? scalar_t(0) : dye[d];
+        }
       }
       for (int64_t t = 0; t < T; ++t) {  // d logits: softmax backward of <grad_out, y>
         const scalar_t* __restrict__ g = gb + t * gt;
@@ -186,7 +202,7 @@ MSREC_INLINE void backward_rows(const Args<scalar_t>& a, int64_t b0, int64_t b1,
           const scalar_t* __restrict__ ye = yb + e * a.ye;
           scalar_t acc = 0;
 #pragma omp simd reduction(+ : acc)
-          for (int64_t d = 0; d < D; ++d) acc += g[d] * ye[d];
+          for (int64_t d = 0; d < D; ++d) acc += g[d] * act<RELU>(ye[d]);
           dp[e] = acc;
           s += p[(t * E + e) * kLanes + l] * acc;
         }
@@ -197,16 +213,23 @@ MSREC_INLINE void backward_rows(const Args<scalar_t>& a, int64_t b0, int64_t b1,
   }
 }
 
-MSREC_CLONES void run_forward(const Args<float>& a, int64_t b0, int64_t b1, float* p) { forward_rows(a, b0, b1, p); }
-MSREC_CLONES void run_forward(const Args<double>& a, int64_t b0, int64_t b1, double* p) { forward_rows(a, b0, b1, p); }
-MSREC_CLONES void run_backward(const Args<float>& a, int64_t b0, int64_t b1, float* p) { backward_rows(a, b0, b1, p); }
+MSREC_CLONES void run_forward(const Args<float>& a, int64_t b0, int64_t b1, float* p) {
+  a.relu ? forward_rows<true>(a, b0, b1, p) : forward_rows<false>(a, b0, b1, p);
+}
+MSREC_CLONES void run_forward(const Args<double>& a, int64_t b0, int64_t b1, double* p) {
+  a.relu ? forward_rows<true>(a, b0, b1, p) : forward_rows<false>(a, b0, b1, p);
+}
+MSREC_CLONES void run_backward(const Args<float>& a, int64_t b0, int64_t b1, float* p) {
+  a.relu ? backward_rows<true>(a, b0, b1, p) : backward_rows<false>(a, b0, b1, p);
+}
 MSREC_CLONES void run_backward(const Args<double>& a, int64_t b0, int64_t b1, double* p) {
-  backward_rows(a, b0, b1, p);
+  a.relu ? backward_rows<true>(a, b0, b1, p) : backward_rows<false>(a, b0, b1, p);
 }
 
 template <typename scalar_t>
-Args<scalar_t> make_args(const at::Tensor& y, const at::Tensor& x) {
+Args<scalar_t> make_args(const at::Tensor& y, const at::Tensor& x, bool relu) {
   Args<scalar_t> a{};
+  a.relu = relu;
   a.y = y.const_data_ptr<scalar_t>();
   a.yb = y.stride(0), a.ye = y.stride(1);
   a.x = x.const_data_ptr<scalar_t>();
@@ -215,13 +238,13 @@ Args<scalar_t> make_args(const at::Tensor& y, const at::Tensor& x) {
   return a;
 }
 
-at::Tensor gate_combine_cpp(const at::Tensor& expert_out, const at::Tensor& gate_logits) {
+at::Tensor gate_combine_cpp(const at::Tensor& expert_out, const at::Tensor& gate_logits, bool relu) {
   check_inputs(expert_out, gate_logits, "msrec::gate_combine_cpp");
   const at::Tensor y = last_dim_contiguous(expert_out);
   const int64_t T = gate_logits.size(0), B = y.size(0), E = y.size(1), D = y.size(2);
   at::Tensor out = at::empty({T, B, D}, y.options());  // [T, B, D] contiguous
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "gate_combine_cpp", [&] {
-    Args<scalar_t> a = make_args<scalar_t>(y, gate_logits);
+    Args<scalar_t> a = make_args<scalar_t>(y, gate_logits, relu);
     a.out = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, B, grain(T, E, D), [&](int64_t b0, int64_t b1) {
       std::vector<scalar_t> p(a.T * a.E * kLanes);  // softmax scratch of this chunk
@@ -232,7 +255,7 @@ at::Tensor gate_combine_cpp(const at::Tensor& expert_out, const at::Tensor& gate
 }
 
 std::tuple<at::Tensor, at::Tensor> gate_combine_backward_cpp(const at::Tensor& grad_out, const at::Tensor& expert_out,
-                                                             const at::Tensor& gate_logits) {
+                                                             const at::Tensor& gate_logits, bool relu) {
   check_inputs(expert_out, gate_logits, "msrec::gate_combine_backward_cpp");
   const at::Tensor y = last_dim_contiguous(expert_out);
   const at::Tensor g = grad_out.contiguous();  // [T, B, D]
@@ -243,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor> gate_combine_backward_cpp(const at::Tensor& g
   at::Tensor d_y = at::empty_like(y);  // same strides as expert_out (no transpose copy downstream)
   at::Tensor d_x = at::empty({T, B, E}, gate_logits.options());
   AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "gate_combine_backward_cpp", [&] {
-    Args<scalar_t> a = make_args<scalar_t>(y, gate_logits);
+    Args<scalar_t> a = make_args<scalar_t>(y, gate_logits, relu);
     a.g = g.const_data_ptr<scalar_t>();
     a.out = d_x.mutable_data_ptr<scalar_t>();
     a.dy = d_y.mutable_data_ptr<scalar_t>();
@@ -265,13 +288,14 @@ std::tuple<at::Tensor, at::Tensor> gate_combine_backward_cpp(const at::Tensor& g
 class GateCombineFunction : public torch::autograd::Function<GateCombineFunction> {
  public:
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& expert_out,
-                            const at::Tensor& gate_logits) {
+                            const at::Tensor& gate_logits, bool relu) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("msrec::gate_combine_cpp", "")
-                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, bool)>();
     ctx->save_for_backward({expert_out, gate_logits});
-    return op.call(expert_out, gate_logits);
+    ctx->saved_data["relu"] = relu;
+    return op.call(expert_out, gate_logits, relu);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -279,22 +303,23 @@ class GateCombineFunction : public torch::autograd::Function<GateCombineFunction
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("msrec::gate_combine_backward_cpp", "")
                          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                   const at::Tensor&)>();
+                                                                   const at::Tensor&, bool)>();
     const auto saved = ctx->get_saved_variables();
-    auto [d_y, d_x] = op.call(grads[0], saved[0], saved[1]);
-    return {d_y, d_x};
+    auto [d_y, d_x] = op.call(grads[0], saved[0], saved[1], ctx->saved_data["relu"].toBool());
+    return {d_y, d_x, at::Tensor()};
   }
 };
 
-at::Tensor gate_combine_cpp_autograd(const at::Tensor& expert_out, const at::Tensor& gate_logits) {
-  return GateCombineFunction::apply(expert_out, gate_logits);
+at::Tensor gate_combine_cpp_autograd(const at::Tensor& expert_out, const at::Tensor& gate_logits, bool relu) {
+  return GateCombineFunction::apply(expert_out, gate_logits, relu);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(msrec, m) {
-  m.def("gate_combine_cpp(Tensor expert_out, Tensor gate_logits) -> Tensor");
-  m.def("gate_combine_backward_cpp(Tensor grad_out, Tensor expert_out, Tensor gate_logits) -> (Tensor, Tensor)");
+  m.def("gate_combine_cpp(Tensor expert_out, Tensor gate_logits, bool relu=False) -> Tensor");
+  m.def("gate_combine_backward_cpp(Tensor grad_out, Tensor expert_out, Tensor gate_logits, bool relu=False) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(msrec, CPU, m) {

@@ -1,6 +1,7 @@
 """Hot ops of msrec_dist, registered as torch.ops.msrec.* on import.
 
-    gate_combine(expert_out [B, E, D], gate_logits [T, B, E], kernel="auto") -> [T, B, D]
+    gate_combine(expert_out [B, E, D], gate_logits [T, B, E], kernel="auto", relu=False) -> [T, B, D]
+        (relu: expert_out holds pre-activations; the experts' ReLU runs inside the op)
     field_attention(q, k, v [B, H, F, dh], key_padding_mask [B, F] | None, kernel="auto")
         -> [B, H, F, dh]  (the op also returns the row log-sum-exp its backward uses; dropped here)
 
@@ -31,8 +32,10 @@ __all__ = ["gate_combine", "field_attention", "gate_combine_ref", "field_attenti
 KERNELS = ops.KERNELS
 
 
-def gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
-    """Per-task softmax over experts and the weighted sum: [B, E, D], [T, B, E] -> [T, B, D].
+def gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor, kernel: str = "auto",
+                 relu: bool = False) -> torch.Tensor:
+    """Per-task softmax over experts and the weighted sum: [B, E, D], [T, B, E] -> [T, B, D];
+    with `relu`, of the ReLU of expert_out (the experts' pre-activations).
 
     Where the C++ kernel runs, this calls torch.ops.msrec.gate_combine_cpp directly: its autograd
     is registered in C++ (csrc/gate_combine.cpp), which skips the Python custom op's dispatch and
@@ -46,9 +49,9 @@ def gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor, kernel: st
     if chosen is not None:
         ops.check_gate_combine(expert_out, gate_logits)
         if chosen == "cpp":
-            return torch.ops.msrec.gate_combine_cpp(expert_out, gate_logits)
-        return ops.TritonGateCombine.apply(expert_out, gate_logits)
-    return torch.ops.msrec.gate_combine(expert_out, gate_logits, kernel)
+            return torch.ops.msrec.gate_combine_cpp(expert_out, gate_logits, relu)
+        return ops.TritonGateCombine.apply(expert_out, gate_logits, relu)
+    return torch.ops.msrec.gate_combine(expert_out, gate_logits, kernel, relu)
 
 
 def field_attention(

@@ -2,7 +2,9 @@
 
     expert_out  Y      [B, E, D]
     gate_logits X      [T, B, E]
-    out                [T, B, D]   out[t, b] = sum_e softmax(X[t, b])[e] * Y[b, e]
+    out                [T, B, D]   out[t, b] = sum_e softmax(X[t, b])[e] * act(Y[b, e])
+    RELU               act = ReLU (Y holds the experts' pre-activations) applied as Y is loaded, and
+                       its gradient mask as dY is stored; else the identity
 
 Forward: a program owns BLOCK_B samples x BLOCK_D columns for all T tasks, so each expert
 output is read once for every task. Backward: a program owns whole rows (all of D) and walks
@@ -61,7 +63,7 @@ def _softmax_stats(X, offs_t, offs_b, offs_e, B, E, T, ACC: tl.constexpr):
 @tuned(FWD_CONFIGS, key=["E", "T", "D"], prune=_keep)
 @triton.jit
 def _gate_combine_fwd(Y, X, OUT, B, E, T, D, ACC: tl.constexpr, T_PAD: tl.constexpr,
-                      E_PAD: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_B: tl.constexpr):
+                      E_PAD: tl.constexpr, BLOCK_D: tl.constexpr, RELU: tl.constexpr, BLOCK_B: tl.constexpr):
     # 1. this program's samples, columns, tasks; int64 offsets (B * E * D can pass 2^31)
     offs_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -75,8 +77,10 @@ def _gate_combine_fwd(Y, X, OUT, B, E, T, D, ACC: tl.constexpr, T_PAD: tl.conste
     for e in range(0, E):
         x_e = tl.load(X + (offs_t[:, None] * B + offs_b[None, :]) * E + e, mask=row_ok, other=0.0)
         g_e = tl.exp(x_e.to(ACC) - m) * inv                                     # [T_PAD, BLOCK_B]
-        y = tl.load(Y + (offs_b[:, None] * E + e) * D + offs_d[None, :], mask=y_ok, other=0.0)
-        acc += g_e[:, :, None] * y.to(ACC)[None, :, :]
+        y = tl.load(Y + (offs_b[:, None] * E + e) * D + offs_d[None, :], mask=y_ok, other=0.0).to(ACC)
+        if RELU:
+            y = tl.where(y < 0, 0.0, y)                                         # NaN stays NaN, as torch.relu
+        acc += g_e[:, :, None] * y[None, :, :]
     # 4. store out[t, b, d-tile]
     out_ptrs = OUT + (offs_t[:, None, None] * B + offs_b[None, :, None]) * D + offs_d[None, None, :]
     tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=(offs_t[:, None, None] < T) & y_ok[None, :, :])
@@ -85,7 +89,7 @@ def _gate_combine_fwd(Y, X, OUT, B, E, T, D, ACC: tl.constexpr, T_PAD: tl.conste
 @tuned(BWD_CONFIGS, key=["E", "T", "D"], prune=_keep_bwd)
 @triton.jit
 def _gate_combine_bwd(DOUT, Y, X, DY, DX, B, E, T, D, ACC: tl.constexpr, T_PAD: tl.constexpr,
-                      E_PAD: tl.constexpr, BLOCK_DB: tl.constexpr, BLOCK_B: tl.constexpr):
+                      E_PAD: tl.constexpr, BLOCK_DB: tl.constexpr, RELU: tl.constexpr, BLOCK_B: tl.constexpr):
     # 1. this program owns BLOCK_B whole samples: every task, expert and column
     offs_b = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_t = tl.arange(0, T_PAD).to(tl.int64)
@@ -99,7 +103,8 @@ def _gate_combine_bwd(DOUT, Y, X, DY, DX, B, E, T, D, ACC: tl.constexpr, T_PAD: 
         offs_d = d0 + tl.arange(0, BLOCK_DB)
         y_ok = b_ok[:, None, None] & e_ok[None, :, None] & (offs_d < D)[None, None, :]
         y_ptrs = (offs_b[:, None, None] * E + offs_e[None, :, None]) * D + offs_d[None, None, :]
-        y = tl.load(Y + y_ptrs, mask=y_ok, other=0.0).to(ACC)
+        y_in = tl.load(Y + y_ptrs, mask=y_ok, other=0.0).to(ACC)
+        y = tl.where(y_in < 0, 0.0, y_in) if RELU else y_in                    # the activation forward used
         dy = tl.zeros([BLOCK_B, E_PAD, BLOCK_DB], dtype=ACC)
         for t in range(0, T):
             # 3. dout[t, b, d-tile] [BLOCK_B, BLOCK_DB], read once; g[t] picked out of the register tile
@@ -111,6 +116,8 @@ def _gate_combine_bwd(DOUT, Y, X, DY, DX, B, E, T, D, ACC: tl.constexpr, T_PAD: 
             dy += g_t[:, :, None] * dout_t[:, None, :]
             # 5. dg[t, b, e] += <dout[t, b, d-tile], Y[b, e, d-tile]>
             dg += tl.where(is_t, tl.sum(y * dout_t[:, None, :], axis=2)[None, :, :], 0.0)
+        if RELU:
+            dy = tl.where(y_in <= 0, 0.0, dy)                                   # ReLU backward, as torch's
         tl.store(DY + y_ptrs, dy.to(DY.dtype.element_ty), mask=y_ok)
     # 6. softmax backward over experts: dX = g * (dg - sum_e g * dg)
     dx = g * (dg - tl.sum(g * dg, axis=2)[:, :, None])
@@ -122,31 +129,31 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def meta(T: int, E: int, D: int, dtype: torch.dtype, backward: bool = False) -> dict:
+def meta(T: int, E: int, D: int, dtype: torch.dtype, backward: bool = False, relu: bool = False) -> dict:
     """The constexprs a launch takes besides BLOCK_B (also used by the compile-only tests):
     the forward's column tile BLOCK_D (with all T_PAD tasks), or the backward's BLOCK_DB (with
-    all E_PAD experts)."""
+    all E_PAD experts), and RELU."""
     t_pad, e_pad = triton.next_power_of_2(T), triton.next_power_of_2(E)
     tile = dict(BLOCK_DB=min(triton.next_power_of_2(D), max(16, 1024 // e_pad))) if backward else \
         dict(BLOCK_D=min(triton.next_power_of_2(D), max(16, 1024 // t_pad)))
-    return dict(ACC=_acc(dtype), T_PAD=t_pad, E_PAD=e_pad, **tile)
+    return dict(ACC=_acc(dtype), T_PAD=t_pad, E_PAD=e_pad, RELU=relu, **tile)
 
 
-def gate_combine_fwd(expert_out: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+def gate_combine_fwd(expert_out: torch.Tensor, gate_logits: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """[B, E, D], [T, B, E] -> [T, B, D]; shapes already checked by ops.py."""
     y, x = expert_out.contiguous(), gate_logits.contiguous()
     (B, E, D), T = y.shape, x.shape[0]
     out = y.new_empty((T, B, D))
     grid = lambda cfg: (triton.cdiv(B, cfg["BLOCK_B"]), triton.cdiv(D, cfg["BLOCK_D"]))  # noqa: E731
-    _gate_combine_fwd[grid](y, x, out, B, E, T, D, **meta(T, E, D, y.dtype))
+    _gate_combine_fwd[grid](y, x, out, B, E, T, D, **meta(T, E, D, y.dtype, relu=relu))
     return out
 
 
-def gate_combine_bwd(grad_out: torch.Tensor, expert_out: torch.Tensor, gate_logits: torch.Tensor):
+def gate_combine_bwd(grad_out: torch.Tensor, expert_out: torch.Tensor, gate_logits: torch.Tensor, relu: bool = False):
     """grad_out [T, B, D] -> (d expert_out [B, E, D], d gate_logits [T, B, E])."""
     dout, y, x = grad_out.contiguous(), expert_out.contiguous(), gate_logits.contiguous()
     (B, E, D), T = y.shape, x.shape[0]
     d_y, d_x = torch.empty_like(y), torch.empty_like(x)
     grid = lambda cfg: (triton.cdiv(B, cfg["BLOCK_B"]),)  # noqa: E731
-    _gate_combine_bwd[grid](dout, y, x, d_y, d_x, B, E, T, D, **meta(T, E, D, y.dtype, backward=True))
+    _gate_combine_bwd[grid](dout, y, x, d_y, d_x, B, E, T, D, **meta(T, E, D, y.dtype, backward=True, relu=relu))
     return d_y, d_x

@@ -1,6 +1,6 @@
 """Schemas, fakes, autograd and routing for the hot ops, registered under torch.ops.msrec.
 
-    msrec::gate_combine(Tensor expert_out, Tensor gate_logits, str impl="auto") -> Tensor
+    msrec::gate_combine(Tensor expert_out, Tensor gate_logits, str impl="auto", bool relu=False) -> Tensor
     msrec::field_attention(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None,
                            str impl="auto") -> (Tensor out, Tensor lse)
 
@@ -48,9 +48,9 @@ def _load_cpp_kernels() -> frozenset:
     # fakes, so the C++ ops trace (torch.compile, opcheck) on their own too
     if "gate_combine" in built:
         torch.library.register_fake("msrec::gate_combine_cpp")(
-            lambda y, g: y.new_empty((g.shape[0], y.shape[0], y.shape[2])))
+            lambda y, g, relu=False: y.new_empty((g.shape[0], y.shape[0], y.shape[2])))
         torch.library.register_fake("msrec::gate_combine_backward_cpp")(
-            lambda grad, y, g: (torch.empty_like(y), g.new_empty(g.shape)))
+            lambda grad, y, g, relu=False: (torch.empty_like(y), g.new_empty(g.shape)))
     if "field_attention" in built:
         torch.library.register_fake("msrec::field_attention_cpp")(
             lambda q, k, v, mask: (q.new_empty(q.shape), q.new_empty(q.shape[:3])))
@@ -115,66 +115,70 @@ def check_gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor) -> N
 
 
 @torch.library.custom_op("msrec::gate_combine", mutates_args=())
-def gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-    """[B, E, D] expert outputs, [T, B, E] gate logits -> [T, B, D]."""
+def gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor, impl: str = "auto",
+                 relu: bool = False) -> torch.Tensor:
+    """[B, E, D] expert outputs (pre-activations with `relu`), [T, B, E] gate logits -> [T, B, D]."""
     check_gate_combine(expert_out, gate_logits)
     t, (b, _, d) = gate_logits.shape[0], expert_out.shape
     if b == 0:
         return expert_out.new_empty((t, 0, d))
-    return _gate_combine_forward(expert_out, gate_logits, choose_impl(impl, "gate_combine", expert_out))
+    return _gate_combine_forward(expert_out, gate_logits, choose_impl(impl, "gate_combine", expert_out), relu)
 
 
-def _gate_combine_forward(expert_out: torch.Tensor, gate_logits: torch.Tensor, chosen: str) -> torch.Tensor:
+def _gate_combine_forward(expert_out: torch.Tensor, gate_logits: torch.Tensor, chosen: str,
+                          relu: bool) -> torch.Tensor:
     """The chosen implementation's forward on a non-empty, checked batch."""
     if chosen == "triton":
-        return _triton_module("gate_combine").gate_combine_fwd(expert_out, gate_logits)
+        return _triton_module("gate_combine").gate_combine_fwd(expert_out, gate_logits, relu)
     if chosen == "cpp":
-        return torch.ops.msrec.gate_combine_cpp(expert_out, gate_logits)
-    return gate_combine_ref(expert_out, gate_logits).contiguous()  # the fake is contiguous
+        return torch.ops.msrec.gate_combine_cpp(expert_out, gate_logits, relu)
+    return gate_combine_ref(expert_out, gate_logits, relu).contiguous()  # the fake is contiguous
 
 
 @gate_combine.register_fake
-def _(expert_out, gate_logits, impl="auto"):
+def _(expert_out, gate_logits, impl="auto", relu=False):
     check_gate_combine(expert_out, gate_logits)
     return expert_out.new_empty((gate_logits.shape[0], expert_out.shape[0], expert_out.shape[2]))
 
 
 @torch.library.custom_op("msrec::gate_combine_backward", mutates_args=())
 def gate_combine_backward(
-    grad_out: torch.Tensor, expert_out: torch.Tensor, gate_logits: torch.Tensor, impl: str
+    grad_out: torch.Tensor, expert_out: torch.Tensor, gate_logits: torch.Tensor, impl: str, relu: bool = False
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """grad_out [T, B, D] -> (d expert_out [B, E, D] with expert_out's strides, d gate_logits [T, B, E])."""
     if expert_out.shape[0] == 0:
         return torch.zeros_like(expert_out), torch.zeros_like(gate_logits)
-    return _gate_combine_backward(grad_out, expert_out, gate_logits, choose_impl(impl, "gate_combine", expert_out))
+    return _gate_combine_backward(grad_out, expert_out, gate_logits,
+                                  choose_impl(impl, "gate_combine", expert_out), relu)
 
 
-def _gate_combine_backward(grad_out, expert_out, gate_logits, chosen: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _gate_combine_backward(grad_out, expert_out, gate_logits, chosen: str,
+                           relu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The chosen implementation's backward on a non-empty batch, gradients strided as the inputs."""
     if chosen == "cpp":
-        d_y, d_logits = torch.ops.msrec.gate_combine_backward_cpp(grad_out, expert_out, gate_logits)
+        d_y, d_logits = torch.ops.msrec.gate_combine_backward_cpp(grad_out, expert_out, gate_logits, relu)
     elif chosen == "triton":
-        d_y, d_logits = _triton_module("gate_combine").gate_combine_bwd(grad_out, expert_out, gate_logits)
+        d_y, d_logits = _triton_module("gate_combine").gate_combine_bwd(grad_out, expert_out, gate_logits, relu)
     else:
-        d_y, d_logits = gate_combine_backward_ref(grad_out, expert_out, gate_logits)
+        d_y, d_logits = gate_combine_backward_ref(grad_out, expert_out, gate_logits, relu)
     return _strided_like(d_y, expert_out), _strided_like(d_logits, gate_logits)
 
 
 @gate_combine_backward.register_fake
-def _(grad_out, expert_out, gate_logits, impl):
+def _(grad_out, expert_out, gate_logits, impl, relu=False):
     return torch.empty_like(expert_out), torch.empty_like(gate_logits)
 
 
 def _gate_combine_setup(ctx, inputs, output):
-    expert_out, gate_logits, impl = inputs
+    expert_out, gate_logits, impl, relu = inputs
     ctx.save_for_backward(expert_out, gate_logits)
-    ctx.impl = impl
+    ctx.impl, ctx.relu = impl, relu
 
 
 def _gate_combine_grad(ctx, grad_out):
     expert_out, gate_logits = ctx.saved_tensors
-    d_y, d_logits = gate_combine_backward(grad_out, expert_out, gate_logits, ctx.impl)
-    return d_y, d_logits, None
+    d_y, d_logits = gate_combine_backward(grad_out, expert_out, gate_logits, ctx.impl, ctx.relu)
+    return d_y, d_logits, None, None
 
 
 gate_combine.register_autograd(_gate_combine_grad, setup_context=_gate_combine_setup)
@@ -285,14 +289,15 @@ class TritonGateCombine(torch.autograd.Function):
     """[B, E, D], [T, B, E] -> [T, B, D] on a non-empty batch, Triton forward and backward."""
 
     @staticmethod
-    def forward(ctx, expert_out, gate_logits):
+    def forward(ctx, expert_out, gate_logits, relu=False):
         ctx.save_for_backward(expert_out, gate_logits)
-        return _gate_combine_forward(expert_out, gate_logits, "triton")
+        ctx.relu = relu
+        return _gate_combine_forward(expert_out, gate_logits, "triton", relu)
 
     @staticmethod
     def backward(ctx, grad_out):
         expert_out, gate_logits = ctx.saved_tensors
-        return _gate_combine_backward(grad_out, expert_out, gate_logits, "triton")
+        return *_gate_combine_backward(grad_out, expert_out, gate_logits, "triton", ctx.relu), None
 
 
 class TritonFieldAttention(torch.autograd.Function):

@@ -1,12 +1,13 @@
 """PLE: progressive layered extraction with stacked CGC levels (Tang et al., RecSys 2020).
 
     level inputs  [G, B, in], G = T task groups + 1 shared group (level 0: one shared [B, in])
-    experts       E = T * task_experts + shared_experts, stacked: one batched GEMM → [B, E, h]
+    experts       E = T * task_experts + shared_experts, stacked: one batched GEMM → [E, B, h]
+                  pre-activations; their ReLU runs inside gate_combine (relu=True)
     gates         one Linear per group → logits [G, B, E]; a task gate sees only its own task
                   experts and the shared experts (others masked to -inf), the shared gate all;
                   with scenario_gates, + a learned per-scenario logit bias [G, S, E] picked by the
                   row's scenario (one-hot [B, S]), so each scenario can weigh the experts its own way
-    combine       msrec_dist.kernels.gate_combine(experts [B, E, h], logits [G, B, E]) → [G, B, h]
+    combine       msrec_dist.kernels.gate_combine(experts [B, E, h], logits [G, B, E], relu=True) → [G, B, h]
     last level    has no shared gate: output [T, B, h]
 
 The first level's experts and gates read one shared input ([B, in], or the field stack folded:
@@ -89,21 +90,22 @@ class CGCLevel(nn.Module):
     def forward(self, x: torch.Tensor | FieldParts, onehot: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, in] or FieldParts (first level) or [T+1, B, in]; onehot [B, S] with scenario
         gates; returns [G, B, h]."""
-        if self.shared_input or isinstance(x, FieldParts):  # experts' first layer and gates: one GEMM
-            first, gate_y = shared_input_layers(x, [self.experts.layers[0], self.gates])
-            if self.experts.relu_after(0):
-                first = first.relu()  # not in place: a split's outputs are views autograd will not let change
-            layer0 = self.experts.layers[0]
-            expert_out = self.experts(stacked_output(first, layer0.num, layer0.out_dim, relu=False), start=1)  # [E, B, h]
+        # The experts are one layer (its state_dict keys stay those of a StackedMLP); its ReLU runs
+        # inside gate_combine (relu=True), which reads the pre-activations and writes their
+        # gradient already masked: no ReLU pass over [E, B, h] forward, none backward.
+        layer = self.experts.layers[0]
+        if self.shared_input or isinstance(x, FieldParts):  # experts and gates: one GEMM
+            pre, gate_y = shared_input_layers(x, [layer, self.gates])  # [B, E*h], [B, G*E] (views)
+            pre = stacked_output(pre, layer.num, layer.out_dim, relu=False)  # [E, B, h] view
             logits = gate_y.view(gate_y.size(0), self.mask.size(0), self.num_experts).transpose(0, 1)  # [G, B, E]
         else:
             expert_in, gate_in = level_inputs(x, self.expert_group, self.mask.size(0))
-            expert_out = self.experts(expert_in)  # [E, B, h]
+            pre = layer(expert_in)  # [E, B, h]
             logits = self.gates(gate_in)  # [G, B, E]
         if self.scenario_gate_bias is not None:
             logits = logits + torch.matmul(onehot, self.scenario_gate_bias)  # [B, S] @ [G, S, E] → [G, B, E]
-        logits = logits + self.mask
-        return gate_combine(expert_out.transpose(0, 1), logits.contiguous(), self.kernel)  # [B, E, h] view: no copy
+        logits = logits + self.mask  # any strides: every gate_combine implementation takes them
+        return gate_combine(pre.transpose(0, 1), logits, self.kernel, relu=True)  # [B, E, h] view: no copy
 
 
 class PLE(nn.Module):

@@ -78,11 +78,43 @@ def test_many_threads_agree():
 def test_gradcheck_fp64_full_jacobian():
     y, g = gate_inputs(5, 3, 2, 8, dtype=torch.float64)
     assert torch.autograd.gradcheck(cpp, (y, g))
+    # relu=True: away from the kink (no |pre| below the finite-difference step) the Jacobian is exact
+    with torch.no_grad():
+        y.add_(torch.sign(y) * 0.1)
+    assert torch.autograd.gradcheck(lambda a, b: K.gate_combine(a, b, kernel="cpp", relu=True), (y, g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relu_on_strided_pre_activations_matches_reference(dtype):
+    """PLE's call with relu=True: the pre-activations are a [B, E, D] view with a row stride wider
+    than E*D (a column block of the first level's GEMM shared with the gates) and the gate logits
+    a transposed view; values and gradients as the reference over torch.relu, d pre strided as pre."""
+    B, E, T, D = 37, 4, 3, 16
+    block = randn(B, E * D + 12, dtype=dtype, seed=9, requires_grad=False)
+    block[:3, :D] = 0.0  # ReLU's kink: zero gradient, as torch's
+    block.requires_grad_()
+    pre = block[:, :E * D].view(B, E, D)  # strides (E*D + 12, D, 1)
+    logits = randn(B, T, E, dtype=dtype, seed=10).transpose(0, 1)  # [T, B, E], not contiguous
+    out = K.gate_combine(pre, logits, kernel="cpp", relu=True)
+    grad = randn(T, B, D, dtype=dtype, seed=11, requires_grad=False)
+    d_pre, _ = torch.ops.msrec.gate_combine_backward_cpp(grad, pre.detach(), logits.detach(), True)
+    assert d_pre.shape == pre.shape
+    out.backward(grad)
+    p_ref = pre.detach().clone().requires_grad_()
+    l_ref = logits.detach().clone().requires_grad_()
+    ref = gate_combine_ref(torch.relu(p_ref), l_ref)
+    ref.backward(grad)
+    torch.testing.assert_close(out, ref, **tol(dtype))
+    torch.testing.assert_close(block.grad[:, :E * D].view(B, E, D), p_ref.grad, **tol(dtype))
+    assert block.grad[:, E * D:].eq(0).all() and block.grad[:3, :D].eq(0).all()
+    torch.testing.assert_close(d_pre, p_ref.grad, **tol(dtype))
 
 
 def test_opcheck():
     y, g = gate_inputs(5, 3, 2, 8)
     torch.library.opcheck(torch.ops.msrec.gate_combine.default, (y, g), {"impl": "cpp"})
+    torch.library.opcheck(torch.ops.msrec.gate_combine.default, (y, g), {"impl": "cpp", "relu": True})
+    torch.library.opcheck(torch.ops.msrec.gate_combine_cpp.default, (y, g, True))
     torch.library.opcheck(torch.ops.msrec.gate_combine_cpp.default, (y, g))  # with its C++ autograd
     y, g = (t.detach() for t in (y, g))
     torch.library.opcheck(torch.ops.msrec.gate_combine_cpp.default, (y, g))

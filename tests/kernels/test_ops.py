@@ -274,3 +274,22 @@ def test_field_attention_tiles_past_shared_memory_run_the_reference():
     torch.testing.assert_close(out, ref, **tol(torch.float32))
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+@pytest.mark.parametrize("B,E,T,D", GATE_SHAPES[1:3])
+def test_gate_combine_relu_is_gate_combine_of_the_relu(B, E, T, D, kernel):
+    """relu=True: the op takes the experts' pre-activations and applies their ReLU itself
+    (forward and gradient), the same as gate_combine(torch.relu(pre)) through autograd; zeros in
+    the input (ReLU's kink) get a zero gradient, as torch.relu's backward gives them."""
+    pre, logits = gate_inputs(B, E, T, D)
+    with torch.no_grad():
+        pre[0, 0, :4] = 0.0  # exact zeros: masked like torch.relu's backward (input <= 0)
+    out, grads = run_with_grads(lambda y, g: K.gate_combine(y, g, kernel=kernel, relu=True), (pre, logits))
+    ref, ref_grads = run_with_grads(lambda y, g: gate_combine_ref(torch.relu(y), g), (pre, logits))
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **tol(torch.float32))
+    assert grads[0][0, 0, :4].eq(0).all() and (grads[0] == 0).float().mean() > 0.3  # about half masked
+    plain = K.gate_combine(pre, logits, kernel=kernel)  # relu=False: the identity, not the ReLU
+    assert not torch.allclose(plain, out)
