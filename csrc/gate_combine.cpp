@@ -90,6 +90,13 @@ MSREC_INLINE scalar_t act(scalar_t v) {
   return RELU ? (v < scalar_t(0) ? scalar_t(0) : v) : v;
 }
 
+// The gradient g at input v through the activation: ReLU's as torch's threshold_backward (0 where
+// v <= 0), or g. Applied with the last term of d expert_out's sum, not as a pass of its own.
+template <bool RELU, typename scalar_t>
+MSREC_INLINE scalar_t relu_grad(scalar_t v, scalar_t g) {
+  return RELU ? (v <= scalar_t(0) ? scalar_t(0) : g) : g;
+}
+
 // MSREC_CLONES / MSREC_INLINE: clones.h (AVX2 + FMA where the CPU has them, baseline x86-64 else).
 
 // Samples go through the softmax kLanes at a time, one per SIMD lane: their logits are gathered
@@ -181,19 +188,24 @@ MSREC_INLINE void backward_rows(const Args<scalar_t>& a, int64_t b0, int64_t b1,
         const scalar_t* pe = p + e * kLanes + l;  // p[t, e] of this sample at pe[t * E * kLanes]
         scalar_t* __restrict__ dye = a.dy + bl * a.dyb + e * a.dye;
         const scalar_t w0 = pe[0];
+        const scalar_t* __restrict__ ye = yb + e * a.ye;
+        if (T == 1) {
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) dye[d] = relu_grad<RELU>(ye[d], w0 * gb[d]);
+          continue;
+        }
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) dye[d] = w0 * gb[d];
-        for (int64_t t = 1; t < T; ++t) {
+        for (int64_t t = 1; t < T - 1; ++t) {
           const scalar_t w = pe[t * E * kLanes];
           const scalar_t* __restrict__ g = gb + t * gt;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) dye[d] += w * g[d];
         }
-        if (RELU) {  // ReLU's backward, as torch's (threshold_backward): zero where the input is <= 0
-          const scalar_t* __restrict__ ye = yb + e * a.ye;
+        const scalar_t wl = pe[(T - 1) * E * kLanes];  // the last task's term, with ReLU's mask
+        const scalar_t* __restrict__ gl = gb + (T - 1) * gt;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) dye[d] = ye[d] <= scalar_t(0) ? scalar_t(0) : dye[d];
-        }
+        for (int64_t d = 0; d < D; ++d) dye[d] = relu_grad<RELU>(ye[d], dye[d] + wl * gl[d]);
       }
       for (int64_t t = 0; t < T; ++t) {  // d logits: softmax backward of <grad_out, y>
         const scalar_t* __restrict__ g = gb + t * gt;
