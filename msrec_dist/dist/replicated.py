@@ -80,8 +80,8 @@ class ReplicatedTableOptimizer(KeyedOptimizer):
         """Zeros the gradients in place (views of a shared buffer), except those the last step()
         zeroed already (the one-pass update leaves its table's gradient all zeros)."""
         for p in self.params.values():
-            if p.grad is not None and p not in self._zeroed:
-                p.grad.zero_()
+            if p not in self._zeroed and (grad := p.grad) is not None:
+                grad.zero_()
         self._zeroed = set()
 
     @torch.no_grad()
@@ -89,14 +89,17 @@ class ReplicatedTableOptimizer(KeyedOptimizer):
         group = next(iter(self.param_groups))
         self._zeroed = set()
         for p in self.params.values():
-            if p.grad is None:
+            # read once: a table's .grad is a property (torchrec's TableBatchedEmbeddingSlice)
+            # that slices and views the kernel's flat gradient on every access
+            grad = p.grad
+            if grad is None:
                 continue
             if self.kind == "sgd":
-                p.add_(p.grad, alpha=-group["lr"])
+                p.add_(grad, alpha=-group["lr"])
                 continue
             (momentum,) = self.state[p].values()
-            if one_pass_rowwise_adagrad(p, p.grad, momentum):
-                torch.ops.msrec.rowwise_adagrad_dense_(p, p.grad, momentum, group["lr"], group["eps"])
+            if one_pass_rowwise_adagrad(p, grad, momentum):
+                torch.ops.msrec.rowwise_adagrad_dense_(p, grad, momentum, group["lr"], group["eps"])
                 self._zeroed.add(p)
             else:
-                rowwise_adagrad_(p, p.grad, momentum, group["lr"], group["eps"])
+                rowwise_adagrad_(p, grad, momentum, group["lr"], group["eps"])
