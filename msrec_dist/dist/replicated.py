@@ -22,11 +22,21 @@ from __future__ import annotations
 
 from typing import Any
 
+import warnings
+
 import torch
 from torch import nn
 from torchrec.optim.keyed import KeyedOptimizer
 
 from msrec_dist.data.native import HAVE_CSRC  # loads msrec_dist._C: torch.ops.msrec.rowwise_adagrad_dense_
+
+# fbgemm's dense table kernel (the replicated tables' lookup) registers its op for the CPU / CUDA
+# keys and records its own autograd Function inside them, so torch's fallback warns at every
+# backward that the op has no Autograd kernel and "may" give wrong gradients. They are right:
+# tests/dist/test_replicated.py and test_local_lookup.py compare the updates with fbgemm's fused
+# kernel and with DMP's path. Only this message is silenced.
+warnings.filterwarnings("ignore", message=r"fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel "
+                        r"was not registered", category=UserWarning)
 
 # The sparse optimizers with a replicated form (config name → what the state holds).
 REPLICATED_OPTIMIZERS = ("rowwise_adagrad", "sgd")
