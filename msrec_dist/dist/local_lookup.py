@@ -3,10 +3,13 @@ every rank holds every table it looks up (a world of one, or every table replica
 
     batch.sparse (KJT, keys in DataConfig.kjt_keys order = the kernel's feature order)
       ──the kernel module DMP built──► [B, F_s * D]
-        world of one:           fbgemm TBE with the fused optimizer in backward (BatchedFusedEmbeddingBag)
+        world of one, tables model-parallel: fbgemm TBE with the fused optimizer in backward
+                                (BatchedFusedEmbeddingBag; a CUDA world of one)
         all tables replicated:  fbgemm dense TBE (BatchedDenseEmbeddingBag, data_parallel): the
-                                weights' .grad, averaged over ranks by grad_sync 'flat' and
-                                stepped by dist/replicated.py, as on the DMP path
+                                weights' .grad, averaged over ranks by grad_sync 'flat' (a world
+                                of one: as is) and stepped by dist/replicated.py, as on the DMP
+                                path (a CPU world of one replicates its small tables too:
+                                dist/sharding.py default_types)
 
 In a world of one, DMP's sharded EmbeddingBagCollection still wraps its single lookup in the
 machinery of many ranks: a KJT splits all-to-all and a values all-to-all with itself over gloo,

@@ -5,7 +5,8 @@
       ──plan_sharding──► ShardingPlan ──DistributedModelParallel──► DMP
       ──init_embeddings (deterministic per row block, independent of the sharding)──►
     world of one, or every table replicated with grad_sync 'flat': FieldEmbedding.local_lookup =
-        the sharded EBC's kernel (dist/local_lookup.py)
+        the sharded EBC's kernel (dist/local_lookup.py); a CPU world of one replicates its small
+        tables (dist/sharding.py), torchrec's DDP taken off their lookups
     replicated (data_parallel) tables: unscaled field gradients + ReplicatedTableOptimizer
         (dist/replicated.py), stepped after backward with the dense optimizer
     world > 1: dense and replicated gradients averaged by DDP or by one flat all-reduce
