@@ -88,6 +88,21 @@ def test_gate_combine_gpu(B, E, T, D, dtype):
             [((T, B, D), dtype), ((B, E, D), dtype), ((T, B, E), dtype)])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,E,T,D", GATE_SHAPES[:3])
+def test_gate_combine_relu_gpu(B, E, T, D, dtype):
+    """relu=True (PLE's call: the experts' pre-activations, ReLU inside the kernel) against the
+    reference over torch.relu."""
+    gen = torch.Generator(device="cuda").manual_seed(B * 5 + E)
+    y = torch.randn(B, E, D, device="cuda", generator=gen).to(dtype)
+    x = (2 * torch.randn(T, B, E, device="cuda", generator=gen)).to(dtype)
+    dout = torch.randn(T, B, D, device="cuda", generator=gen).to(dtype)
+    compare(f"gate_combine relu B={B} E={E} T={T} D={D} {dtype}",
+            lambda y, x: K.gate_combine(y, x, kernel="triton", relu=True),
+            lambda y, x: gate_combine_ref(torch.relu(y), x), [y, x], dout,
+            [((T, B, D), dtype), ((B, E, D), dtype), ((T, B, E), dtype)])
+
+
 # The largest tiles (F = dh = 128) take the longest to compile: masked in every dtype, and
 # unmasked in bf16 only.
 ATTN_CASES = [(*shape, dtype, masked) for shape in ATTN_SHAPES for dtype in DTYPES for masked in (True, False)
