@@ -111,12 +111,7 @@ class StackedMLP(nn.Module):
         self.final_activation = final_activation
         self.out_dim = dims[-1]
 
-    def relu_after(self, i: int) -> bool:
-        """Whether layer i is followed by a ReLU."""
-        return self.final_activation or i < len(self.layers) - 1
-
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Layers start.. (start > 0: x is layer start-1's output, e.g. from a fused GEMM)."""
-        for i in range(start, len(self.layers)):
-            x = self.layers[i](x, relu=self.relu_after(i))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, relu=self.final_activation or i < len(self.layers) - 1)
         return x
