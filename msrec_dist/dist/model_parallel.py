@@ -162,11 +162,10 @@ def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext,
                                    data_parallel_wrapper=DenseDataParallel(ddp=sync == "ddp"))
     init_embeddings(dmp, data, cfg.run.seed)
     host_reduce = ctx.world_size > 1 and enable_host_reduce(t.host_reduce, dist.group.WORLD, ctx.timeout_s)
-    grad_sync = None
-    if sync == "flat":
-        grad_sync = FlatAllReduce(unwrap_replicated_lookups(dmp), dist.group.WORLD, ctx.world_size)
-    elif ctx.world_size == 1:  # nothing to sum over ranks: torchrec's DDP around replicated lookups only costs
-        unwrap_replicated_lookups(dmp)
+    # torchrec's DDP comes off the replicated lookups where FlatAllReduce sums their gradients, and
+    # in a world of one, where there is nothing to sum and it only costs
+    unwrapped = unwrap_replicated_lookups(dmp) if sync == "flat" or ctx.world_size == 1 else []
+    grad_sync = FlatAllReduce(unwrapped, dist.group.WORLD, ctx.world_size) if sync == "flat" else None
     embedding = dmp.module.model.embedding
     replicated = replicated_tables(plan)
     # every table on every rank: the kernel alone is the lookup (with DDP its hooks must run, and

@@ -20,9 +20,8 @@ the batch has a zero gradient, so its state and weights stay as the fused kernel
 """
 from __future__ import annotations
 
-from typing import Any
-
 import warnings
+from typing import Any
 
 import torch
 from torch import nn
