@@ -3,6 +3,7 @@
     python -m benchmarks.kernels                 # CUDA if present (full table), else CPU reference paths
     python -m benchmarks.kernels --quick         # one shape per op
     python -m benchmarks.kernels --out DIR --budget-s 300   # results elsewhere; stop adding shapes after 300 s
+    python -m benchmarks.kernels --ops gate_combine_relu     # only these ops (default: all three)
 
 Per shape and path: median time, GB/s from the ideal byte count (each input read once, each
 output written once), % of the device's copy bandwidth measured in the same run, and speedup
@@ -11,6 +12,9 @@ mask bytes ignored:
     gate_combine     fwd  s*(B*E*D + T*B*E + T*B*D)           fwd+bwd  fwd + s*(2*B*E*D + 2*T*B*E + T*B*D)
     field_attention  fwd  s*4*B*H*F*dh + 4*B*H*F (q, k, v read; out and the fp32 row lse written)
                      fwd+bwd  fwd + s*8*B*H*F*dh + 4*B*H*F (q, k, v, out, dout, lse read; dq, dk, dv)
+gate_combine_relu is PLE's call, gate_combine(pre-activations, logits, relu=True): the same bytes
+as gate_combine; its eager path is the reference over torch.relu, and "unfused" runs torch.relu
+and then the kernel without relu (what the model ran before the ReLU moved into the kernel).
 Paths: triton (CUDA only), cpp (the C++ CPU kernels, csrc/gate_combine.cpp and
 csrc/field_attention.cpp, where the extension is built; through msrec_dist.kernels as the model
 calls them), eager reference, torch.compile(reference), SDPA (attention).
@@ -133,6 +137,26 @@ def gate_rows(shape, device, dtype, paths):
                    device, paths)
 
 
+def gate_relu_rows(shape, device, dtype, paths):
+    """gate_combine with the experts' ReLU inside (relu=True) against eager relu + reference, and
+    against relu + the kernel without it ("unfused": the cpp or triton kernel of this device)."""
+    B, E, T, D = shape
+    s = torch.finfo(dtype).bits // 8
+    fwd_bytes = s * (B * E * D + T * B * E + T * B * D)
+    bwd_bytes = fwd_bytes + s * (2 * B * E * D + 2 * T * B * E + T * B * D)
+    y = torch.randn(B, E, D, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(T, B, E, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(T, B, D, device=device, dtype=dtype)
+    fused = "triton" if device == "cuda" else "cpp"
+    fns = {"eager": lambda y, g: gate_combine_ref(y, g, relu=True),
+           "compiled": torch.compile(lambda y, g: gate_combine_ref(y, g, relu=True)),
+           "unfused": lambda y, g: K.gate_combine(torch.relu(y), g, kernel=fused),
+           "triton": lambda y, g: K.gate_combine(y, g, kernel="triton", relu=True),
+           "cpp": lambda y, g: K.gate_combine(y, g, kernel="cpp", relu=True)}
+    return measure("gate_combine_relu", dict(B=B, E=E, T=T, D=D), fns, [y, g], grad, fwd_bytes, bwd_bytes,
+                   device, paths)
+
+
 def attn_rows(shape, device, dtype, paths):
     B, H, F, dh = shape
     s = torch.finfo(dtype).bits // 8
@@ -213,7 +237,10 @@ def markdown(report):
     return "\n".join(lines) + "\n"
 
 
-def main(quick: bool = False, out: str = str(RESULTS), budget_s: float = 0.0):
+OPS = ("gate_combine", "field_attention", "gate_combine_relu")
+
+
+def main(quick: bool = False, out: str = str(RESULTS), budget_s: float = 0.0, ops=OPS):
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -238,8 +265,12 @@ def main(quick: bool = False, out: str = str(RESULTS), budget_s: float = 0.0):
                   copy_GBps=copy_bw / 1e9, rows=[], skipped=[])
     stem = Path(out) / f"kernels_{device}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    work = [(gate_rows, shape, paths + cpp("gate_combine")) for shape in gate_shapes] + \
-           [(attn_rows, shape, paths + cpp("field_attention") + ["sdpa"]) for shape in attn_shapes]
+    work = [(gate_rows, shape, paths + cpp("gate_combine")) for shape in gate_shapes
+            if "gate_combine" in ops] + \
+           [(attn_rows, shape, paths + cpp("field_attention") + ["sdpa"]) for shape in attn_shapes
+            if "field_attention" in ops] + \
+           [(gate_relu_rows, shape, paths + cpp("gate_combine") + ["unfused"]) for shape in gate_shapes
+            if "gate_combine_relu" in ops]
     for rows_of, shape, shape_paths in work:
         if budget_s and time.monotonic() - start > budget_s:
             report["skipped"].append(f"{rows_of.__name__[:-5]} {shape}")
@@ -262,4 +293,5 @@ if __name__ == "__main__":
     parser.add_argument("--out", default=str(RESULTS), help="folder for kernels_<device>.json/.md")
     parser.add_argument("--budget-s", type=float, default=0.0,
                         help="start no new shape after this many seconds (0: no limit)")
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="which ops to measure")
     main(**vars(parser.parse_args()))
