@@ -95,3 +95,22 @@ def test_closure_and_amsgrad_take_torch_path(torch_path_calls):
     for _ in range(3):
         opt.step()
     assert len(torch_path_calls) == 3 and opt._lists is None
+
+
+def test_step_counters_count_with_one_add_and_save_as_plain_state(monkeypatch):
+    """The short path counts the step with one add_ on the group's counters (views of one tensor),
+    not torch._foreach_add_ (a loop of one add_ per parameter on CPU); the counters still save and
+    load as torch's own 0-dim state."""
+    params, opt = _run(FusedAdam, 2)  # state built (torch's path), lists built
+    foreach_calls = []
+    real = torch._foreach_add_
+    monkeypatch.setattr(torch, "_foreach_add_", lambda *a, **k: (foreach_calls.append(1), real(*a, **k))[1])
+    for _ in range(3):
+        opt.step()
+    assert foreach_calls == []
+    steps = [opt.state[p]["step"] for p in params]
+    assert all(s.dim() == 0 and s.item() == 5.0 for s in steps)
+    assert steps[0].untyped_storage().data_ptr() == steps[2].untyped_storage().data_ptr()  # one tensor per group
+    ref = torch.optim.Adam(_groups(_params()), lr=0.002, fused=True)
+    ref.load_state_dict(opt.state_dict())
+    assert [s["step"].item() for s in ref.state.values()] == [5.0] * len(params)
