@@ -1,14 +1,15 @@
 """The train loop's in-place sum all-reduce: through shared memory, gloo pairwise exchanges or
 torch.distributed's.
 
-    all_reduce_sum_(t, group)
+    all_reduce_sum_(t, group, divisor=1)   (t = the sum over ranks / divisor)
       a SharedMemoryAllReduce enabled for the group (every rank on this host, gloo, the C++
           extension built; `enable_host_reduce`): each rank copies t into its slot of a mapped
-          segment, spins until every rank has, and sums the slots in rank order
-          (csrc/shm_all_reduce.cpp)
+          segment, spins until every rank has, and sums the slots in rank order, dividing in
+          the same pass (csrc/shm_all_reduce.cpp)
       gloo, world a power of two: recursive doubling, log2(world) rounds; in round k every rank
           swaps its running sum with rank ^ 2^k (isend + irecv) and adds what it received
       otherwise (NCCL, other world sizes): dist.all_reduce
+      (these two then divide in a pass of their own: the same bits as the shared-memory op's)
 
 Why by hand: on this project's 2-core CPU machine gloo's all_reduce of a small tensor takes
 3-5 ms in a good share of calls, while an isend/irecv exchange of the same tensor between the
@@ -90,13 +91,13 @@ class SharedMemoryAllReduce:
             if self.rank == 0:
                 os.unlink(made[0])
 
-    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, t: torch.Tensor, divisor: int = 1) -> torch.Tensor:
         if self.failed is not None:
             raise RuntimeError(f"shared-memory all-reduce: an earlier sum failed, the ranks are out of step: {self.failed}")
         work = t if t.is_contiguous() else t.contiguous()
         try:
             self.rounds = torch.ops.msrec.shm_all_reduce_sum_(work, self.region, self.rank, self.world, self.rounds,
-                                                              self.timeout_s)
+                                                              self.timeout_s, divisor)
         except RuntimeError as e:
             self.failed = str(e).splitlines()[0]
             raise
@@ -180,17 +181,26 @@ def disable_host_reduce(group: Optional[dist.ProcessGroup] = None) -> None:
     _HOST_REDUCERS.pop(group or dist.group.WORLD, None)
 
 
-def all_reduce_sum_(t: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
-    """Sum `t` over the ranks of `group` in place (every rank gets the same values); returns `t`."""
+def all_reduce_sum_(t: torch.Tensor, group: Optional[dist.ProcessGroup] = None, divisor: int = 1) -> torch.Tensor:
+    """Sum `t` over the ranks of `group` in place, divided by `divisor` (floating t; e.g. the world
+    size for a mean): every rank gets the same values; returns `t`."""
+    if divisor != 1 and not t.is_floating_point():
+        raise ValueError(f"all_reduce_sum_: a divisor ({divisor}) needs a floating tensor, got {t.dtype}")
     world = dist.get_world_size(group)
     if world == 1:
-        return t
+        return t if divisor == 1 else t.div_(divisor)
     host = _HOST_REDUCERS.get(group or dist.group.WORLD)
     if host is not None and t.device.type == "cpu" and t.dtype in _SHM_DTYPES:
-        return host(t)
+        return host(t, divisor)
+    _sum_over_ranks_(t, group, world)
+    return t if divisor == 1 else t.div_(divisor)
+
+
+def _sum_over_ranks_(t: torch.Tensor, group: Optional[dist.ProcessGroup], world: int) -> None:
+    """The sum through gloo's pairwise exchanges (world a power of two) or dist.all_reduce."""
     if not uses_exchange(group):
         dist.all_reduce(t, group=group)
-        return t
+        return
     me = dist.get_rank(group)
     received = torch.empty_like(t)
     step = 1
@@ -201,7 +211,6 @@ def all_reduce_sum_(t: torch.Tensor, group: Optional[dist.ProcessGroup] = None) 
             w.wait()
         t.add_(received)
         step <<= 1
-    return t
 
 
 class _AllReduceSum(torch.autograd.Function):

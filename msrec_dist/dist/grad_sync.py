@@ -115,11 +115,11 @@ class FlatAllReduce:
         if not bound and not grads:
             return None
         buffer = flat.buffer if bound else _flatten_dense_tensors(grads)
-        all_reduce_sum_(buffer, self.group)
+        all_reduce_sum_(buffer, self.group, divisor=self.world_size)  # the mean, in the sum's pass
         sums = None
-        if flat.extra is not None:  # read before the average
-            sums = [int(v) for v in buffer[buffer.numel() - flat.extra.numel():].round().tolist()]
-        buffer.div_(self.world_size)
+        if flat.extra is not None:  # averaged with the rest: sum = mean * world (exact for these counts)
+            extra = buffer[buffer.numel() - flat.extra.numel():]
+            sums = [int(v) for v in (extra * self.world_size).round().tolist()]
         for g, synced in zip(grads, _unflatten_dense_tensors(buffer, grads) if grads else ()):
             g.copy_(synced)  # the temporary's values back into the gradients (unbound case)
         return sums

@@ -36,11 +36,12 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         want = x.clone()
         dist.all_reduce(want)
         got = collectives.all_reduce_sum_(x.clone())
+        mean = collectives.all_reduce_sum_(x.clone(), divisor=world)
         ints = collectives.all_reduce_sum_(torch.tensor([rank, 1, 0], dtype=torch.long))
         leaf = torch.full((4, 3), float(rank + 1), requires_grad=True)
         summed = collectives.all_reduce_sum(leaf)  # [4, 3], every entry sum(1..world)
         (summed * (rank + 1)).sum().backward()  # grad of rank r's loss wrt leaf: sum over ranks of (r + 1)
-        torch.save({"got": got, "want": want, "ints": ints, "exchange": collectives.uses_exchange(),
+        torch.save({"got": got, "mean": mean, "want": want, "ints": ints, "exchange": collectives.uses_exchange(),
                     "summed": summed.detach(), "grad": leaf.grad}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -54,6 +55,7 @@ def test_all_reduce_sum_matches_torch_and_agrees_across_ranks(tmp_path, world):
         assert o["exchange"] == (world in (2, 4))
         torch.testing.assert_close(o["got"], o["want"], rtol=1e-6, atol=1e-5)
         assert torch.equal(o["got"], outs[0]["got"])  # bitwise the same everywhere
+        assert torch.equal(o["mean"], o["got"] / world)  # divisor: the sum, then a division
         assert o["ints"].tolist() == [sum(range(world)), world, 0]
         assert torch.equal(o["summed"], torch.full((4, 3), float(total)))
         assert torch.equal(o["grad"], torch.full((4, 3), float(total)))
@@ -75,11 +77,26 @@ def _shm_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.all_reduce(want)
         small = collectives.SharedMemoryAllReduce(dist.group.WORLD, timeout_s=60.0, slot_bytes=256)  # 64 floats a round
         got_rounds = small(x.clone())
+        mean_rounds = small(x.clone(), world)  # divided in the sum's pass, round by round
         rounds_after = small.rounds
         auto = collectives.enable_host_reduce("auto")  # only with a core per rank
         assert collectives.enable_host_reduce("shm")  # all_reduce_sum_ goes through shared memory from now on
         got = collectives.all_reduce_sum_(x.clone())
+        try:
+            collectives.all_reduce_sum_(torch.ones(3, dtype=torch.long), divisor=2)
+            int_divisor = None
+        except ValueError as e:
+            int_divisor = str(e)
+        try:  # the op's own check, for a caller that skips the wrapper
+            torch.ops.msrec.shm_all_reduce_sum_(torch.ones(3, dtype=torch.long), small.region, rank, world,
+                                                small.rounds, 60.0, 2)
+            op_int_divisor = None
+        except RuntimeError as e:
+            op_int_divisor = str(e)
         out = {"want": want, "got": got, "got_rounds": got_rounds, "rounds": rounds_after, "auto": auto,
+               "mean": collectives.all_reduce_sum_(x.clone(), divisor=world), "mean_rounds": mean_rounds,
+               "mean_f64": collectives.all_reduce_sum_(torch.arange(5, dtype=torch.float64) * (rank + 1), divisor=3),
+               "int_divisor": int_divisor, "op_int_divisor": op_int_divisor,
                "f64": collectives.all_reduce_sum_(torch.arange(5, dtype=torch.float64) * (rank + 1)),
                "i64": collectives.all_reduce_sum_(torch.tensor([rank, 1, 2 ** 40], dtype=torch.long)),
                "i32": collectives.all_reduce_sum_(torch.tensor([rank, 1], dtype=torch.int32)),
@@ -118,7 +135,12 @@ def test_shared_memory_sum_matches_torch_and_agrees_across_ranks(tmp_path, world
         torch.testing.assert_close(o["got"], o["want"], rtol=1e-6, atol=1e-5)
         assert torch.equal(o["got"], outs[0]["got"])  # bitwise the same everywhere
         assert torch.equal(o["got_rounds"], o["got"])  # 16 rounds of 64 floats: the same sum
-        assert o["rounds"] == 16
+        # divided in the sum's pass: bitwise the sum followed by a division (by 2 or 4 a
+        # multiplication by the exact reciprocal, by 3 a division), in one round or sixteen
+        assert torch.equal(o["mean"], o["got"] / world) and torch.equal(o["mean_rounds"], o["got"] / world)
+        assert torch.equal(o["mean_f64"], torch.arange(5, dtype=torch.float64) * total / 3)
+        assert "needs a floating tensor" in o["int_divisor"] and "needs a floating type" in o["op_int_divisor"]
+        assert o["rounds"] == 32
         assert o["f64"].dtype == torch.float64 and o["f64"].tolist() == [float(i * total) for i in range(5)]
         assert o["i64"].tolist() == [sum(range(world)), world, world * 2 ** 40]
         assert o["i32"].dtype == torch.int32 and o["i32"].tolist() == [sum(range(world)), world]
