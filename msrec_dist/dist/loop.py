@@ -142,11 +142,9 @@ class DenseStep:
 
     def __init__(self, state: TrainState, grad_clip: float) -> None:
         self.state, self.grad_clip = state, grad_clip
-        # with grad_sync 'flat' the replicated tables' gradients share the buffer (one all-reduce),
-        # and so does the has-data agreement of the next batch (AGREEMENT_SLOTS at its end)
-        sync = state.grad_sync
-        self.flat = FlatGrads(state.dense_params, sync.replicated_params if sync else (),
-                              extra=AGREEMENT_SLOTS if sync else 0)
+        # with grad_sync 'flat' the has-data agreement of the next batch rides in the dense
+        # gradients' all-reduce (AGREEMENT_SLOTS at the buffer's end)
+        self.flat = FlatGrads(state.dense_params, extra=AGREEMENT_SLOTS if state.grad_sync else 0)
         self._summed: Optional[list[int]] = None  # the carried flags summed by the last step()
 
     @property
@@ -168,16 +166,10 @@ class DenseStep:
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self.flat.bound():  # the views stay; zeros change no update (see FlatGrads)
-            in_buffer = self.state.grad_sync is not None
-            if in_buffer and self.state.replicated_optimizer is not None:
-                self.flat.zero_except_unclipped_()  # the dense gradients and the carried slots; the
-                self.state.replicated_optimizer.zero_grads_in_place_()  # tables' unless step() did
-            else:
-                self.flat.buffer.zero_()
+            self.flat.buffer.zero_()  # the dense gradients and the carried slots
         else:
             self.state.dense_optimizer.zero_grad(set_to_none=set_to_none)
-            in_buffer = False
-        if self.state.replicated_optimizer is not None and not in_buffer:
+        if self.state.replicated_optimizer is not None:  # None: the next backward's tensor is taken as is
             self.state.replicated_optimizer.zero_grad()
 
     def step(self) -> None:

@@ -76,27 +76,15 @@ class ReplicatedTableOptimizer(KeyedOptimizer):
                      for key, p in params.items()}
         groups = [{"params": list(params.values()), "lr": lr, "eps": eps}]
         super().__init__(params, state, groups)
-        self._zeroed: set[nn.Parameter] = set()  # tables whose gradient the last step() left all zeros
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params.values():
-            p.grad = None  # DDP (gradient_as_bucket_view) writes a fresh bucket view next backward;
-            # with grad_sync "flat" DenseStep calls zero_grads_in_place_ instead
-        self._zeroed = set()
-
-    @torch.no_grad()
-    def zero_grads_in_place_(self) -> None:
-        """Zeros the gradients in place (views of a shared buffer), except those the last step()
-        zeroed already (the one-pass update leaves its table's gradient all zeros)."""
-        for p in self.params.values():
-            if p not in self._zeroed and (grad := p.grad) is not None:
-                grad.zero_()
-        self._zeroed = set()
+            p.grad = None  # the next backward's gradient (fbgemm's fresh tensor, or DDP's bucket
+            # view with gradient_as_bucket_view) is then taken as is, with no add into an old one
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> None:
         group = next(iter(self.param_groups))
-        self._zeroed = set()
         for p in self.params.values():
             # read once: a table's .grad is a property (torchrec's TableBatchedEmbeddingSlice)
             # that slices and views the kernel's flat gradient on every access
@@ -109,6 +97,5 @@ class ReplicatedTableOptimizer(KeyedOptimizer):
             (momentum,) = self.state[p].values()
             if one_pass_rowwise_adagrad(p, grad, momentum):
                 torch.ops.msrec.rowwise_adagrad_dense_(p, grad, momentum, group["lr"], group["eps"])
-                self._zeroed.add(p)
             else:
                 rowwise_adagrad_(p, grad, momentum, group["lr"], group["eps"])

@@ -1,7 +1,7 @@
 """grad_sync 'flat' (msrec_dist/dist/grad_sync.py) on 2 spawned gloo ranks: no DDP anywhere (the
-replicated lookups' own DDP taken off, their hooks removed), every dense and replicated gradient
-in one buffer, and after steps on different local batches every rank holds bitwise the same
-weights. The 1-rank-vs-2-rank loss and table comparisons of tests/dist/test_multirank.py check
+replicated lookups' own DDP taken off, their hooks removed), every dense gradient in one buffer
+with the agreement's slots, the replicated tables' gradient summed on its own, and after steps on
+different local batches every rank holds bitwise the same weights. The 1-rank-vs-2-rank loss and table comparisons of tests/dist/test_multirank.py check
 the averaging itself."""
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def _worker(rank: int, data_yaml: str, init_file: str, out_dir: str, sync: str, 
         torch.save({"ddp_modules": ddp, "bound": step.flat.bound(), "synced": state.grad_sync is not None,
                     "buffer": step.flat.buffer.numel() if step.flat.buffer is not None else 0,
                     "dense": sum(p.numel() for p in state.dense_params), "weights": weights,
-                    "carries": step.carries_agreement, "calls": calls, "host_reduce": state.host_reduce},
+                    "carries": step.carries_agreement, "calls": calls, "host_reduce": state.host_reduce,
+                    "replicated": len(state.grad_sync.replicated_params) if state.grad_sync else 0},
                    os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -79,10 +80,12 @@ def test_two_ranks_stay_identical(synth_data, tmp_path, sync):
         if sync == "flat":
             assert o["ddp_modules"] == 0
             assert o["bound"]  # the gradients stayed views of the one buffer the all-reduce sends
-            assert o["buffer"] > o["dense"] + 3  # the replicated tables' gradients and the agreement share it
-            # one collective a step: the first batch's agreement, then each step's gradient sum
-            # carries the next one's (3 steps read 3 batches and 3 agreements)
-            assert o["carries"] and o["calls"] == {"agreement": 1, "gradients": 3}
+            assert o["buffer"] == o["dense"] + 3  # the dense gradients and the agreement share it
+            # the first batch's agreement alone, then each step's dense gradient sum carries the
+            # next one's (3 steps read 3 batches and 3 agreements), and each replicated table
+            # kernel's gradient is summed on its own (left out of the buffer)
+            assert o["replicated"] >= 1
+            assert o["carries"] and o["calls"] == {"agreement": 1, "gradients": 3 * (1 + o["replicated"])}
         else:
             assert o["ddp_modules"] >= 2  # the dense modules' DDP and the replicated lookups'
             assert not o["carries"] and o["calls"] == {"agreement": 3, "gradients": 0}
@@ -99,16 +102,16 @@ def test_resolve_grad_sync():
         resolve_grad_sync("bucketed", "cpu")
 
 
-def test_flat_grads_clip_only_the_clipped_part():
-    dense, table = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
-    flat = FlatGrads([dense], (table,))
+def test_flat_grads_clip_the_gradients_not_the_extra_slots():
+    dense, other = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1))
+    flat = FlatGrads([dense, other], extra=2)
     (dense * torch.tensor([3.0, 4.0, 0.0])).sum().backward()
-    (table * 100).sum().backward()
-    assert flat.bound() and flat.buffer.numel() == 7
+    flat.extra.copy_(torch.tensor([7.0, 100.0]))  # the agreement's counts ride here
+    assert flat.bound() and flat.buffer.numel() == 6
     total = flat.clip_(1.0)
     assert float(total) == pytest.approx(5.0)
     torch.testing.assert_close(dense.grad, torch.tensor([0.6, 0.8, 0.0]), rtol=1e-5, atol=1e-6)
-    assert torch.equal(table.grad, torch.full((2, 2), 100.0))  # not clipped
+    assert torch.equal(flat.extra, torch.tensor([7.0, 100.0]))  # not clipped
 
 
 def _unbound_worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -116,25 +119,33 @@ def _unbound_worker(rank: int, init_file: str, out_dir: str) -> None:
     try:
         from msrec_dist.dist.grad_sync import FlatAllReduce
 
-        a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
-        flat = FlatGrads([a], (b,))
-        a.grad.fill_(float(rank + 1))  # a view of the buffer
-        b.grad = torch.full((2,), 10.0 * (rank + 1))  # replaced: the buffer path is off
+        a, a2 = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1))
+        b, c = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))  # replicated lookups' weights
+        flat = FlatGrads([a, a2], extra=1)
+        a.grad = torch.full((3,), float(rank + 1))  # replaced: the buffer path is off
+        a2.grad.fill_(4.0 * (rank + 1))  # still a view of the buffer
+        flat.extra.fill_(rank + 1)
+        b.grad = torch.full((2,), 10.0 * (rank + 1))  # not in the buffer: summed on its own
+        c.grad = torch.full((2,), 6.0) if rank == 0 else None  # no gradient on rank 1: zeros there
         bound = flat.bound()
-        FlatAllReduce([b], None, 2).all_reduce_(flat)
-        torch.save({"bound": bound, "a": a.grad.clone(), "b": b.grad.clone()}, os.path.join(out_dir, f"u{rank}.pt"))
+        sums = FlatAllReduce([b, c], None, 2).all_reduce_(flat)
+        torch.save({"bound": bound, "a": a.grad.clone(), "a2": a2.grad.clone(), "b": b.grad.clone(),
+                    "c": c.grad.clone(), "sums": sums}, os.path.join(out_dir, f"u{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_flat_all_reduce_averages_replaced_gradients(tmp_path):
-    """When a caller replaced a gradient (views unbound), the average goes through a temporary."""
+    """When a caller replaced a gradient (views unbound), the average goes through a temporary; the
+    replicated lookups' gradients are averaged each on its own, as zeros where a rank has none."""
     mp.spawn(_unbound_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
         o = torch.load(tmp_path / f"u{r}.pt")
         assert not o["bound"]
-        assert torch.equal(o["a"], torch.full((3,), 1.5))
+        assert torch.equal(o["a"], torch.full((3,), 1.5)) and torch.equal(o["a2"], torch.full((1,), 6.0))
+        assert o["sums"] == [3]  # the extra slot, summed (the gradients averaged)
         assert torch.equal(o["b"], torch.full((2,), 15.0))
+        assert torch.equal(o["c"], torch.full((2,), 3.0))
 
 
 def test_host_reduce_modes_give_bitwise_the_same_training(synth_data, tmp_path):
