@@ -2,9 +2,9 @@
 
     small table (sharding.replicate_max_mb; world > 1, or a CPU world of one) ──planner: data_parallel──►
       a full copy on every rank; torchrec wraps its lookup in DDP (taken off again with
-      train.grad_sync 'flat', which averages these gradients with the dense ones: dist/grad_sync.py)
+      train.grad_sync 'flat', which averages these gradients after the dense ones: dist/grad_sync.py)
     backward: the table's dense gradient [rows, D], averaged over ranks (one all-reduce,
-      instead of the model-parallel path's KJT and pooled all-to-alls)
+      instead of the model-parallel path's KJT and pooled all-to-alls); zero_grad drops it
     DenseStep.step ──ReplicatedTableOptimizer.step──► the update the fused kernel would make
         (row-wise Adagrad on CPU: csrc/rowwise_adagrad.cpp, one pass that updates only the rows
         with a nonzero gradient and zeroes them; else the torch ops below, on every row)
