@@ -122,7 +122,8 @@ def measure(op, shape, fns, inputs, grad, fwd_bytes, bwd_bytes, device, paths):
     return rows
 
 
-def gate_rows(shape, device, dtype, paths):
+def _gate_rows(op, fns, shape, device, dtype, paths):
+    """Rows of a gate_combine-shaped op: inputs y [B, E, D], logits [T, B, E], upstream [T, B, D]."""
     B, E, T, D = shape
     s = torch.finfo(dtype).bits // 8
     fwd_bytes = s * (B * E * D + T * B * E + T * B * D)
@@ -130,31 +131,26 @@ def gate_rows(shape, device, dtype, paths):
     y = torch.randn(B, E, D, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(T, B, E, device=device, dtype=dtype, requires_grad=True)
     grad = torch.randn(T, B, D, device=device, dtype=dtype)
+    return measure(op, dict(B=B, E=E, T=T, D=D), fns, [y, g], grad, fwd_bytes, bwd_bytes, device, paths)
+
+
+def gate_rows(shape, device, dtype, paths):
     fns = {"eager": gate_combine_ref, "compiled": torch.compile(gate_combine_ref),
            "triton": lambda y, g: K.gate_combine(y, g, kernel="triton"),
            "cpp": lambda y, g: K.gate_combine(y, g, kernel="cpp")}
-    return measure("gate_combine", dict(B=B, E=E, T=T, D=D), fns, [y, g], grad, fwd_bytes, bwd_bytes,
-                   device, paths)
+    return _gate_rows("gate_combine", fns, shape, device, dtype, paths)
 
 
 def gate_relu_rows(shape, device, dtype, paths):
     """gate_combine with the experts' ReLU inside (relu=True) against eager relu + reference, and
     against relu + the kernel without it ("unfused": the cpp or triton kernel of this device)."""
-    B, E, T, D = shape
-    s = torch.finfo(dtype).bits // 8
-    fwd_bytes = s * (B * E * D + T * B * E + T * B * D)
-    bwd_bytes = fwd_bytes + s * (2 * B * E * D + 2 * T * B * E + T * B * D)
-    y = torch.randn(B, E, D, device=device, dtype=dtype, requires_grad=True)
-    g = torch.randn(T, B, E, device=device, dtype=dtype, requires_grad=True)
-    grad = torch.randn(T, B, D, device=device, dtype=dtype)
     fused = "triton" if device == "cuda" else "cpp"
     fns = {"eager": lambda y, g: gate_combine_ref(y, g, relu=True),
            "compiled": torch.compile(lambda y, g: gate_combine_ref(y, g, relu=True)),
            "unfused": lambda y, g: K.gate_combine(torch.relu(y), g, kernel=fused),
            "triton": lambda y, g: K.gate_combine(y, g, kernel="triton", relu=True),
            "cpp": lambda y, g: K.gate_combine(y, g, kernel="cpp", relu=True)}
-    return measure("gate_combine_relu", dict(B=B, E=E, T=T, D=D), fns, [y, g], grad, fwd_bytes, bwd_bytes,
-                   device, paths)
+    return _gate_rows("gate_combine_relu", fns, shape, device, dtype, paths)
 
 
 def attn_rows(shape, device, dtype, paths):
