@@ -13,8 +13,9 @@
 // contiguous CPU tensors of one floating dtype. A row whose gradient is all zeros (no rank's batch
 // looked it up) is left as the full-table update would leave it (w - lr·0 = w, m + 0 = m), so
 // skipping it changes nothing; -0.0 counts as nonzero here, which is equally harmless. The
-// gradient is zeroed on the rows it updated, so every gradient row is zero afterwards and the
-// caller need not zero the table's part of the gradient buffer.
+// gradient is zeroed on the rows it updated, so every gradient row is zero afterwards: a caller
+// that keeps the gradient tensor for the next backward need not zero it (DenseStep instead drops
+// it, msrec_dist/dist/grad_sync.py).
 //
 // Why by hand: in torch the same update is 5 passes over every row of the table (square, mean,
 // sqrt, addcdiv, and the zeroing after it), whatever the batch touched: about 1 ms a step for the

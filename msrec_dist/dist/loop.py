@@ -6,14 +6,14 @@
        some out      → ranks without data run an empty batch (B = 0) so collectives match
        any failed    → every rank raises the same DataError (file, column, row)
     model(batch) → (loss, (loss, logits, labels)); loss.backward() runs the fused sparse
-    optimizer; (grad_sync 'flat') the data-parallel gradients are averaged in one all-reduce;
-    the replicated tables' optimizer steps; dense grads are clipped, the dense optimizer and LR
+    optimizer; (grad_sync 'flat') the dense gradients are averaged in one all-reduce and the
+    replicated tables' gradient in a second (dist/grad_sync.py); the replicated tables' optimizer steps; dense grads are clipped, the dense optimizer and LR
     schedule step.
 
 One small all_reduce per step carries the agreement; it is also the step's only host sync
 besides the logged loss. With grad_sync 'flat' in a world > 1 the agreement on batch k+1 rides
-in step k's gradient all-reduce instead (3 extra slots of its buffer), so a training step runs
-one collective, not two: over gloo each costs a round trip (and, with ranks bound to one core
+in step k's dense-gradient all-reduce instead (3 extra slots of its buffer), so the agreement
+costs no collective of its own: over gloo each collective costs a round trip (and, with ranks bound to one core
 each, often a scheduler tick), through shared memory on one host (train.host_reduce) microseconds
 plus the wait for the slowest rank (benchmarks/results/collectives.md).
 """
