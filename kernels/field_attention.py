@@ -65,6 +65,23 @@ def _row_lse(s):
     return tl.where(l == 0.0, float("inf"), lse)
 
 
+@triton.jit
+def _load_sample(Q, K, V, MASK, b, h, B, H, F, DH, offs_f, offs_d, tile, HAS_MASK: tl.constexpr,
+                 F_PAD: tl.constexpr):
+    """Sample b, head h: (base offset, row_ok [F_PAD], tile_ok [F_PAD, DH_PAD], q, k, v
+    [F_PAD, DH_PAD] with zeros in the padding, key mask [F_PAD] int8); no rows past B."""
+    row_ok = offs_f < tl.where(b < B, F, 0)
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < DH)
+    base = (b * H + h) * F * DH
+    q = tl.load(Q + base + tile, mask=tile_ok, other=0.0)
+    k = tl.load(K + base + tile, mask=tile_ok, other=0.0)
+    v = tl.load(V + base + tile, mask=tile_ok, other=0.0)
+    mask_row = tl.zeros([F_PAD], dtype=tl.int8)
+    if HAS_MASK:
+        mask_row = tl.load(MASK + b * F + offs_f, mask=row_ok, other=1).to(tl.int8)
+    return base, row_ok, tile_ok, q, k, v, mask_row
+
+
 @tuned(CONFIGS, key=["F", "DH"], prune=_keep_stages)
 @triton.jit
 def _field_attention_fwd(Q, K, V, MASK, OUT, LSE, B, H, F, DH, scale, HAS_MASK: tl.constexpr,
@@ -77,17 +94,10 @@ def _field_attention_fwd(Q, K, V, MASK, OUT, LSE, B, H, F, DH, scale, HAS_MASK: 
     f_ok = offs_f < F
     tile = offs_f[:, None] * DH + offs_d[None, :]
     for i in range(BLOCK_B):
+        # 2. sample b's q, k, v [F_PAD, DH_PAD] (zeros in the padding) and key mask [F_PAD]
         b = tl.program_id(0).to(tl.int64) * BLOCK_B + i
-        row_ok = offs_f < tl.where(b < B, F, 0)                                 # none past B
-        tile_ok = row_ok[:, None] & (offs_d[None, :] < DH)
-        base = (b * H + h) * F * DH
-        # 2. load q, k, v [F_PAD, DH_PAD] (zeros in the padding) and the key mask [F_PAD]
-        q = tl.load(Q + base + tile, mask=tile_ok, other=0.0)
-        k = tl.load(K + base + tile, mask=tile_ok, other=0.0)
-        v = tl.load(V + base + tile, mask=tile_ok, other=0.0)
-        mask_row = tl.zeros([F_PAD], dtype=tl.int8)
-        if HAS_MASK:
-            mask_row = tl.load(MASK + b * F + offs_f, mask=row_ok, other=1).to(tl.int8)
+        base, row_ok, tile_ok, q, k, v, mask_row = _load_sample(
+            Q, K, V, MASK, b, h, B, H, F, DH, offs_f, offs_d, tile, HAS_MASK, F_PAD)
         # 3. scores [F_PAD, F_PAD], row log-sum-exp [F_PAD] (saved), P = exp(S - lse)
         s = _scores(q, k, mask_row, f_ok, scale, ACC, PREC)
         lse = _row_lse(s)
@@ -110,21 +120,14 @@ def _field_attention_bwd(DOUT, Q, K, V, MASK, OUT, LSE, DQ, DK, DV, B, H, F, DH,
     f_ok = offs_f < F
     tile = offs_f[:, None] * DH + offs_d[None, :]
     for i in range(BLOCK_B):
+        # 2. load q, k, v and the key mask as forward, out, dout [F_PAD, DH_PAD] and the saved
+        #    lse [F_PAD] (+inf in the padding, so P = 0 there)
         b = tl.program_id(0).to(tl.int64) * BLOCK_B + i
-        row_ok = offs_f < tl.where(b < B, F, 0)                                 # none past B
-        tile_ok = row_ok[:, None] & (offs_d[None, :] < DH)
-        base = (b * H + h) * F * DH
-        # 2. load q, k, v, out, dout [F_PAD, DH_PAD], the saved lse [F_PAD] (+inf in the
-        #    padding, so P = 0 there) and the key mask
-        q = tl.load(Q + base + tile, mask=tile_ok, other=0.0)
-        k = tl.load(K + base + tile, mask=tile_ok, other=0.0)
-        v = tl.load(V + base + tile, mask=tile_ok, other=0.0)
+        base, row_ok, tile_ok, q, k, v, mask_row = _load_sample(
+            Q, K, V, MASK, b, h, B, H, F, DH, offs_f, offs_d, tile, HAS_MASK, F_PAD)
         o = tl.load(OUT + base + tile, mask=tile_ok, other=0.0).to(ACC)
         do = tl.load(DOUT + base + tile, mask=tile_ok, other=0.0)
         lse = tl.load(LSE + (b * H + h) * F + offs_f, mask=row_ok, other=float("inf")).to(ACC)
-        mask_row = tl.zeros([F_PAD], dtype=tl.int8)
-        if HAS_MASK:
-            mask_row = tl.load(MASK + b * F + offs_f, mask=row_ok, other=1).to(tl.int8)
         # 3. recompute P [F_PAD, F_PAD] from the saved row log-sum-exp
         p = tl.exp(_scores(q, k, mask_row, f_ok, scale, ACC, PREC) - lse[:, None])
         # 4. dv = P^T dout; dP = dout v^T; dS = P * (dP - rowsum(dout * out))
