@@ -66,6 +66,15 @@ def _row_lse(s):
 
 
 @triton.jit
+def _tile_offsets(F, DH, F_PAD: tl.constexpr, DH_PAD: tl.constexpr):
+    """Field offsets [F_PAD], head-dim offsets [DH_PAD], real fields [F_PAD] and the offsets of
+    an [F_PAD, DH_PAD] tile within one (sample, head)'s [F, DH] block."""
+    offs_f = tl.arange(0, F_PAD)
+    offs_d = tl.arange(0, DH_PAD)
+    return offs_f, offs_d, offs_f < F, offs_f[:, None] * DH + offs_d[None, :]
+
+
+@triton.jit
 def _load_sample(Q, K, V, MASK, b, h, B, H, F, DH, offs_f, offs_d, tile, HAS_MASK: tl.constexpr,
                  F_PAD: tl.constexpr):
     """Sample b, head h: (base offset, row_ok [F_PAD], tile_ok [F_PAD, DH_PAD], q, k, v
@@ -89,10 +98,7 @@ def _field_attention_fwd(Q, K, V, MASK, OUT, LSE, B, H, F, DH, scale, HAS_MASK: 
                          DH_PAD: tl.constexpr, BLOCK_B: tl.constexpr):
     # 1. one [F_PAD, DH_PAD] tile of offsets, shared by q, k, v, out of every (sample, head)
     h = tl.program_id(1)
-    offs_f = tl.arange(0, F_PAD)
-    offs_d = tl.arange(0, DH_PAD)
-    f_ok = offs_f < F
-    tile = offs_f[:, None] * DH + offs_d[None, :]
+    offs_f, offs_d, f_ok, tile = _tile_offsets(F, DH, F_PAD, DH_PAD)
     for i in range(BLOCK_B):
         # 2. sample b's q, k, v [F_PAD, DH_PAD] (zeros in the padding) and key mask [F_PAD]
         b = tl.program_id(0).to(tl.int64) * BLOCK_B + i
@@ -115,10 +121,7 @@ def _field_attention_bwd(DOUT, Q, K, V, MASK, OUT, LSE, DQ, DK, DV, B, H, F, DH,
                          F_PAD: tl.constexpr, DH_PAD: tl.constexpr, BLOCK_B: tl.constexpr):
     # 1. offsets as in forward
     h = tl.program_id(1)
-    offs_f = tl.arange(0, F_PAD)
-    offs_d = tl.arange(0, DH_PAD)
-    f_ok = offs_f < F
-    tile = offs_f[:, None] * DH + offs_d[None, :]
+    offs_f, offs_d, f_ok, tile = _tile_offsets(F, DH, F_PAD, DH_PAD)
     for i in range(BLOCK_B):
         # 2. load q, k, v and the key mask as forward, out, dout [F_PAD, DH_PAD] and the saved
         #    lse [F_PAD] (+inf in the padding, so P = 0 there)
