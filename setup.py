@@ -9,7 +9,7 @@ import os
 
 from setuptools import setup
 
-packages = ["msrec_dist", "msrec_dist.data", "msrec_dist.model", "msrec_dist.dist",
+packages = ["msrec_dist", "msrec_dist.data", "msrec_dist.model", "msrec_dist.distributed",
             "msrec_dist.metrics", "msrec_dist.kernels"]
 
 

@@ -1,4 +1,4 @@
-"""gloo's all_reduce vs msrec_dist's sums (msrec_dist/dist/collectives.py: the pairwise exchange
+"""gloo's all_reduce vs msrec_dist's sums (msrec_dist/distributed/collectives.py: the pairwise exchange
 over gloo and the shared-memory all-reduce), side by side.
 
     python -m benchmarks.collectives [--sizes 3 1000 ...] [--calls 300]
@@ -36,8 +36,8 @@ def quantile(xs: list[float], q: float) -> float:
 
 
 def worker(a) -> None:
-    from msrec_dist.dist import collectives
-    from msrec_dist.dist.context import init_distributed
+    from msrec_dist.distributed import collectives
+    from msrec_dist.distributed.context import init_distributed
 
     ctx = init_distributed()
     shm = collectives.SharedMemoryAllReduce(dist.group.WORLD, timeout_s=60.0)

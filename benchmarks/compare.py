@@ -21,8 +21,8 @@ import torch
 from msrec_dist.config import load_experiment
 from msrec_dist.data.schema import load_data_config
 from msrec_dist.data.synth import oracle_auc
-from msrec_dist.dist.context import init_distributed
-from msrec_dist.dist.runner import run
+from msrec_dist.distributed.context import init_distributed
+from msrec_dist.training.runner import run
 
 MODELS = ["msrec", "shared_bottom", "mmoe", "ple", "star"]
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

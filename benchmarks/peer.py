@@ -15,7 +15,7 @@ sklearn). This script adds that directory to sys.path (--rechub-dir), nothing el
 Both models see the same synthetic Parquet train/eval split (msrec_dist.data.synth, seed 0), in
 the same row order (no shuffling), the same batch size and epochs, embedding dim 16, 2 CGC levels
 with 1 task-specific + 2 shared experts of width 64 and one tower [32] per task (configs/ple.yaml).
-  msrec_dist: msrec_dist.dist.runner.run (world of one, DMP, the real Parquet reader, row-wise
+  msrec_dist: msrec_dist.training.runner.run (world of one, DMP, the real Parquet reader, row-wise
       Adagrad on the embeddings, Adam lr 0.002 on the rest); samples/s = run's train_samples_per_s.
   torch-rechub: torch_rechub.models.multi_task.PLE over the same columns read into tensors
       (sparse ids → SparseFeature, history → SequenceFeature mean pooling (ids + 1, padding 0),
@@ -131,7 +131,7 @@ def run_rechub(data, cfg, batch_size: int, epochs: int, lr: float, seed: int) ->
 
 def run_msrec(data_path: str, batch_size: int, epochs: int, run_dir: str) -> dict:
     from msrec_dist.config import load_experiment
-    from msrec_dist.dist.runner import run
+    from msrec_dist.training.runner import run
 
     cfg = load_experiment(os.path.join(P.CONFIGS, "ple.yaml"), data_path,
                           P.QUIET + (f"reader.batch_size={batch_size}", f"train.epochs={epochs}", f"run.dir={run_dir}"))

@@ -85,7 +85,7 @@ def ensure_data(rows: int = 200_000, seed: int = 0, eval_rows: int = 50_000, roo
 
 
 def init_world():
-    from msrec_dist.dist.context import init_distributed
+    from msrec_dist.distributed.context import init_distributed
 
     return init_distributed()
 
@@ -95,7 +95,7 @@ def make_state(model: str, data_path: str, batch_size: int, overrides: tuple[str
     """(cfg, data, ctx, TrainState) of configs/<model>.yaml with local batch `batch_size`."""
     from msrec_dist.config import load_experiment
     from msrec_dist.data.schema import load_data_config
-    from msrec_dist.dist.model_parallel import build_train_state
+    from msrec_dist.distributed.model_parallel import build_train_state
 
     ctx = ctx or init_world()
     cfg = load_experiment(os.path.join(CONFIGS, f"{model}.yaml"), data_path,
@@ -120,9 +120,9 @@ def prebuilt_batches(cfg, data, n: int, rank: int = 0, world_size: int = 1) -> l
 
 
 def step_fn(state, cfg, world_size: int = 1) -> Callable:
-    """msrec_dist.dist.loop.train_step bound to a state (works with the grad_clip-float and the
+    """msrec_dist.training.loop.train_step bound to a state (works with the grad_clip-float and the
     DenseStep-object signatures of train_step)."""
-    from msrec_dist.dist import loop
+    from msrec_dist.training import loop
 
     last = loop.DenseStep(state, cfg.train.grad_clip) if hasattr(loop, "DenseStep") else cfg.train.grad_clip
 

@@ -55,7 +55,7 @@ def inner_model(state):
 def timed_steps(state, cfg, data, ctx, warmup: int, steps: int, loader=None) -> float:
     """Seconds per step over `steps` steps after `warmup`, real reader, barrier-synchronised."""
     from msrec_dist.data.reader import make_dataloader
-    from msrec_dist.dist.loop import agreed_batches
+    from msrec_dist.training.loop import agreed_batches
 
     step = P.step_fn(state, cfg, ctx.world_size)
     loader = loader or make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size)
@@ -145,7 +145,7 @@ def step_split(model: str, data_path: str, batch_size: int, steps: int = 3) -> d
             open_regions.pop(id(m)).__exit__(None, None, None)
         handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
 
-    from msrec_dist.dist import loop
+    from msrec_dist.training import loop
     dense = loop.DenseStep(state, cfg.train.grad_clip) if hasattr(loop, "DenseStep") else None
 
     def one_step(it):

@@ -1,7 +1,7 @@
 // msrec::rowwise_adagrad_dense_(Tensor(a!) weight, Tensor(b!) grad, Tensor(c!) momentum, float lr,
 //                               float eps) -> int
 //
-// The replicated (data_parallel) tables' optimizer step (msrec_dist/dist/replicated.py): exact
+// The replicated (data_parallel) tables' optimizer step (msrec_dist/distributed/replicated.py): exact
 // row-wise Adagrad, fbgemm's EXACT_ROWWISE_ADAGRAD, on a dense table gradient, in one pass:
 //
 //     for every row r whose gradient grad[r, :] is not all zeros:
@@ -15,7 +15,7 @@
 // skipping it changes nothing; -0.0 counts as nonzero here, which is equally harmless. The
 // gradient is zeroed on the rows it updated, so every gradient row is zero afterwards: a caller
 // that keeps the gradient tensor for the next backward need not zero it (DenseStep instead drops
-// it, msrec_dist/dist/grad_sync.py).
+// it, msrec_dist/distributed/grad_sync.py).
 //
 // Why by hand: in torch the same update is 5 passes over every row of the table (square, mean,
 // sqrt, addcdiv, and the zeroing after it), whatever the batch touched: about 1 ms a step for the

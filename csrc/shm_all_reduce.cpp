@@ -4,7 +4,7 @@
 //                              float timeout_s, int divisor=1) -> int      (the rounds done after this call)
 //
 // region: a uint8 CPU tensor over a file every rank of the group has mapped MAP_SHARED
-// (msrec_dist/dist/collectives.py, SharedMemoryAllReduce, maps it with torch.from_file). Layout:
+// (msrec_dist/distributed/collectives.py, SharedMemoryAllReduce, maps it with torch.from_file). Layout:
 //
 //   [world lines of 64 bytes: the rank's round, its lengths (int64)] [2 parities x world slots of `capacity` bytes]
 //

@@ -3,9 +3,9 @@
     configs/<model>.yaml ──load_experiment(path, data=None, overrides=[])──► ExperimentConfig
         .data     path of the data config (msrec_dist/data/schema.py parses that file)
         .model    ModelConfig   (which blocks are on, their widths)   → msrec_dist/model/zoo.py
-        .train    TrainConfig   (optimizers, steps, checkpoints)      → msrec_dist/dist/loop.py
+        .train    TrainConfig   (optimizers, steps, checkpoints)      → msrec_dist/training/loop.py
         .reader   ReaderConfig  (batch size, workers, split mode)     → msrec_dist/data/reader.py
-        .sharding ShardingConfig (planner constraints per table)      → msrec_dist/dist/sharding.py
+        .sharding ShardingConfig (planner constraints per table)      → msrec_dist/distributed/sharding.py
         .run      RunConfig     (run directory, seed, logging)
 
 Every block of the model is switchable here, so baselines and ablations are configs, not code.
@@ -113,13 +113,13 @@ class TrainConfig:
     # sparse_dist = torchrec's TrainPipelineSparseDist (input dist overlapped with compute);
     # auto = sparse_dist on CUDA, the plain loop on CPU (exact global-batch loss weighting)
     pipeline: Literal["auto", "sparse_dist", "plain"] = "auto"
-    # how data-parallel gradients are averaged over ranks (msrec_dist/dist/grad_sync.py): ddp =
+    # how data-parallel gradients are averaged over ranks (msrec_dist/distributed/grad_sync.py): ddp =
     # torch DDP buckets overlapped with backward; flat = one all-reduce after backward; auto =
     # ddp on CUDA, flat on CPU (gloo)
     grad_sync: Literal["auto", "ddp", "flat"] = "auto"
     # how the loop's sums over ranks travel when every rank is on one host (grad_sync flat's
     # all-reduce, the has-data agreement, STAR's partitioned-norm statistics;
-    # msrec_dist/dist/collectives.py): shm = a shared-memory segment, waits spin (C++ op, needs
+    # msrec_dist/distributed/collectives.py): shm = a shared-memory segment, waits spin (C++ op, needs
     # msrec_dist._C); gloo = gloo point-to-point exchanges; auto = shm where it can (gloo backend,
     # one host, the op built, a core per rank), gloo elsewhere. NCCL (CUDA) uses its own all-reduce.
     host_reduce: Literal["auto", "shm", "gloo"] = "auto"
@@ -138,7 +138,7 @@ class TableConstraint:
 class ShardingConfig:
     constraints: dict[str, TableConstraint] = field(default_factory=dict)
     # world > 1 or CPU: tables of at most this many MB are replicated (data_parallel: no all-to-alls,
-    # their gradient all-reduced); 0 = every table model-parallel. See msrec_dist/dist/sharding.py.
+    # their gradient all-reduced); 0 = every table model-parallel. See msrec_dist/distributed/sharding.py.
     replicate_max_mb: float = 1.0
     hbm_gb: float = 0.0  # per-rank memory budget for the planner; 0 = torchrec's default
     ddr_gb: float = 0.0

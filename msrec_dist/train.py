@@ -5,7 +5,7 @@
     torchx run -s local_cwd dist.ddp -j 1x2 --script msrec_dist/train.py -- --config configs/msrec.yaml
 
 Parses the config, starts the process group (world of one without a launcher), calls
-`msrec_dist.dist.runner.run`; writes <run.dir>/final_metrics.json, plan.json, tensorboard/.
+`msrec_dist.training.runner.run`; writes <run.dir>/final_metrics.json, plan.json, tensorboard/.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_experiment(args.config, args.data, tuple(args.overrides))
     prepare_process(cfg.reader.num_workers)  # OpenMP wait policy, malloc thresholds: before torch loads
-    from msrec_dist.dist.context import init_distributed, shutdown
-    from msrec_dist.dist.runner import run
+    from msrec_dist.distributed.context import init_distributed, shutdown
+    from msrec_dist.training.runner import run
 
     ctx = init_distributed()
     try:

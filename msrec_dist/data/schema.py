@@ -128,7 +128,7 @@ class DataConfig:
         """Sparse features grouped by table, tables in `tables()` order: the key order of every KJT
         the reader builds, and so the order of the sparse fields. torchrec's batched table kernel
         (fbgemm's TBE) takes its features table by table in this order, so a world of one feeds it
-        the reader's KJT as is, with no permute (msrec_dist/dist/local_lookup.py)."""
+        the reader's KJT as is, with no permute (msrec_dist/distributed/local_lookup.py)."""
         by_name = {f.name: f for f in self.sparse}
         return [by_name[n] for t in self.tables() for n in t.feature_names]
 

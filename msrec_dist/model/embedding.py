@@ -12,7 +12,7 @@
 
 Sparse fields follow the KJT key order (`DataConfig.kjt_keys`: features grouped by table).
 In a world of one the pooling runs through `local_lookup` when one is set (the sharded EBC's own
-batched table kernel called directly, see msrec_dist/dist/local_lookup.py); otherwise through
+batched table kernel called directly, see msrec_dist/distributed/local_lookup.py); otherwise through
 the EBC, whose (sharded) output is picked by name.
 
 All tables use SUM pooling in the EBC so that features of different pooling can share a table
@@ -88,7 +88,7 @@ class FieldEmbedding(nn.Module):
     @torch.no_grad()
     def set_grad_scales(self, model_parallel: float, replicated: set[str]) -> None:
         """Fields of model-parallel tables get `model_parallel`, fields of the `replicated`
-        (data_parallel) tables 1: those are averaged over ranks with the dense gradients. msrec_dist.dist.sharding decides
+        (data_parallel) tables 1: those are averaged over ranks with the dense gradients. msrec_dist.distributed.sharding decides
         the scales (model_parallel_grad_scale)."""
         for i, table in enumerate(self.field_tables):
             self.grad_scale[i] = 1.0 if table in replicated else model_parallel

@@ -17,7 +17,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from msrec_dist.dist import collectives
+from msrec_dist.distributed import collectives
 from msrec_dist.model.mlp import MLP
 
 

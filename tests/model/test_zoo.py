@@ -109,7 +109,7 @@ def test_empty_batch_gives_zero_loss(path, model_data, empty_batch):
 @pytest.mark.xfail(raises=IndexError, strict=True,
                    reason="torchrec 1.8 unsharded EmbeddingBagCollection: KeyedJaggedTensor.to_dict() "
                           "on a stride=0 KJT with empty lengths raises IndexError (the form "
-                          "msrec_dist.dist.loop.empty_batch builds); sharded EBCs take another path")
+                          "msrec_dist.training.loop.empty_batch builds); sharded EBCs take another path")
 def test_empty_batch_stride0_through_unsharded_ebc(model_data, empty_batch):
     module = _train_module(CONFIGS[NAMES.index("shared_bottom")], model_data)
     loss, _ = module(empty_batch)

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from msrec_dist.dist import collectives
-from tests.dist.launch import REPO, TINY_MODEL
+from msrec_dist.distributed import collectives
+from tests.distributed.launch import REPO, TINY_MODEL
 
 pytestmark = pytest.mark.dist
 

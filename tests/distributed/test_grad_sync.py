@@ -1,7 +1,7 @@
-"""grad_sync 'flat' (msrec_dist/dist/grad_sync.py) on 2 spawned gloo ranks: no DDP anywhere (the
+"""grad_sync 'flat' (msrec_dist/distributed/grad_sync.py) on 2 spawned gloo ranks: no DDP anywhere (the
 replicated lookups' own DDP taken off, their hooks removed), every dense gradient in one buffer
 with the agreement's slots, the replicated tables' gradient summed on its own, and after steps on
-different local batches every rank holds bitwise the same weights. The 1-rank-vs-2-rank loss and table comparisons of tests/dist/test_multirank.py check
+different local batches every rank holds bitwise the same weights. The 1-rank-vs-2-rank loss and table comparisons of tests/distributed/test_multirank.py check
 the averaging itself."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from msrec_dist.dist.grad_sync import FlatGrads, resolve_grad_sync
+from msrec_dist.distributed.grad_sync import FlatGrads, resolve_grad_sync
 
 pytestmark = pytest.mark.dist
 
@@ -25,11 +25,12 @@ def _worker(rank: int, data_yaml: str, init_file: str, out_dir: str, sync: str, 
         from msrec_dist.config import load_experiment
         from msrec_dist.data.reader import make_dataloader
         from msrec_dist.data.schema import load_data_config
-        from msrec_dist.dist.context import init_distributed
-        from msrec_dist.dist import grad_sync, loop
-        from msrec_dist.dist.loop import DenseStep, agreed_batches, train_step
-        from msrec_dist.dist.model_parallel import build_train_state
-        from tests.dist.launch import TINY_MODEL
+        from msrec_dist.distributed.context import init_distributed
+        from msrec_dist.distributed import grad_sync
+        from msrec_dist.training import loop
+        from msrec_dist.training.loop import DenseStep, agreed_batches, train_step
+        from msrec_dist.distributed.model_parallel import build_train_state
+        from tests.distributed.launch import TINY_MODEL
 
         calls = {"agreement": 0, "gradients": 0}  # the loop's sums: the agreement's own, the gradients'
 
@@ -117,7 +118,7 @@ def test_flat_grads_clip_the_gradients_not_the_extra_slots():
 def _unbound_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        from msrec_dist.dist.grad_sync import FlatAllReduce
+        from msrec_dist.distributed.grad_sync import FlatAllReduce
 
         a, a2 = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1))
         b, c = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))  # replicated lookups' weights
@@ -151,7 +152,7 @@ def test_flat_all_reduce_averages_replaced_gradients(tmp_path):
 def test_host_reduce_modes_give_bitwise_the_same_training(synth_data, tmp_path):
     """train.host_reduce shm (shared memory) and gloo (pairwise exchange) sum the same two values
     in either order (a + b == b + a), so 3 steps of 2 ranks end with bitwise the same weights."""
-    from tests.dist.test_collectives import needs_shm_op
+    from tests.distributed.test_collectives import needs_shm_op
 
     if needs_shm_op.args[0]:
         pytest.skip(needs_shm_op.kwargs["reason"])

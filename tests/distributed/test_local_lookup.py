@@ -1,4 +1,4 @@
-"""Local lookup (msrec_dist/dist/local_lookup.py): the embedding calls the sharded EBC's own
+"""Local lookup (msrec_dist/distributed/local_lookup.py): the embedding calls the sharded EBC's own
 kernel instead of DMP's distributed forward, in a world of one (every table replicated on CPU by
 default: dense kernel; or model-parallel: fused kernel) and on 2 ranks with every table replicated
 (dense kernel). Same pooled fields, same training (fused row-wise Adagrad
@@ -17,11 +17,11 @@ import torch.multiprocessing as mp
 from msrec_dist.config import load_experiment
 from msrec_dist.data.reader import make_dataloader
 from msrec_dist.data.schema import load_data_config
-from msrec_dist.dist.context import init_distributed
-from msrec_dist.dist.local_lookup import find_kernel_lookup
-from msrec_dist.dist.loop import DenseStep, train_step
-from msrec_dist.dist.model_parallel import build_train_state
-from tests.dist.launch import TINY_MODEL
+from msrec_dist.distributed.context import init_distributed
+from msrec_dist.distributed.local_lookup import find_kernel_lookup
+from msrec_dist.training.loop import DenseStep, train_step
+from msrec_dist.distributed.model_parallel import build_train_state
+from tests.distributed.launch import TINY_MODEL
 
 
 def _state(synth_data, tmp_path, *overrides):

@@ -2,7 +2,7 @@
 
     small table (sharding.replicate_max_mb; world > 1, or a CPU world of one) ──planner: data_parallel──►
       a full copy on every rank; torchrec wraps its lookup in DDP (taken off again with
-      train.grad_sync 'flat', which averages these gradients after the dense ones: dist/grad_sync.py)
+      train.grad_sync 'flat', which averages these gradients after the dense ones: distributed/grad_sync.py)
     backward: the table's dense gradient [rows, D], averaged over ranks (one all-reduce,
       instead of the model-parallel path's KJT and pooled all-to-alls); zero_grad drops it
     DenseStep.step ──ReplicatedTableOptimizer.step──► the update the fused kernel would make
@@ -32,7 +32,7 @@ from msrec_dist.data.native import HAVE_CSRC  # loads msrec_dist._C: torch.ops.m
 # fbgemm's dense table kernel (the replicated tables' lookup) registers its op for the CPU / CUDA
 # keys and records its own autograd Function inside them, so torch's fallback warns at every
 # backward that the op has no Autograd kernel and "may" give wrong gradients. They are right:
-# tests/dist/test_replicated.py and test_local_lookup.py compare the updates with fbgemm's fused
+# tests/distributed/test_replicated.py and test_local_lookup.py compare the updates with fbgemm's fused
 # kernel and with DMP's path. Only this message is silenced.
 warnings.filterwarnings("ignore", message=r"fbgemm::dense_embedding_codegen_lookup_function: an autograd kernel "
                         r"was not registered", category=UserWarning)

@@ -2,7 +2,7 @@
 ever resumed from; a save cut short by a kill leaves .tmp_step_N, which is ignored."""
 import os
 
-from msrec_dist.dist.checkpoint import Progress, checkpoint_dirs, latest_checkpoint
+from msrec_dist.distributed.checkpoint import Progress, checkpoint_dirs, latest_checkpoint
 
 
 def _mk(root, name, complete=True):

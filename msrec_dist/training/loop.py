@@ -7,7 +7,7 @@
        any failed    → every rank raises the same DataError (file, column, row)
     model(batch) → (loss, (loss, logits, labels)); loss.backward() runs the fused sparse
     optimizer; (grad_sync 'flat') the dense gradients are averaged in one all-reduce and the
-    replicated tables' gradient in a second (dist/grad_sync.py); the replicated tables' optimizer steps; dense grads are clipped, the dense optimizer and LR
+    replicated tables' gradient in a second (distributed/grad_sync.py); the replicated tables' optimizer steps; dense grads are clipped, the dense optimizer and LR
     schedule step.
 
 One small all_reduce per step carries the agreement; it is also the step's only host sync
@@ -30,10 +30,10 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from msrec_dist.data.batch import Batch
 from msrec_dist.data.schema import DataConfig, DataError
-from msrec_dist.dist.collectives import all_reduce_sum_
-from msrec_dist.dist.context import DistContext
-from msrec_dist.dist.grad_sync import FlatGrads
-from msrec_dist.dist.model_parallel import TrainState
+from msrec_dist.distributed.collectives import all_reduce_sum_
+from msrec_dist.distributed.context import DistContext
+from msrec_dist.distributed.grad_sync import FlatGrads
+from msrec_dist.distributed.model_parallel import TrainState
 from msrec_dist.metrics.evaluator import ScenarioTaskMetrics
 
 

@@ -20,11 +20,11 @@ from tqdm import tqdm
 from msrec_dist.config import ExperimentConfig
 from msrec_dist.data.reader import make_dataloader, validate_files
 from msrec_dist.data.schema import load_data_config
-from msrec_dist.dist.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
-from msrec_dist.dist.context import DistContext
-from msrec_dist.dist.loop import evaluate, train_epoch
-from msrec_dist.dist.model_parallel import build_train_state
-from msrec_dist.dist.sharding import describe_plan, save_plan
+from msrec_dist.distributed.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from msrec_dist.distributed.context import DistContext
+from msrec_dist.training.loop import evaluate, train_epoch
+from msrec_dist.distributed.model_parallel import build_train_state
+from msrec_dist.distributed.sharding import describe_plan, save_plan
 from msrec_dist.metrics.evaluator import format_table
 from msrec_dist.typed_yaml import to_dict
 

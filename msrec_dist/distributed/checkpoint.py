@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from msrec_dist.dist.context import DistContext
-from msrec_dist.dist.model_parallel import TrainState
+from msrec_dist.distributed.context import DistContext
+from msrec_dist.distributed.model_parallel import TrainState
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 

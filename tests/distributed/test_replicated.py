@@ -1,4 +1,4 @@
-"""Replicated tables' optimizer (msrec_dist/dist/replicated.py): the same update as fbgemm's fused
+"""Replicated tables' optimizer (msrec_dist/distributed/replicated.py): the same update as fbgemm's fused
 row-wise Adagrad kernel (the one model-parallel tables use), and the fused kernel's state layout."""
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from fbgemm_gpu.split_embedding_configs import EmbOptimType
 from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen
 
-import msrec_dist.dist.replicated as replicated
+import msrec_dist.distributed.replicated as replicated
 from msrec_dist.data.native import HAVE_CSRC
-from msrec_dist.dist.replicated import FUSED_ROWWISE_ADAGRAD_EPS, ReplicatedTableOptimizer, rowwise_adagrad_
+from msrec_dist.distributed.replicated import FUSED_ROWWISE_ADAGRAD_EPS, ReplicatedTableOptimizer, rowwise_adagrad_
 
 needs_csrc = pytest.mark.skipif(not HAVE_CSRC, reason="msrec_dist._C not built (MSREC_BUILD_CSRC=1 make setup)")
 

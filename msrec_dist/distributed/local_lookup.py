@@ -7,9 +7,9 @@ every rank holds every table it looks up (a world of one, or every table replica
                                 (BatchedFusedEmbeddingBag; a CUDA world of one)
         all tables replicated:  fbgemm dense TBE (BatchedDenseEmbeddingBag, data_parallel): the
                                 weights' .grad, averaged over ranks by grad_sync 'flat' (a world
-                                of one: as is) and stepped by dist/replicated.py, as on the DMP
+                                of one: as is) and stepped by distributed/replicated.py, as on the DMP
                                 path (a CPU world of one replicates its small tables too:
-                                dist/sharding.py default_types)
+                                distributed/sharding.py default_types)
 
 In a world of one, DMP's sharded EmbeddingBagCollection still wraps its single lookup in the
 machinery of many ranks: a KJT splits all-to-all and a values all-to-all with itself over gloo,

@@ -7,7 +7,7 @@ import torch
 
 from msrec_dist.config import ModelConfig, ShardingConfig, TableConstraint
 from msrec_dist.data.schema import DataConfig, ScenarioSpec, SparseFeature, TaskSpec
-from msrec_dist.dist.sharding import build_constraints, build_topology, plan_sharding, plan_to_json
+from msrec_dist.distributed.sharding import build_constraints, build_topology, plan_sharding, plan_to_json
 from msrec_dist.typed_yaml import ConfigError
 from msrec_dist.model.zoo import MultiScenarioModel, MultiTaskTrainModule
 

@@ -1,4 +1,4 @@
-"""FusedAdam (msrec_dist/dist/dense_optim.py) against torch.optim.Adam(fused=True): bitwise the same
+"""FusedAdam (msrec_dist/distributed/dense_optim.py) against torch.optim.Adam(fused=True): bitwise the same
 parameters and state over steps with persistent gradient tensors (the short path), with replaced
 gradients, after load_state_dict, with two groups, weight decay and a scheduled lr; step hooks
 run once per step; the short path is taken exactly when nothing changed."""
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from msrec_dist.dist import dense_optim
-from msrec_dist.dist.dense_optim import FusedAdam
+from msrec_dist.distributed import dense_optim
+from msrec_dist.distributed.dense_optim import FusedAdam
 
 SHAPES = [(4, 87, 64), (4, 1, 64), (3, 87, 4), (2, 64, 32), (7,)]
 

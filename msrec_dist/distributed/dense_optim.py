@@ -8,7 +8,7 @@ Why by hand: torch.optim.Adam.step re-walks every group each step (_init_group b
 param/grad/state lists, _group_tensors_by_device_and_dtype regroups them) before the one fused
 kernel; for ple's 15 dense tensors (65k values) that Python is ~0.2 ms, longer than the kernel
 (step 0.34 vs 0.15 ms on this project's CPU). The gradients are views of one flat buffer that stay
-bound step after step (msrec_dist/dist/grad_sync.FlatGrads), so the lists do not change. The
+bound step after step (msrec_dist/distributed/grad_sync.FlatGrads), so the lists do not change. The
 kernel, the arguments and the state (and so state_dict / checkpoints) are torch's own.
 
 The per-parameter step counters (0-dim tensors, as torch keeps them) become views of one tensor

@@ -1,4 +1,4 @@
-"""msrec_dist/dist/collectives.py on real gloo process groups (spawned ranks): the pairwise-exchange
+"""msrec_dist/distributed/collectives.py on real gloo process groups (spawned ranks): the pairwise-exchange
 sum equals torch's all_reduce and is bitwise the same on every rank, for 2 and 4 ranks; 3 ranks
 take torch's all_reduce; the differentiable form sums gradients over ranks in backward. The
 shared-memory sum (csrc/shm_all_reduce.cpp) the same for 2, 3 and 4 ranks, over several rounds,
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from msrec_dist.dist import collectives
+from msrec_dist.distributed import collectives
 from tests.kernels.utils import csrc_mark
 
 pytestmark = pytest.mark.dist

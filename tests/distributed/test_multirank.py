@@ -18,8 +18,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from msrec_dist.data.schema import load_data_config
 from msrec_dist.data.synth import generate
-from msrec_dist.dist.model_parallel import fill_table_shard
-from tests.dist.launch import REPO, TINY_MODEL, auc_cells, errors, losses, metrics, train, train_and_kill
+from msrec_dist.distributed.model_parallel import fill_table_shard
+from tests.distributed.launch import REPO, TINY_MODEL, auc_cells, errors, losses, metrics, train, train_and_kill
 
 pytestmark = pytest.mark.dist
 STEPS = 40  # interleave, 8k rows, local batch 256 on 2 ranks: 16 steps per epoch
@@ -105,7 +105,7 @@ REL_TOL = 2e-2
 
 def table_change(run_dir: str, data_yaml: str) -> dict[str, torch.Tensor]:
     """{table: final weights - initial weights} from the run's last checkpoint (the init is a
-    pure function of seed 0 and the table, msrec_dist.dist.model_parallel.fill_table_shard)."""
+    pure function of seed 0 and the table, msrec_dist.distributed.model_parallel.fill_table_shard)."""
     ckpt = os.path.join(run_dir, "checkpoints", "step_20")
     dcp_to_torch_save(ckpt, os.path.join(run_dir, "final.pt"))
     saved = torch.load(os.path.join(run_dir, "final.pt"), weights_only=False)["model"]
@@ -184,7 +184,7 @@ def test_checkpoint_loads_into_the_other_layout(data, two_rank_run, layout, tmp_
     ckpt, out = os.path.join(two_rank_run, "checkpoints", "step_16"), str(tmp_path / "loaded")
     sets = [*TINY_MODEL, *CKPT, *LAYOUTS[other], f"run.dir={tmp_path / 'run'}"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "tests/dist/layout_worker.py", ckpt, out, "--data", data, "--set", *sets],
+                           "tests/distributed/layout_worker.py", ckpt, out, "--data", data, "--set", *sets],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, errors(proc)
     loaded = {t: v for r in (0, 1) for t, v in torch.load(os.path.join(out, f"rank{r}.pt")).items()}

@@ -1,7 +1,7 @@
 """A torchrun worker for tests: build the train state of a config (its own table layout), load a
 checkpoint into it, and save each rank's local embedding tables and their row-wise Adagrad state.
 
-    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist/layout_worker.py \
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/distributed/layout_worker.py \
         CHECKPOINT OUT_DIR --data DATA.yaml --set key=value ...
 
 writes OUT_DIR/rank<r>.pt = {table: {"weight": [rows, D], "momentum1": [rows]}} for the tables
@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from msrec_dist.config import load_experiment  # noqa: E402
 from msrec_dist.data.schema import load_data_config  # noqa: E402
-from msrec_dist.dist.checkpoint import load_checkpoint  # noqa: E402
-from msrec_dist.dist.context import init_distributed, shutdown  # noqa: E402
-from msrec_dist.dist.model_parallel import build_train_state  # noqa: E402
+from msrec_dist.distributed.checkpoint import load_checkpoint  # noqa: E402
+from msrec_dist.distributed.context import init_distributed, shutdown  # noqa: E402
+from msrec_dist.distributed.model_parallel import build_train_state  # noqa: E402
 
 PREFIX = "model.embedding.ebc.embedding_bags."
 

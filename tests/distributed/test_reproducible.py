@@ -1,8 +1,8 @@
 """Same config + seed → the same metrics on CPU (two runs in this process, world of one)."""
 from msrec_dist.config import load_experiment
-from msrec_dist.dist.context import init_distributed
-from msrec_dist.dist.runner import run
-from tests.dist.launch import TINY_MODEL, auc_cells
+from msrec_dist.distributed.context import init_distributed
+from msrec_dist.training.runner import run
+from tests.distributed.launch import TINY_MODEL, auc_cells
 
 
 def test_same_seed_same_metrics(synth_data, tmp_path):

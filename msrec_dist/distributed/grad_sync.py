@@ -17,7 +17,7 @@ with the rest of backward, which pays on GPUs (NCCL runs on its own stream). On 
 all-reduce runs on the same cores as backward, so there is nothing to overlap with, and each gloo
 collective costs 0.6-0.7 ms of latency on this project's 2-core machine (median; 4 ms at p90),
 on top of the reducers' Python in every forward and backward. The flat sum itself goes through
-msrec_dist.dist.collectives.all_reduce_sum_ (shared memory when the ranks share a host).
+msrec_dist.distributed.collectives.all_reduce_sum_ (shared memory when the ranks share a host).
 
 Why by hand: torch's DDP and torchrec's replicated lookups each own a reducer, and neither merges
 collectives with the other; torch's clip_grad_norm_ and zero_grad work per tensor.
@@ -40,7 +40,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.parallel import DistributedDataParallel
 
-from msrec_dist.dist.collectives import all_reduce_sum_
+from msrec_dist.distributed.collectives import all_reduce_sum_
 
 GRAD_SYNCS = ("auto", "ddp", "flat")
 
@@ -70,7 +70,7 @@ class FlatGrads:
 
     def __init__(self, params: list[nn.Parameter], extra: int = 0) -> None:
         """`extra` slots after the gradients (`self.extra`) ride along in the all-reduce: the
-        loop's has-data agreement for the next batch (dist/loop.py, agreed_batches)."""
+        loop's has-data agreement for the next batch (training/loop.py, agreed_batches)."""
         self.params = [p for p in params if p.requires_grad]
         self.extra: Optional[torch.Tensor] = None
         if not self.params or len({(p.dtype, p.device) for p in self.params}) != 1:

@@ -5,13 +5,13 @@
       ──plan_sharding──► ShardingPlan ──DistributedModelParallel──► DMP
       ──init_embeddings (deterministic per row block, independent of the sharding)──►
     world of one, or every table replicated with grad_sync 'flat': FieldEmbedding.local_lookup =
-        the sharded EBC's kernel (dist/local_lookup.py); a CPU world of one replicates its small
-        tables (dist/sharding.py), torchrec's DDP taken off their lookups
+        the sharded EBC's kernel (distributed/local_lookup.py); a CPU world of one replicates its small
+        tables (distributed/sharding.py), torchrec's DDP taken off their lookups
     replicated (data_parallel) tables: unscaled field gradients + ReplicatedTableOptimizer
-        (dist/replicated.py), stepped after backward with the dense optimizer
+        (distributed/replicated.py), stepped after backward with the dense optimizer
     world > 1: dense and replicated gradients averaged by DDP or by one flat all-reduce
-        (train.grad_sync, dist/grad_sync.py); on one host with gloo, the loop's sums go through
-        shared memory (train.host_reduce, dist/collectives.py)
+        (train.grad_sync, distributed/grad_sync.py); on one host with gloo, the loop's sums go through
+        shared memory (train.host_reduce, distributed/collectives.py)
     dense optimizer (Adam by default) over every other parameter, + LR schedule
 
 Embedding rows are initialised from a generator seeded by (seed, table, row block), so the
@@ -36,13 +36,13 @@ from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from msrec_dist.config import ExperimentConfig, TrainConfig
 from msrec_dist.data.schema import DataConfig
-from msrec_dist.dist.collectives import enable_host_reduce
-from msrec_dist.dist.context import DistContext
-from msrec_dist.dist.dense_optim import FusedAdam
-from msrec_dist.dist.grad_sync import FlatAllReduce, broadcast_from_rank0, resolve_grad_sync, unwrap_replicated_lookups
-from msrec_dist.dist.local_lookup import find_kernel_lookup
-from msrec_dist.dist.replicated import REPLICATED_OPTIMIZERS, ReplicatedTableOptimizer
-from msrec_dist.dist.sharding import (build_topology, device_type, model_parallel_grad_scale, plan_sharding,
+from msrec_dist.distributed.collectives import enable_host_reduce
+from msrec_dist.distributed.context import DistContext
+from msrec_dist.distributed.dense_optim import FusedAdam
+from msrec_dist.distributed.grad_sync import FlatAllReduce, broadcast_from_rank0, resolve_grad_sync, unwrap_replicated_lookups
+from msrec_dist.distributed.local_lookup import find_kernel_lookup
+from msrec_dist.distributed.replicated import REPLICATED_OPTIMIZERS, ReplicatedTableOptimizer
+from msrec_dist.distributed.sharding import (build_topology, device_type, model_parallel_grad_scale, plan_sharding,
                                      replicated_tables)
 from msrec_dist.model.zoo import MultiScenarioModel, MultiTaskTrainModule
 
@@ -61,7 +61,7 @@ class DenseDataParallel(DataParallelWrapper):
     than one; otherwise the module stays as is. In a world of one DDP only adds an all-reduce of
     every gradient with itself and per-step hooks (measured on the ple step at B=1024: ~0.2 ms of
     all-reduce and the hooks' Python per step); with grad_sync 'flat' FlatAllReduce averages the
-    gradients (dist/grad_sync.py). State dict keys are the same either way (DMP strips DDP's prefix)."""
+    gradients (distributed/grad_sync.py). State dict keys are the same either way (DMP strips DDP's prefix)."""
 
     def __init__(self, ddp: bool) -> None:
         self.ddp = ddp
@@ -182,7 +182,7 @@ def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext,
     dense_cls = DENSE_OPTIMIZERS[t.dense_optimizer]
     # fused=True: one kernel over all dense parameters (CPU and CUDA) instead of a loop of small
     # ops per tensor; measured on the ple model (15 tensors, 65k values): Adam step 0.35 ms vs 1.2 ms
-    # (FusedAdam, dist/dense_optim.py: the same kernel without torch's per-step Python, 0.15 ms).
+    # (FusedAdam, distributed/dense_optim.py: the same kernel without torch's per-step Python, 0.15 ms).
     dense = KeyedOptimizerWrapper(named_dense, lambda params: dense_cls(params, lr=t.dense_lr,
                                                                          weight_decay=t.weight_decay, fused=True))
     # The replicated tables' optimizer shares the fused one's "sparse" prefix and state layout, so

@@ -5,12 +5,12 @@
       ──build_constraints: small tables → data_parallel (world > 1, or CPU), the rest model-parallel──►
       ──EmbeddingShardingPlanner.collective_plan──► ShardingPlan (same on every rank)
       ──DistributedModelParallel──► sharded EmbeddingBagCollection + data-parallel dense part
-      (DDP or one flat all-reduce, train.grad_sync: dist/grad_sync.py)
+      (DDP or one flat all-reduce, train.grad_sync: distributed/grad_sync.py)
 
 Model-parallel tables: table_wise on CPU (gloo); on CUDA the planner chooses among table_wise,
 row_wise, table_row_wise, column_wise. Replicated tables (data_parallel): in a world of more than
 one, every table of at most `replicate_max_mb` (fp32 weights) unless a constraint names its
-types; msrec_dist/dist/replicated.py holds their optimizer. `plan_to_json` writes the chosen plan
+types; msrec_dist/distributed/replicated.py holds their optimizer. `plan_to_json` writes the chosen plan
 so a run directory records where every table lives.
 
 Why a size rule instead of the planner's choice: offered both types, torchrec's planner (its cost
@@ -52,7 +52,7 @@ def build_topology(world_size: int, local_world_size: int, compute_device: str,
 
 # Model-parallel sharding types: a row's gradient is the sum over ranks, divided by the world
 # size in torchrec's backward all-to-all (see model_parallel_grad_scale). Replicated
-# (data_parallel) tables are averaged over ranks with the dense gradients instead (dist/grad_sync.py).
+# (data_parallel) tables are averaged over ranks with the dense gradients instead (distributed/grad_sync.py).
 MODEL_PARALLEL_TYPES = ["table_wise", "row_wise", "table_row_wise", "column_wise", "table_column_wise"]
 REPLICATED = "data_parallel"
 ALLOWED_TYPES = MODEL_PARALLEL_TYPES + [REPLICATED]

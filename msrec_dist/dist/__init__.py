@@ -1,1 +1,0 @@
-"""msrec_dist package."""

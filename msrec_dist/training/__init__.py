@@ -1,0 +1,1 @@
+"""The training run: loop, step, evaluation, the runner."""
