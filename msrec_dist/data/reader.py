@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from msrec_dist.data.batch import Batch
+from msrec_dist.batch import Batch
 from msrec_dist.data.native import first_bad_id
 from msrec_dist.data.read_ahead import read_ahead
 from msrec_dist.data.schema import DataConfig, DataError, ReaderConfig, open_parquet, validate_file_schema

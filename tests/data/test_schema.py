@@ -129,3 +129,16 @@ def test_kjt_keys_group_features_by_table():
     assert cfg.kjt_keys == ["item_id", "hist_item_ids", "user_id"] == SPARSE_KEYS
     assert [f.name for f in cfg.kjt_features()] == cfg.kjt_keys
     assert [t.feature_names for t in cfg.tables()] == [["item_id", "hist_item_ids"], ["user_id"]]
+
+
+def test_data_config_is_the_shared_feature_spec_plus_files(layout):
+    """DataConfig extends msrec_dist/features.py's FeatureSpec (what the model reads) with the
+    files; schema.py re-exports the spec classes under their old names."""
+    from msrec_dist import features
+    from msrec_dist.data import schema
+
+    cfg = load_data_config(layout)
+    assert isinstance(cfg, features.FeatureSpec)
+    assert cfg.kjt_keys == ["user_id", "item_id", "hist_item_ids"] and cfg.num_scenarios == 3
+    for name in ("SparseFeature", "DenseFeature", "TaskSpec", "ScenarioSpec", "TableSpec"):
+        assert getattr(schema, name) is getattr(features, name)

@@ -1,0 +1,143 @@
+"""Feature specs: what the data holds and the model embeds, shared by msrec_dist.data and msrec_dist.model.
+
+    FeatureSpec
+      scenario  ScenarioSpec (column, names)     → S = num_scenarios
+      tasks     [TaskSpec (name, label column)]  → T = len(task_names)
+      sparse    [SparseFeature (name, table, num_embeddings, dim, pooling)]
+                  → tables(): one TableSpec per table, in order of first appearance
+                  → kjt_keys: the features grouped by table (the KJT key order = sparse field order)
+      dense     [DenseFeature (name)]            → N_d = len(dense_names)
+
+msrec_dist/data/schema.py's DataConfig is a FeatureSpec plus the data files (data.yaml); the
+reader reads the columns named here, the model (msrec_dist/model) builds its tables and fields
+from them. Plain dataclasses: this module imports neither torch nor pyarrow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from msrec_dist.typed_yaml import ConfigError
+
+
+def _at(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+@dataclass
+class SparseFeature:
+    name: str  # column name; int64 (one id per row) or list<int64> (a bag of ids)
+    table: str  # features naming the same table share one embedding table
+    num_embeddings: int
+    dim: int
+    pooling: Literal["sum", "mean"] = "sum"
+
+    def validate(self, where: str) -> None:
+        if self.num_embeddings <= 0:
+            raise ConfigError(f"{_at(where, 'num_embeddings')}: must be > 0, got {self.num_embeddings}")
+        if self.dim <= 0:
+            raise ConfigError(f"{_at(where, 'dim')}: must be > 0, got {self.dim}")
+
+
+@dataclass
+class DenseFeature:
+    name: str  # float (or int) column
+
+
+@dataclass
+class TaskSpec:
+    name: str
+    column: str  # binary label column: int, float or bool with values 0/1
+
+
+@dataclass
+class ScenarioSpec:
+    column: str  # integer column with values 0..len(names)-1
+    names: list[str]
+
+    def validate(self, where: str) -> None:
+        if not self.names:
+            raise ConfigError(f"{_at(where, 'names')}: needs at least one scenario name")
+        if len(set(self.names)) != len(self.names):
+            raise ConfigError(f"{_at(where, 'names')}: duplicate scenario names {self.names}")
+
+
+@dataclass
+class TableSpec:
+    """One embedding table, shared by `feature_names` (in schema order)."""
+
+    name: str
+    num_embeddings: int
+    dim: int
+    feature_names: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FeatureSpec:
+    scenario: ScenarioSpec
+    tasks: list[TaskSpec]
+    sparse: list[SparseFeature]
+    dense: list[DenseFeature] = field(default_factory=list)
+
+    def validate(self, where: str) -> None:
+        if not self.tasks:
+            raise ConfigError(f"{_at(where, 'tasks')}: needs at least one task")
+        if not self.sparse:
+            raise ConfigError(f"{_at(where, 'sparse')}: needs at least one sparse feature")
+        for key, names in (("tasks", [t.name for t in self.tasks]), ("sparse", self.sparse_names),
+                           ("dense", self.dense_names)):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ConfigError(f"{_at(where, key)}: duplicate name(s) {dup}")
+        first: dict[str, tuple[int, SparseFeature]] = {}
+        for i, f in enumerate(self.sparse):
+            if f.table not in first:
+                first[f.table] = (i, f)
+                continue
+            j, g = first[f.table]
+            if (f.num_embeddings, f.dim) != (g.num_embeddings, g.dim):
+                raise ConfigError(
+                    f"{_at(where, f'sparse[{i}]')}: features '{g.name}' (sparse[{j}]) and '{f.name}' "
+                    f"(sparse[{i}]) share table '{f.table}' but disagree: num_embeddings "
+                    f"{g.num_embeddings} vs {f.num_embeddings}, dim {g.dim} vs {f.dim}")
+
+    @property
+    def num_scenarios(self) -> int:
+        return len(self.scenario.names)
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def sparse_names(self) -> list[str]:
+        return [f.name for f in self.sparse]
+
+    @property
+    def dense_names(self) -> list[str]:
+        return [f.name for f in self.dense]
+
+    def kjt_features(self) -> list[SparseFeature]:
+        """Sparse features grouped by table, tables in `tables()` order: the key order of every KJT
+        the reader builds, and so the order of the sparse fields. torchrec's batched table kernel
+        (fbgemm's TBE) takes its features table by table in this order, so a world of one feeds it
+        the reader's KJT as is, with no permute (msrec_dist/distributed/local_lookup.py)."""
+        by_name = {f.name: f for f in self.sparse}
+        return [by_name[n] for t in self.tables() for n in t.feature_names]
+
+    @property
+    def kjt_keys(self) -> list[str]:
+        return [f.name for f in self.kjt_features()]
+
+    def columns(self) -> list[str]:
+        """Every column the reader needs, without duplicates, in a fixed order."""
+        cols = [self.scenario.column, *(t.column for t in self.tasks), *self.sparse_names, *self.dense_names]
+        return list(dict.fromkeys(cols))
+
+    def tables(self) -> list[TableSpec]:
+        """Embedding tables in order of first appearance in `sparse`."""
+        out: dict[str, TableSpec] = {}
+        for f in self.sparse:
+            spec = out.setdefault(f.table, TableSpec(f.table, f.num_embeddings, f.dim))
+            spec.feature_names.append(f.name)
+        return list(out.values())
