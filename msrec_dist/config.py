@@ -3,6 +3,7 @@
     configs/<model>.yaml ──load_experiment(path, data=None, overrides=[])──► ExperimentConfig
         .data     path of the data config (msrec_dist/data/schema.py parses that file)
         .model    ModelConfig   (which blocks are on, their widths)   → msrec_dist/model/zoo.py
+                  (defined in msrec_dist/model/config.py)
         .train    TrainConfig   (optimizers, steps, checkpoints)      → msrec_dist/training/loop.py
         .reader   ReaderConfig  (batch size, workers, split mode)     → msrec_dist/data/reader.py
         .sharding ShardingConfig (planner constraints per table)      → msrec_dist/distributed/sharding.py
@@ -18,83 +19,14 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from msrec_dist.data.schema import ReaderConfig
+from msrec_dist.model.config import (AttentionConfig, BottomConfig, ExpertsConfig, Kernel, MixingConfig, ModelConfig,
+                                     StarConfig, TowerConfig)
 from msrec_dist.typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml
 
-Kernel = Literal["auto", "triton", "cpp", "reference"]
-
-
-@dataclass
-class AttentionConfig:
-    """AutoInt-style multi-head self-attention over feature fields (residual, ReLU)."""
-    enabled: bool = True
-    heads: int = 2
-    head_dim: int = 8
-    layers: int = 1
-
-
-@dataclass
-class StarConfig:
-    """STAR scenario adaptation: partitioned norm → star-topology FC stack (+ auxiliary net)."""
-    enabled: bool = True
-    hidden: list[int] = field(default_factory=lambda: [128, 64])
-    partitioned_norm: bool = True
-    norm_momentum: float = 0.1
-    aux_net: bool = True
-    aux_hidden: list[int] = field(default_factory=lambda: [32])
-    aux_input: Literal["mean", "concat"] = "mean"  # the fields the auxiliary net sees: their mean, or all
-    scenario_emb_dim: int = 8
-
-
-@dataclass
-class BottomConfig:
-    """Plain shared MLP trunk, used when STAR is disabled ([] = flattened fields as they are)."""
-    hidden: list[int] = field(default_factory=list)
-
-
-@dataclass
-class ExpertsConfig:
-    """CGC/PLE experts: `levels` stacked CGC layers. MMoE = 1 level, 0 task experts."""
-    kind: Literal["none", "cgc"] = "cgc"
-    levels: int = 2
-    shared_experts: int = 2
-    task_experts: int = 1
-    hidden: int = 64
-    scenario_gates: bool = False  # + per-scenario gate logits (each scenario weighs the experts its own way)
-    residual: bool = False  # + the trunk output itself (trunk width must equal hidden): towers keep the STAR features
-
-    def validate(self, where: str) -> None:
-        if self.kind == "cgc" and (self.levels < 1 or self.shared_experts + self.task_experts < 1):
-            raise ConfigError(f"{where}: cgc needs levels >= 1 and at least one expert")
-
-
-@dataclass
-class MixingConfig:
-    """Balanced scenario/task expert mixing added to the expert mix before the towers."""
-    enabled: bool = True
-    hidden: int = 64
-    own_weight_init: float = 0.5  # initial α_d (and β_t): weight of a row's own scenario (task) expert
-    scale_init: float = 0.5  # initial weights of the scenario and task mixes in the sum
-
-
-@dataclass
-class TowerConfig:
-    hidden: list[int] = field(default_factory=lambda: [32])
-
-
-@dataclass
-class ModelConfig:
-    name: str = "msrec"
-    kernels: Kernel = "auto"
-    scenario_field: bool = True  # feed the scenario id as one more embedded field
-    # the first linear layer over the field stack folds the dense and scenario fields into its
-    # weight (msrec_dist/model/fields.py): same function, fewer FLOPs; off = build the stack
-    fold_fields: bool = True
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    star: StarConfig = field(default_factory=StarConfig)
-    bottom: BottomConfig = field(default_factory=BottomConfig)
-    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
-    mixing: MixingConfig = field(default_factory=MixingConfig)
-    tower: TowerConfig = field(default_factory=TowerConfig)
+# The model's configs live next to the model (msrec_dist/model/config.py); re-exported here.
+__all__ = ["AttentionConfig", "BottomConfig", "ExperimentConfig", "ExpertsConfig", "Kernel", "MixingConfig",
+           "ModelConfig", "ReaderConfig", "RunConfig", "ShardingConfig", "StarConfig", "TableConstraint",
+           "TowerConfig", "TrainConfig", "load_experiment"]
 
 
 @dataclass

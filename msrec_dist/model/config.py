@@ -1,0 +1,95 @@
+"""Model config: which blocks of the multi-scenario model are on, and their widths.
+
+    configs/<model>.yaml `model:` ──typed_yaml.from_dict──► ModelConfig → msrec_dist/model/zoo.py
+        .attention AttentionConfig  (AutoInt over the fields)
+        .star      StarConfig       (partitioned norm → star FC, auxiliary net)
+        .bottom    BottomConfig     (plain MLP trunk when STAR is off)
+        .experts   ExpertsConfig    (CGC/PLE levels; MMoE = 1 level)
+        .mixing    MixingConfig     (balanced scenario/task mixing)
+        .tower     TowerConfig      (one MLP per task)
+
+Next to the model so that the model imports no experiment config (msrec_dist/config.py imports
+this one into ExperimentConfig). Plain dataclasses: no torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from msrec_dist.typed_yaml import ConfigError
+
+Kernel = Literal["auto", "triton", "cpp", "reference"]
+
+
+@dataclass
+class AttentionConfig:
+    """AutoInt-style multi-head self-attention over feature fields (residual, ReLU)."""
+    enabled: bool = True
+    heads: int = 2
+    head_dim: int = 8
+    layers: int = 1
+
+
+@dataclass
+class StarConfig:
+    """STAR scenario adaptation: partitioned norm → star-topology FC stack (+ auxiliary net)."""
+    enabled: bool = True
+    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    partitioned_norm: bool = True
+    norm_momentum: float = 0.1
+    aux_net: bool = True
+    aux_hidden: list[int] = field(default_factory=lambda: [32])
+    aux_input: Literal["mean", "concat"] = "mean"  # the fields the auxiliary net sees: their mean, or all
+    scenario_emb_dim: int = 8
+
+
+@dataclass
+class BottomConfig:
+    """Plain shared MLP trunk, used when STAR is disabled ([] = flattened fields as they are)."""
+    hidden: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ExpertsConfig:
+    """CGC/PLE experts: `levels` stacked CGC layers. MMoE = 1 level, 0 task experts."""
+    kind: Literal["none", "cgc"] = "cgc"
+    levels: int = 2
+    shared_experts: int = 2
+    task_experts: int = 1
+    hidden: int = 64
+    scenario_gates: bool = False  # + per-scenario gate logits (each scenario weighs the experts its own way)
+    residual: bool = False  # + the trunk output itself (trunk width must equal hidden): towers keep the STAR features
+
+    def validate(self, where: str) -> None:
+        if self.kind == "cgc" and (self.levels < 1 or self.shared_experts + self.task_experts < 1):
+            raise ConfigError(f"{where}: cgc needs levels >= 1 and at least one expert")
+
+
+@dataclass
+class MixingConfig:
+    """Balanced scenario/task expert mixing added to the expert mix before the towers."""
+    enabled: bool = True
+    hidden: int = 64
+    own_weight_init: float = 0.5  # initial α_d (and β_t): weight of a row's own scenario (task) expert
+    scale_init: float = 0.5  # initial weights of the scenario and task mixes in the sum
+
+
+@dataclass
+class TowerConfig:
+    hidden: list[int] = field(default_factory=lambda: [32])
+
+
+@dataclass
+class ModelConfig:
+    name: str = "msrec"
+    kernels: Kernel = "auto"
+    scenario_field: bool = True  # feed the scenario id as one more embedded field
+    # the first linear layer over the field stack folds the dense and scenario fields into its
+    # weight (msrec_dist/model/fields.py): same function, fewer FLOPs; off = build the stack
+    fold_fields: bool = True
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    star: StarConfig = field(default_factory=StarConfig)
+    bottom: BottomConfig = field(default_factory=BottomConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    mixing: MixingConfig = field(default_factory=MixingConfig)
+    tower: TowerConfig = field(default_factory=TowerConfig)
