@@ -1,7 +1,7 @@
 """Local embedding lookup: the sharded EBC's own batched table kernel, called directly, where
 every rank holds every table it looks up (a world of one, or every table replicated).
 
-    batch.sparse (KJT, keys in DataConfig.kjt_keys order = the kernel's feature order)
+    batch.sparse (KJT, keys in FeatureSpec.kjt_keys order = the kernel's feature order)
       ──the kernel module DMP built──► [B, F_s * D]
         world of one, tables model-parallel: fbgemm TBE with the fused optimizer in backward
                                 (BatchedFusedEmbeddingBag; a CUDA world of one)
@@ -13,19 +13,20 @@ every rank holds every table it looks up (a world of one, or every table replica
 
 In a world of one, DMP's sharded EmbeddingBagCollection still wraps its single lookup in the
 machinery of many ranks: a KJT splits all-to-all and a values all-to-all with itself over gloo,
-a feature permute, awaitables, an output "all-to-all" and a KeyedTensor (measured side by side
-on the ple batch of 1024 rows, this project's CPU: forward 1.9 ms vs 0.66 ms for the kernel
-alone, forward + backward 3.4 ms vs 1.7 ms). torchrec has no shortcut for it, hence this one.
-With every table replicated (data_parallel) on several ranks, DMP's input and output
-"distributions" are no-ops around the same local kernel, but the awaitables, KeyedTensor and
-per-feature split remain: 2 ranks of shared_bottom at global batch 512 measured 8.4 ms a step
-against 5.4 ms for one 1-thread process at 256 rows, 0.5 ms of it in the gradient sum.
+a feature permute, awaitables, an output "all-to-all" and a KeyedTensor (ple batch of 1024 rows:
+forward + backward 3.4 ms vs 1.7 ms for the kernel alone). torchrec has no shortcut for it, hence
+this one. With every table replicated on several ranks, DMP's input and output "distributions"
+are no-ops around the same local kernel, but the awaitables, KeyedTensor and per-feature split
+remain.
 
-The kernel module is the one inside the sharded EBC: same weights, same fused row-wise Adagrad
-state, so DMP's state_dict, the sharding plan and checkpoints are exactly as without it; only the
-forward path differs. It is used only when the layout is the plain one it assumes (one lookup,
-one batched-fused kernel over every feature in KJT key order) and no train pipeline has to
-find the sharded module by tracing; otherwise the DMP path runs.
+model_parallel.build_train_state hands the KernelLookup to the model
+(FieldEmbedding.use_pooled_lookup); the model calls it instead of the EBC and gets the pooled
+fields as one tensor in KJT key order, with no KeyedTensor. The kernel module is the one inside
+the sharded EBC, which stays the model's registered submodule: same weights, same fused row-wise
+Adagrad state, so DMP's state_dict, the sharding plan and checkpoints are exactly as without it;
+only the forward path differs. It is used only when the layout is the plain one it assumes (one
+lookup, one batched kernel over every feature in KJT key order) and no train pipeline has to find
+the sharded module by tracing; otherwise the DMP path runs.
 """
 from __future__ import annotations
 

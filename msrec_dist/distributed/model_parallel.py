@@ -1,12 +1,14 @@
 """Model → DistributedModelParallel with a fused sparse optimizer and a dense optimizer.
 
-    MultiTaskTrainModule (EBC on the meta device, dense layers on CPU, seeded)
+    MultiTaskTrainModule (EBC on the meta device, dense layers on CPU, seeded; world > 1: the
+        partitioned norm built with collectives.all_reduce_sum as its sum over ranks)
       ──apply_optimizer_in_backward(sparse optimizer, EBC params)──►
       ──plan_sharding──► ShardingPlan ──DistributedModelParallel──► DMP
       ──init_embeddings (deterministic per row block, independent of the sharding)──►
-    world of one, or every table replicated with grad_sync 'flat': FieldEmbedding.local_lookup =
-        the sharded EBC's kernel (distributed/local_lookup.py); a CPU world of one replicates its small
-        tables (distributed/sharding.py), torchrec's DDP taken off their lookups
+    world of one, or every table replicated with grad_sync 'flat': the embedding pools through
+        the sharded EBC's kernel (FieldEmbedding.use_pooled_lookup(KernelLookup),
+        distributed/local_lookup.py); a CPU world of one replicates its small tables
+        (distributed/sharding.py), torchrec's DDP taken off their lookups
     replicated (data_parallel) tables: unscaled field gradients + ReplicatedTableOptimizer
         (distributed/replicated.py), stepped after backward with the dense optimizer
     world > 1: dense and replicated gradients averaged by DDP or by one flat all-reduce
@@ -35,8 +37,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
 from msrec_dist.config import ExperimentConfig, TrainConfig
-from msrec_dist.data.schema import DataConfig
-from msrec_dist.distributed.collectives import enable_host_reduce
+from msrec_dist.distributed.collectives import all_reduce_sum, enable_host_reduce
 from msrec_dist.distributed.context import DistContext
 from msrec_dist.distributed.dense_optim import FusedAdam
 from msrec_dist.distributed.grad_sync import FlatAllReduce, broadcast_from_rank0, resolve_grad_sync, unwrap_replicated_lookups
@@ -44,6 +45,7 @@ from msrec_dist.distributed.local_lookup import find_kernel_lookup
 from msrec_dist.distributed.replicated import REPLICATED_OPTIMIZERS, ReplicatedTableOptimizer
 from msrec_dist.distributed.sharding import (build_topology, device_type, model_parallel_grad_scale, plan_sharding,
                                      replicated_tables)
+from msrec_dist.features import FeatureSpec
 from msrec_dist.model.zoo import MultiScenarioModel, MultiTaskTrainModule
 
 SPARSE_OPTIMIZERS = {
@@ -59,9 +61,9 @@ INIT_BLOCK_ROWS = 65536
 class DenseDataParallel(DataParallelWrapper):
     """torchrec's default DDP wrapping of the dense modules with grad_sync 'ddp' in a world of more
     than one; otherwise the module stays as is. In a world of one DDP only adds an all-reduce of
-    every gradient with itself and per-step hooks (measured on the ple step at B=1024: ~0.2 ms of
-    all-reduce and the hooks' Python per step); with grad_sync 'flat' FlatAllReduce averages the
-    gradients (distributed/grad_sync.py). State dict keys are the same either way (DMP strips DDP's prefix)."""
+    every gradient with itself and per-step hooks (~0.2 ms a ple step at B = 1024); with grad_sync
+    'flat' FlatAllReduce averages the gradients (distributed/grad_sync.py). State dict keys are the
+    same either way (DMP strips DDP's prefix)."""
 
     def __init__(self, ddp: bool) -> None:
         self.ddp = ddp
@@ -100,10 +102,13 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return factor
 
 
-def build_train_module(cfg: ExperimentConfig, data: DataConfig, world_size: int) -> MultiTaskTrainModule:
-    """The unsharded train module; dense weights from `cfg.run.seed`, EBC on the meta device."""
+def build_train_module(cfg: ExperimentConfig, data: FeatureSpec, world_size: int) -> MultiTaskTrainModule:
+    """The unsharded train module; dense weights from `cfg.run.seed`, EBC on the meta device. In a
+    world of several ranks the partitioned norm sums its statistics over them (all_reduce_sum:
+    shared memory or gloo, as the loop's sums; its backward sums the gradients)."""
     torch.manual_seed(cfg.run.seed)
-    model = MultiScenarioModel(cfg.model, data, world_size=world_size, embedding_device=torch.device("meta"))
+    model = MultiScenarioModel(cfg.model, data, rank_sum=all_reduce_sum if world_size > 1 else None,
+                               embedding_device=torch.device("meta"))
     return MultiTaskTrainModule(model, cfg.train.task_weights)
 
 
@@ -133,7 +138,7 @@ def table_name(key: str) -> str:
 
 
 @torch.no_grad()
-def init_embeddings(dmp: DistributedModelParallel, data: DataConfig, seed: int) -> None:
+def init_embeddings(dmp: DistributedModelParallel, data: FeatureSpec, seed: int) -> None:
     """Deterministic init of every local shard of every embedding table."""
     tables = {t.name: (i, t) for i, t in enumerate(data.tables())}
     for key, value in dmp.state_dict().items():
@@ -148,7 +153,7 @@ def init_embeddings(dmp: DistributedModelParallel, data: DataConfig, seed: int) 
             fill_table_shard(value, 0, 0, table.num_embeddings, table.dim, seed, index)
 
 
-def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext, total_steps: int) -> TrainState:
+def build_train_state(cfg: ExperimentConfig, data: FeatureSpec, ctx: DistContext, total_steps: int) -> TrainState:
     module = build_train_module(cfg, data, ctx.world_size)
     t = cfg.train
     sparse_kwargs = {"lr": t.sparse_lr}
@@ -172,7 +177,7 @@ def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext,
     # a train pipeline must find the sharded EBC)
     all_replicated = (ctx.world_size == 1 or grad_sync is not None) and replicated == {t.name for t in data.tables()}
     if (ctx.world_size == 1 or all_replicated) and cfg.train.pipeline != "sparse_dist":
-        embedding.local_lookup = find_kernel_lookup(embedding.ebc, data.kjt_keys, replicated=all_replicated)
+        embedding.use_pooled_lookup(find_kernel_lookup(embedding.ebc, data.kjt_keys, replicated=all_replicated))
     embedding.set_grad_scales(model_parallel_grad_scale(ctx.world_size), replicated)
     named_dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     # the embedding tables left here are the replicated ones (the fused ones optimize in backward)
@@ -181,8 +186,8 @@ def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext,
                                                      t.sparse_optimizer, t.sparse_lr) if table_of else None)
     dense_cls = DENSE_OPTIMIZERS[t.dense_optimizer]
     # fused=True: one kernel over all dense parameters (CPU and CUDA) instead of a loop of small
-    # ops per tensor; measured on the ple model (15 tensors, 65k values): Adam step 0.35 ms vs 1.2 ms
-    # (FusedAdam, distributed/dense_optim.py: the same kernel without torch's per-step Python, 0.15 ms).
+    # ops per tensor (FusedAdam, distributed/dense_optim.py: the same kernel without torch's
+    # per-step Python; the ple model's Adam step 1.2 ms → 0.15 ms).
     dense = KeyedOptimizerWrapper(named_dense, lambda params: dense_cls(params, lr=t.dense_lr,
                                                                          weight_decay=t.weight_decay, fused=True))
     # The replicated tables' optimizer shares the fused one's "sparse" prefix and state layout, so
@@ -193,5 +198,5 @@ def build_train_state(cfg: ExperimentConfig, data: DataConfig, ctx: DistContext,
     if grad_sync is not None:  # every rank starts from rank 0's weights, as DDP would make it
         broadcast_from_rank0(list(named_dense.values()) + list(grad_sync.replicated_params), grad_sync.group)
     return TrainState(dmp, optimizer, dense, scheduler, list(named_dense.values()), plan,
-                      local_lookup=embedding.local_lookup is not None, replicated_optimizer=replicated_optimizer,
+                      local_lookup=embedding.pooled_lookup is not None, replicated_optimizer=replicated_optimizer,
                       grad_sync=grad_sync, host_reduce=host_reduce)

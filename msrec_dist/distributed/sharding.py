@@ -17,8 +17,7 @@ Why a size rule instead of the planner's choice: offered both types, torchrec's 
 model prices bytes, not the per-collective latency that dominates gloo) replicated only the two
 smallest demo tables and kept the others table_wise, which keeps all five KJT / pooled-embedding
 all-to-alls and adds an all-reduce. All tables replicated, a 2-rank step issues 3 collectives
-instead of 7; interleaved fresh 2-rank runs of the ple step on this project's CPU (median of 3,
-table_wise → replicated): global batch 512 16.3 → 13.3 ms, 4096 42.3 → 36.8 ms, 1024 within noise.
+instead of 7 (the 2-rank ple step at global batch 512 on CPU: 16.3 → 13.3 ms).
 """
 from __future__ import annotations
 
@@ -74,9 +73,8 @@ def default_types(size_bytes: int, cfg: ShardingConfig, compute_device: str, wor
 
     A world of one on CPU replicates too: fbgemm's CPU kernel with row-wise Adagrad fused into its
     backward (sort the batch's ids, accumulate, update) cost more than the dense-gradient kernel
-    plus csrc/rowwise_adagrad.cpp's one pass over the table gradient (ple batch of 1024 rows, the
-    four demo tables: lookup forward + backward + update 1.39-1.45 vs 0.93-1.04 ms; the ple train
-    step 2-4% faster, alternating in one process). On CUDA the fused kernel stays.
+    plus csrc/rowwise_adagrad.cpp's one pass over the table gradient (the ple train step 2-4%
+    faster on CPU). On CUDA the fused kernel stays.
     """
     if replicate and (world_size > 1 or compute_device == "cpu") and size_bytes <= cfg.replicate_max_mb * 2**20:
         return [REPLICATED]

@@ -13,13 +13,11 @@
 
 Why: a dense field is rank one in its input value and the scenario field picks one of S rows, so
 the first layer after the field stack needs one input column per dense feature and S for the
-scenario, not D each. For the ple config (5 sparse + 4 dense fields + the scenario, D = 16) the
-GEMM's inner size drops from 160 to 87: the first CGC level's expert GEMMs at B = 1024 (forward,
-input gradient, weight gradient) measured 3.8 → 2.0–2.2 ms on this project's CPU. The bias rides
-in the GEMM as a ones column (no bias copy into the output first) and the inner size is padded to
-whole 8-float vectors: MKL's input-gradient GEMM [1024, 256] @ [256, 87] took 833 µs, at 88 inner
-columns 694 µs (ple's first level forward + backward: 2.60 → 2.46–2.49 ms). Same parameters,
-same function, same gradients; only the floats are summed in another order. The models whose
+scenario, not D each (ple, D = 16: inner size 160 → 87, the first CGC level's GEMMs 3.8 → 2.1 ms).
+The bias rides in the GEMM as a ones column (no bias copy into the output first) and the inner
+size is padded to whole 8-float vectors, which MKL's input-gradient GEMM runs faster (87 → 88
+columns: 833 → 694 µs). Same parameters, same function, same gradients; only the floats are
+summed in another order. The models whose
 first layer reads the flat field stack directly (no attention, no STAR) use it
 (ModelConfig.fold_fields); the folded weights are a few small products per step.
 """

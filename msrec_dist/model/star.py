@@ -6,19 +6,27 @@
       ──StarLinear+ReLU ×L──► [B, H] weight = W ⊙ W_s (star topology), bias = b + b_s
     AuxiliaryNet: [scenario embedding, mean field] ──MLP──► [B, T] added to each task's logit
 
-Training normalises with the global-batch statistics of each scenario's rows (summed over
-ranks when the world has more than one) (and updates that
-scenario's running statistics only when it has rows in the batch); eval uses the running
+Training normalises with the statistics of each scenario's rows in the global batch (and updates
+that scenario's running statistics only when it has rows in the batch); eval uses the running
 statistics. Everything is tensor math on a one-hot [B, S], so the block is FX-traceable.
+
+The sum over ranks is handed in when the model is built (`rank_sum`: a differentiable sum of a
+tensor over every rank whose backward sums the gradients over ranks too, e.g.
+msrec_dist/distributed/collectives.all_reduce_sum); without one the statistics are this
+process's own (a world of one). The norm holds it as a RankSum, which FX traces as an argument
+of the leaf function `sum_over_ranks`.
 """
 from __future__ import annotations
+
+from typing import Callable, Optional
 
 import torch
 import torch.fx
 from torch import nn
 
-from msrec_dist.distributed import collectives
 from msrec_dist.model.mlp import MLP
+
+SumFn = Callable[[torch.Tensor], torch.Tensor]  # t → the sum of t over ranks (same shape)
 
 
 def star_weight(shared: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
@@ -26,28 +34,51 @@ def star_weight(shared: torch.Tensor, scenario: torch.Tensor) -> torch.Tensor:
     return shared.unsqueeze(0) * scenario
 
 
+class RankSum:
+    """The sum over ranks the model was built with: t → Σ_ranks t, differentiable (its backward
+    sums the incoming gradients over ranks too). A plain object, not a module: it holds no state.
+
+    An FX graph's arguments are nodes, tensors and literals, so a trace refers to it as a constant
+    attribute of the traced module (as FX stows tensor constants) and calls `sum_over_ranks` on it.
+    """
+
+    def __init__(self, fn: SumFn) -> None:
+        self.fn = fn
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        return self.fn(t)
+
+    def __fx_create_arg__(self, tracer: torch.fx.Tracer) -> torch.fx.Node:
+        name = next((k for k, v in vars(tracer.root).items() if v is self), None)
+        if name is None:
+            name = tracer.get_fresh_qualname("_rank_sum")
+            setattr(tracer.root, name, self)
+        return tracer.create_node("get_attr", name, (), {})
+
+
 @torch.fx.wrap
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Differentiable sum over ranks (its backward sums the gradients over ranks too)."""
-    return collectives.all_reduce_sum(t)
+def sum_over_ranks(t: torch.Tensor, rank_sum: SumFn) -> torch.Tensor:
+    """rank_sum(t); an FX leaf, so a traced graph calls the collective instead of tracing into it."""
+    return rank_sum(t)
 
 
-def scenario_moments(x: torch.Tensor, onehot: torch.Tensor, sync: bool = False,
+def scenario_moments(x: torch.Tensor, onehot: torch.Tensor, rank_sum: Optional[SumFn] = None,
                      shift: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-scenario mean and (biased) variance of x [B, N] over its rows; onehot [B, S].
 
     Returns mean [S, N], var [S, N], count [S]; scenarios without rows get var 0 and a mean no
-    row uses (0 on one rank, the shift when synced). With `sync`, the statistics are those of the global batch (all ranks), so 2 ranks of
-    B/2 rows normalise exactly like 1 rank of B rows (up to float order).
+    row uses (0 without `rank_sum`, the shift with it). With `rank_sum` (the sum over ranks), the
+    statistics are those of the global batch, so 2 ranks of B/2 rows normalise exactly like 1
+    rank of B rows (up to float order).
 
-    One rank: two passes (mean, then centred squares): E[x²] − mean² cancels badly when
-    |mean| ≫ std. Synced: one all-reduce (forward, and one in backward) instead of two, carrying
-    count, Σ(x − K) and Σ(x − K)² per scenario for a shift K [S, N] that every rank holds (the
-    running mean): var = E[(x − K)²] − E[x − K]², exact in real arithmetic and without the
-    cancellation while K is near the mean. A gloo collective costs 1.5–2 ms on this project's
-    CPU machine, a good part of a small-batch step.
+    Without: two passes (mean, then centred squares): E[x²] − mean² cancels badly when
+    |mean| ≫ std. With: one sum over ranks (forward, and one in backward) instead of two, since
+    each collective costs a good part of a small-batch step; it carries count, Σ(x − K) and
+    Σ(x − K)² per scenario for a shift K [S, N] that every rank holds (the running mean):
+    var = E[(x − K)²] − E[x − K]², exact in real arithmetic and without the cancellation while K
+    is near the mean.
     """
-    if not sync:
+    if rank_sum is None:
         sums = torch.cat([onehot.sum(0).unsqueeze(1), onehot.t() @ x], dim=1)  # [S, 1+N]
         count = sums[:, 0]  # [S]
         denom = count.clamp(min=1.0).unsqueeze(1)  # [S, 1]
@@ -58,8 +89,8 @@ def scenario_moments(x: torch.Tensor, onehot: torch.Tensor, sync: bool = False,
     n = x.size(1)
     shift = torch.zeros(onehot.size(1), n, dtype=x.dtype, device=x.device) if shift is None else shift.detach()
     shifted = x - onehot @ shift  # [B, N]
-    sums = all_reduce_sum(torch.cat([onehot.sum(0).unsqueeze(1), onehot.t() @ shifted,
-                                     onehot.t() @ (shifted * shifted)], dim=1))  # [S, 1+2N]
+    sums = sum_over_ranks(torch.cat([onehot.sum(0).unsqueeze(1), onehot.t() @ shifted,
+                                     onehot.t() @ (shifted * shifted)], dim=1), rank_sum)  # [S, 1+2N]
     count = sums[:, 0]  # [S]
     denom = count.clamp(min=1.0).unsqueeze(1)  # [S, 1]
     m1, m2 = sums[:, 1:1 + n] / denom, sums[:, 1 + n:] / denom  # E[x − K], E[(x − K)²]
@@ -69,10 +100,14 @@ def scenario_moments(x: torch.Tensor, onehot: torch.Tensor, sync: bool = False,
 
 
 class PartitionedNorm(nn.Module):
+    """Per-scenario normalisation; `rank_sum` (the sum over ranks, see the module docstring) makes
+    its training statistics those of the global batch."""
+
     def __init__(self, num_features: int, num_scenarios: int, momentum: float = 0.1, eps: float = 1e-5,
-                 sync: bool = False) -> None:
+                 rank_sum: Optional[SumFn] = None) -> None:
         super().__init__()
-        self.momentum, self.eps, self.num_scenarios, self.sync = momentum, eps, num_scenarios, sync
+        self.momentum, self.eps, self.num_scenarios = momentum, eps, num_scenarios
+        self.rank_sum = None if rank_sum is None else RankSum(rank_sum)
         self.shared_gamma = nn.Parameter(torch.ones(num_features))
         self.shared_beta = nn.Parameter(torch.zeros(num_features))
         self.scenario_gamma = nn.Parameter(torch.ones(num_scenarios, num_features))
@@ -82,7 +117,7 @@ class PartitionedNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
         if self.training:
-            mean, var, count = scenario_moments(x, onehot, self.sync, self.running_mean)
+            mean, var, count = scenario_moments(x, onehot, self.rank_sum, self.running_mean)
             present = (count > 0).unsqueeze(1)  # [S, 1]
             with torch.no_grad():  # not recorded by FX tracing: hence the detach()es
                 m = self.momentum
@@ -119,10 +154,11 @@ class StarTrunk(nn.Module):
     """Partitioned norm (optional) followed by star FC layers with ReLU; [B, N] → [B, H]."""
 
     def __init__(self, in_dim: int, hidden: list[int], num_scenarios: int, partitioned_norm: bool,
-                 momentum: float, sync_norm: bool = False) -> None:
+                 momentum: float, rank_sum: Optional[SumFn] = None) -> None:
         super().__init__()
         self.num_scenarios = num_scenarios
-        self.norm = PartitionedNorm(in_dim, num_scenarios, momentum, sync=sync_norm) if partitioned_norm else None
+        self.norm = (PartitionedNorm(in_dim, num_scenarios, momentum, rank_sum=rank_sum)
+                     if partitioned_norm else None)
         dims = [in_dim] + list(hidden)
         self.layers = nn.ModuleList(StarLinear(a, b, num_scenarios) for a, b in zip(dims[:-1], dims[1:]))
         self.out_dim = dims[-1]
@@ -155,6 +191,6 @@ class AuxiliaryNet(nn.Module):
 def scenario_onehot(scenario: torch.Tensor, num_scenarios: int, dtype: torch.dtype) -> torch.Tensor:
     """[B, S] one-hot of the scenario ids [B], in `dtype`. A scatter rather than F.one_hot, which
     checks the ids' min and max with two .item() calls (a host sync each on CUDA; the reader has
-    already checked every scenario id) and then converts from int64: 29 vs 43 µs at B = 1024 here."""
+    already checked every scenario id) and then converts from int64 (29 vs 43 µs at B = 1024)."""
     out = scenario.new_zeros((scenario.size(0), num_scenarios), dtype=dtype)  # a method: FX traces it
     return out.scatter_(1, scenario.unsqueeze(1), 1.0)  # [B, S]

@@ -9,33 +9,42 @@
 
 Configs in configs/ pick the blocks: msrec = everything, shared_bottom = MLP trunk + towers,
 mmoe = 1 CGC level of shared experts, ple = CGC levels, star = STAR trunk + towers.
+
+The model is built from its config (msrec_dist/model/config.py) and the feature specs
+(msrec_dist/features.py); it knows no data files and no process group. What a world of several
+ranks needs is handed in: `rank_sum`, the sum over ranks of the partitioned norm's statistics,
+at build time (msrec_dist/model/star.py), and a pooled lookup after sharding
+(FieldEmbedding.use_pooled_lookup).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
 
-from msrec_dist.config import ModelConfig
-from msrec_dist.data.batch import Batch
-from msrec_dist.data.schema import DataConfig
+from msrec_dist.batch import Batch
+from msrec_dist.features import FeatureSpec
 from msrec_dist.model.attention import FieldSelfAttention
+from msrec_dist.model.config import ModelConfig
 from msrec_dist.model.embedding import FieldEmbedding
 from msrec_dist.model.fields import FieldParts
 from msrec_dist.model.mixing import BalancedMixing
 from msrec_dist.model.mlp import MLP, StackedMLP
 from msrec_dist.model.ple import PLE
-from msrec_dist.model.star import AuxiliaryNet, StarTrunk, scenario_onehot
+from msrec_dist.model.star import AuxiliaryNet, StarTrunk, SumFn, scenario_onehot
 
 
 class MultiScenarioModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, data: DataConfig, world_size: int = 1,
+    def __init__(self, cfg: ModelConfig, features: FeatureSpec, rank_sum: Optional[SumFn] = None,
                  embedding_device: torch.device | None = None) -> None:
-        """world_size > 1 makes the partitioned norm use global-batch statistics. (The embedding
-        gradients' scale is the sharding's to set: FieldEmbedding.set_grad_scales.)"""
+        """`rank_sum` (t → its sum over ranks, differentiable; None in a world of one) makes the
+        partitioned norm use global-batch statistics. (The embedding gradients' scale is the
+        sharding's to set: FieldEmbedding.set_grad_scales.)"""
         super().__init__()
-        self.num_scenarios = data.num_scenarios
-        self.num_tasks = num_tasks = len(data.task_names)
-        self.embedding = FieldEmbedding(data, cfg.scenario_field, device=embedding_device)
+        self.num_scenarios = features.num_scenarios
+        self.num_tasks = num_tasks = len(features.task_names)
+        self.embedding = FieldEmbedding(features, cfg.scenario_field, device=embedding_device)
         field_dim = self.embedding.dim
         att = cfg.attention
         self.attention = (FieldSelfAttention(field_dim, att.heads, att.head_dim, att.layers, cfg.kernels)
@@ -43,18 +52,18 @@ class MultiScenarioModel(nn.Module):
         flat_dim = self.embedding.num_fields * (self.attention.out_dim if self.attention else field_dim)
         star = cfg.star
         if star.enabled:
-            self.trunk: nn.Module = StarTrunk(flat_dim, star.hidden, data.num_scenarios, star.partitioned_norm,
-                                              star.norm_momentum, sync_norm=world_size > 1)
+            self.trunk: nn.Module = StarTrunk(flat_dim, star.hidden, features.num_scenarios, star.partitioned_norm,
+                                              star.norm_momentum, rank_sum=rank_sum)
         else:
             self.trunk = MLP(flat_dim, cfg.bottom.hidden)
             self.trunk.out_dim = self.trunk.out_dim if cfg.bottom.hidden else flat_dim
         trunk_dim = self.trunk.out_dim
-        self.aux = (AuxiliaryNet(data.num_scenarios, star.scenario_emb_dim, field_dim, star.aux_hidden, num_tasks,
+        self.aux = (AuxiliaryNet(features.num_scenarios, star.scenario_emb_dim, field_dim, star.aux_hidden, num_tasks,
                                  self.embedding.num_fields, star.aux_input == "concat")
                     if star.enabled and star.aux_net else None)
         ex = cfg.experts
         self.experts = (PLE(trunk_dim, ex.hidden, num_tasks, ex.levels, ex.task_experts, ex.shared_experts,
-                            cfg.kernels, data.num_scenarios if ex.scenario_gates else 0)
+                            cfg.kernels, features.num_scenarios if ex.scenario_gates else 0)
                         if ex.kind == "cgc" else None)
         expert_dim = self.experts.out_dim if self.experts else trunk_dim
         self.expert_residual = self.experts is not None and ex.residual
@@ -66,7 +75,7 @@ class MultiScenarioModel(nn.Module):
             if self.experts is not None and cfg.mixing.hidden != expert_dim:
                 raise ValueError(f"model.mixing.hidden ({cfg.mixing.hidden}) must equal model.experts.hidden "
                                  f"({expert_dim}): the mix is added to the expert output")
-            self.mixing = BalancedMixing(trunk_dim, cfg.mixing.hidden, data.num_scenarios, num_tasks,
+            self.mixing = BalancedMixing(trunk_dim, cfg.mixing.hidden, features.num_scenarios, num_tasks,
                                          cfg.mixing.own_weight_init, cfg.mixing.scale_init)
             expert_dim = cfg.mixing.hidden
         self.towers = StackedMLP(num_tasks, expert_dim, list(cfg.tower.hidden) + [1], final_activation=False)

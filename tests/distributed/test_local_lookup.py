@@ -1,5 +1,5 @@
 """Local lookup (msrec_dist/distributed/local_lookup.py): the embedding calls the sharded EBC's own
-kernel instead of DMP's distributed forward, in a world of one (every table replicated on CPU by
+kernel, handed to it by FieldEmbedding.use_pooled_lookup, instead of DMP's distributed forward, in a world of one (every table replicated on CPU by
 default: dense kernel; or model-parallel: fused kernel) and on 2 ranks with every table replicated
 (dense kernel). Same pooled fields, same training (fused row-wise Adagrad
 inside the kernel's backward, or the replicated tables' update after the gradient sum; dense
@@ -55,9 +55,9 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def test_local_lookup_trains_like_the_dmp_path(synth_data, tmp_path, layout):
     cfg, data, fast = _state(synth_data, tmp_path / "a", *layout)
     _, _, slow = _state(synth_data, tmp_path / "b", *layout)
-    assert fast.local_lookup and _embedding(fast).local_lookup is not None
+    assert fast.local_lookup and _embedding(fast).pooled_lookup is not None
     assert (fast.replicated_optimizer is not None) == (not layout)
-    _embedding(slow).local_lookup = None  # the DMP path: input dist, sharded lookup, output dist
+    _embedding(slow).use_pooled_lookup(None)  # the DMP path: input dist, sharded lookup, output dist
     batches = _batches(cfg, data, 4)
     assert batches[0].sparse.keys() == data.kjt_keys
     emb_fast, emb_slow = _embedding(fast), _embedding(slow)
@@ -82,7 +82,7 @@ def test_local_lookup_trains_like_the_dmp_path(synth_data, tmp_path, layout):
 
 def test_local_lookup_off_for_the_sparse_dist_pipeline(synth_data, tmp_path):
     _, _, state = _state(synth_data, tmp_path, "train.pipeline=sparse_dist")
-    assert not state.local_lookup and _embedding(state).local_lookup is None
+    assert not state.local_lookup and _embedding(state).pooled_lookup is None
 
 
 def test_local_lookup_needs_the_kernel_feature_order(synth_data, tmp_path):
@@ -108,7 +108,7 @@ def _two_rank_worker(rank: int, data_yaml: str, init_file: str, out_dir: str) ->
 
         cfg, data, fast = state()
         _, _, slow = state()
-        _embedding(slow).local_lookup = None  # the DMP path
+        _embedding(slow).use_pooled_lookup(None)  # the DMP path
         _, _, table_wise = state("sharding.replicate_max_mb=0")
         _, _, with_ddp = state("train.grad_sync=ddp")
         batches = []
@@ -121,7 +121,7 @@ def _two_rank_worker(rank: int, data_yaml: str, init_file: str, out_dir: str) ->
         steps = {id(s): DenseStep(s, cfg.train.grad_clip) for s in (fast, slow)}
         losses = [[float(train_step(s, b, b.size * 2, 2, steps[id(s)])) for s in (fast, slow)] for b in batches]
         weights = [{k: v.detach().clone() for k, v in s.model.named_parameters()} for s in (fast, slow, with_ddp)]
-        torch.save({"local": [_embedding(s).local_lookup is not None for s in (fast, slow, table_wise, with_ddp)]
+        torch.save({"local": [_embedding(s).pooled_lookup is not None for s in (fast, slow, table_wise, with_ddp)]
                     + [fast.local_lookup], "fields": fields,
                     "losses": losses, "weights": weights}, os.path.join(out_dir, f"{rank}.pt"))
     finally:

@@ -5,19 +5,19 @@ import dataclasses
 import pytest
 import torch
 
-from msrec_dist.config import ModelConfig, ShardingConfig, TableConstraint
-from msrec_dist.data.schema import DataConfig, ScenarioSpec, SparseFeature, TaskSpec
+from msrec_dist.config import ShardingConfig, TableConstraint
 from msrec_dist.distributed.sharding import build_constraints, build_topology, plan_sharding, plan_to_json
-from msrec_dist.typed_yaml import ConfigError
+from msrec_dist.features import FeatureSpec, ScenarioSpec, SparseFeature, TaskSpec
+from msrec_dist.model.config import ModelConfig
 from msrec_dist.model.zoo import MultiScenarioModel, MultiTaskTrainModule
+from msrec_dist.typed_yaml import ConfigError
 
 HBM_GB = 16.0
 
 
-def scaled_data() -> DataConfig:
+def scaled_data() -> FeatureSpec:
     dim = 64
-    return DataConfig(
-        train=[], eval=[],
+    return FeatureSpec(
         scenario=ScenarioSpec(column="scenario", names=["home", "search", "cart"]),
         tasks=[TaskSpec("click", "click"), TaskSpec("convert", "convert")],
         sparse=[

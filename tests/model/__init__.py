@@ -1,0 +1,1 @@
+"""Tests of msrec_dist/model: the blocks, the zoo and what the model imports."""

@@ -1,12 +1,12 @@
-"""Shared tiny fixtures for the model-block tests: a hand-made DataConfig and a 4-row Batch.
+"""Shared tiny fixtures for the model-block tests: a hand-made FeatureSpec and a 4-row Batch.
 
-DataConfig (`model_data`): S = 3 scenarios, T = 2 tasks, D = 4.
+FeatureSpec (`model_data`): S = 3 scenarios, T = 2 tasks, D = 4.
     sparse (schema order)              table   pooling
       item_id                          item    sum
       user_id                          user    sum
       hist_item_ids  (a list feature)  item    mean   ← shares table `item` with item_id
     dense: price, age                  (N_d = 2)
-KJT key order (DataConfig.kjt_keys, features grouped by table): [item_id, hist_item_ids, user_id],
+KJT key order (FeatureSpec.kjt_keys, features grouped by table): [item_id, hist_item_ids, user_id],
 which is also the sparse field order.
 
 Batch (`batch4`), B = 4; the KJT as a grid of bags (feature f, sample b):
@@ -26,8 +26,8 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from msrec_dist.data.batch import Batch
-from msrec_dist.data.schema import DataConfig, DenseFeature, ScenarioSpec, SparseFeature, TaskSpec
+from msrec_dist.batch import Batch
+from msrec_dist.features import DenseFeature, FeatureSpec, ScenarioSpec, SparseFeature, TaskSpec
 
 S, T, D, B = 3, 2, 4, 4
 SPARSE_KEYS = ["item_id", "hist_item_ids", "user_id"]  # KJT key order (kjt_keys)
@@ -39,9 +39,8 @@ BAGS = {  # feature → one list of ids per sample
 SCENARIO = [0, 1, 2, 0]
 
 
-def make_data_config() -> DataConfig:
-    cfg = DataConfig(
-        train=[],
+def make_data_config() -> FeatureSpec:
+    cfg = FeatureSpec(
         scenario=ScenarioSpec(column="scenario", names=["home", "search", "cart"]),
         tasks=[TaskSpec("click", "click"), TaskSpec("convert", "convert")],
         sparse=[
@@ -88,7 +87,7 @@ def make_empty_batch() -> Batch:
 
 
 @pytest.fixture
-def model_data() -> DataConfig:
+def model_data() -> FeatureSpec:
     return make_data_config()
 
 

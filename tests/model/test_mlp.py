@@ -44,7 +44,7 @@ def test_stacked_mlp_equals_separate_mlps(hidden, final_activation, shared_input
     torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-5, atol=1e-6)
     for i, layer in enumerate(stacked.layers):
         lin = [[mod for mod in m if isinstance(mod, nn.Linear)][i] for m in separate]
-        torch.testing.assert_close(layer.weight.grad, torch.stack([l.weight.grad.t() for l in lin]),
+        torch.testing.assert_close(layer.weight.grad, torch.stack([m.weight.grad.t() for m in lin]),
                                    rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(layer.bias.grad, torch.stack([l.bias.grad.unsqueeze(0) for l in lin]),
+        torch.testing.assert_close(layer.bias.grad, torch.stack([m.bias.grad.unsqueeze(0) for m in lin]),
                                    rtol=1e-5, atol=1e-5)

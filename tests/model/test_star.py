@@ -62,14 +62,18 @@ def test_scenario_moments_match_manual_per_scenario_stats():
     torch.testing.assert_close(var[2], torch.zeros(3), rtol=0, atol=0)
 
 
-def test_synced_moments_one_all_reduce_match_two_pass(monkeypatch):
-    """The synced path (one all-reduce of count, Σ(x−K), Σ(x−K)²; here the sum over one rank,
+def test_synced_moments_one_all_reduce_match_two_pass():
+    """The synced path (one sum over ranks of count, Σ(x−K), Σ(x−K)²; here the sum over one rank,
     i.e. identity) gives the two-pass statistics and gradients, also for data far from 0 when the
     shift K is near the mean; with K = 0 that data shows the cancellation the shift avoids."""
     import msrec_dist.model.star as star
 
     calls = []
-    monkeypatch.setattr(star, "all_reduce_sum", lambda t: calls.append(t.shape) or t)
+
+    def rank_sum(t):
+        calls.append(t.shape)
+        return t
+
     gen = torch.Generator().manual_seed(8)
     scenario = torch.tensor([0, 1, 0, 1, 0, 0, 1, 1])
     onehot = _onehot(scenario)
@@ -77,7 +81,7 @@ def test_synced_moments_one_all_reduce_match_two_pass(monkeypatch):
         x = (torch.randn(8, 3, generator=gen) + offset).requires_grad_()
         shift = torch.stack([x[scenario == s].mean(0) for s in range(2)] + [torch.zeros(3)]).detach() + 0.3
         upstream = [torch.randn(3, 3, generator=gen) for _ in range(2)]
-        got = star.scenario_moments(x, onehot, sync=True, shift=shift)
+        got = star.scenario_moments(x, onehot, rank_sum, shift=shift)
         (gx,) = torch.autograd.grad(got[0] * upstream[0] + got[1] * upstream[1], x, torch.ones(3, 3).expand(3, 3))
         x2 = x.detach().clone().requires_grad_()
         want = star.scenario_moments(x2, onehot)
@@ -87,9 +91,9 @@ def test_synced_moments_one_all_reduce_match_two_pass(monkeypatch):
             torch.testing.assert_close(got[1][s], want[1][s], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(got[2], want[2])
         torch.testing.assert_close(gx, wx, rtol=1e-4, atol=1e-4)
-    assert calls == [(3, 7), (3, 7)]  # one all-reduce per call: [S, 1 + 2N]
+    assert calls == [(3, 7), (3, 7)]  # one sum over ranks per call: [S, 1 + 2N]
     x = torch.randn(8, 3, generator=gen) + 1000.0
-    unshifted = star.scenario_moments(x, onehot, sync=True)[1][:2]
+    unshifted = star.scenario_moments(x, onehot, rank_sum)[1][:2]
     exact = star.scenario_moments(x, onehot)[1][:2]
     assert (unshifted - exact).abs().max() > 1e-2  # fp32 cancellation without the shift
 
@@ -171,6 +175,42 @@ def test_star_trunk_shape_eager_and_fx_traced():
         torch.testing.assert_close(traced(x, _onehot(scenario)), y, rtol=0, atol=0)
         # the traced code drops `with torch.no_grad()`: the running stats must still stay out of autograd
         assert not trunk.norm.running_mean.requires_grad and not trunk.norm.running_var.requires_grad
+
+
+class _TwoRanks:
+    """Stands in for the sum over two ranks whose other rank holds the same values: forward and
+    backward double (the backward of a sum over ranks sums the gradients over ranks too)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return t * 2.0
+
+
+def test_star_trunk_with_a_rank_sum_fx_traces_to_a_call_of_it():
+    """The sum over ranks handed to the model: the norm's statistics are those of the global batch
+    (here two ranks of the same rows: the same as one rank's), and an FX trace keeps one leaf call
+    of it (not a trace through the collective) that runs the held sum."""
+    from msrec_dist.model.star import sum_over_ranks
+
+    scenario = torch.tensor([0, 1, 2, 0, 1])
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(15)).requires_grad_()
+    rank_sum = _TwoRanks()
+    torch.manual_seed(0)
+    synced = StarTrunk(6, [8, 5], S, partitioned_norm=True, momentum=0.1, rank_sum=rank_sum).train()
+    torch.manual_seed(0)
+    alone = StarTrunk(6, [8, 5], S, partitioned_norm=True, momentum=0.1).train()
+    traced = symbolic_trace(synced)
+    calls = [n for n in traced.graph.nodes if n.op == "call_function" and n.target is sum_over_ranks]
+    assert len(calls) == 1
+    y = synced(x, _onehot(scenario))
+    assert rank_sum.calls == 1
+    torch.testing.assert_close(y, alone(x, _onehot(scenario)), rtol=1e-5, atol=1e-5)
+    # the eager call moved the running mean, the shift of the next statistics: equal up to float order
+    torch.testing.assert_close(traced(x, _onehot(scenario)), y, rtol=1e-5, atol=1e-5)
+    assert rank_sum.calls == 2
 
 
 def test_auxiliary_net_gives_one_offset_per_task():
