@@ -106,8 +106,9 @@ class SharedMemoryAllReduce:
         return t
 
 
-# The host reducer of each process group, like torch.distributed's own registry of groups: the
-# partitioned norm (model/star.py) sums inside the model's forward, where no config reaches.
+# The host reducer of each process group, like torch.distributed's own registry of groups:
+# all_reduce_sum_ picks it by group, for the loop's sums and for all_reduce_sum, the sum over
+# ranks the model's partitioned norm is built with (model_parallel.build_train_module).
 _HOST_REDUCERS: "weakref.WeakKeyDictionary[dist.ProcessGroup, SharedMemoryAllReduce]" = weakref.WeakKeyDictionary()
 _SHM_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32)
 
@@ -227,5 +228,6 @@ class _AllReduceSum(torch.autograd.Function):
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Differentiable sum of `t` over the default group's ranks (a new tensor)."""
+    """Differentiable sum of `t` over the default group's ranks (a new tensor): the `rank_sum`
+    handed to the model in a world of several ranks (msrec_dist/model/star.py)."""
     return _AllReduceSum.apply(t)
