@@ -35,8 +35,8 @@ from pathlib import Path
 import torch
 
 import msrec_dist.kernels as K
-from msrec_dist.kernels.field_attention_ref import field_attention_ref
-from msrec_dist.kernels.gate_combine_ref import gate_combine_ref
+from msrec_dist.kernels.ref_field_attention import field_attention_ref
+from msrec_dist.kernels.ref_gate_combine import gate_combine_ref
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The ranges (B 16k..1M; E 4..16, T 2..4, D 64..256; H 2..8, F 16..64, dh 16..64), sized

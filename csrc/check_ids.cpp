@@ -7,8 +7,9 @@
 // Built into msrec_dist._C by setup.py (MSREC_BUILD_CSRC=1). The op lives in a
 // TORCH_LIBRARY_FRAGMENT because kernels/ops.py also registers ops under the `msrec`
 // namespace (torch.library.custom_op); a TORCH_LIBRARY block would claim the namespace.
-// Loading: `import torch` then `import msrec_dist._C` (the empty module below), or
-// torch.ops.load_library(path); one copy per process (a second registration aborts).
+// Loading: `import torch` then `import msrec_dist._C` (the empty module below; in the project
+// only kernels/native.py does it), or torch.ops.load_library(path); one copy per process (a
+// second registration aborts).
 
 #include <Python.h>
 

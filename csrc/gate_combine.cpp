@@ -9,7 +9,7 @@
 // (expert_out then holds the experts' pre-activations: the ReLU is applied as the rows are read,
 // and its gradient mask as d expert_out is written), else the identity. kernels/ops.py routes the
 // Python custom op msrec::gate_combine here on CPU when this extension is built (impl "auto" or
-// "cpp"); kernels/gate_combine_ref.py is the definition and the test oracle.
+// "cpp"); kernels/ref_gate_combine.py is the definition and the test oracle.
 //
 // Why by hand: per sample this is a [T, E] @ [E, D] product with T, E <= 16, so PyTorch runs it
 // as a bmm over B tiny matrices plus separate softmax / transpose / copy passes, each allocating

@@ -10,23 +10,19 @@ kernel: "auto" (Triton on CUDA; on CPU the C++ kernels where built, else the PyT
 FX traces and torch.compile graphs show torch.ops.msrec.*; in eager mode the wrappers call the
 C++ ops (C++ autograd) or the Triton launchers (an autograd.Function) without the custom op's
 Python dispatch, which costs more host time than a small batch's kernels.
-Importing this package does not import triton; kernels/gate_combine.py and
-kernels/field_attention.py (the Triton kernels) load on first use.
 
-The Triton modules share their names with the wrappers below. Importing a submodule would
-normally rebind the package attribute (msrec_dist.kernels.gate_combine) to the module; the
-package class keeps the wrapper instead, and the module stays in sys.modules (reach it with
-importlib.import_module("msrec_dist.kernels.gate_combine")).
+Modules: ref_<op>.py (the PyTorch references), triton_<op>.py (the Triton kernels), ops.py
+(the custom ops and their routing), native.py (the one loader of the C++ extension
+msrec_dist._C), tuning.py (autotuning). Importing this package does not import triton; the
+triton_*.py modules load on first use.
 """
-import sys
-import types
 from typing import Optional
 
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.msrec.*)
-from .field_attention_ref import field_attention_ref
-from .gate_combine_ref import gate_combine_ref
+from .ref_field_attention import field_attention_ref
+from .ref_gate_combine import gate_combine_ref
 
 __all__ = ["gate_combine", "field_attention", "gate_combine_ref", "field_attention_ref", "KERNELS"]
 KERNELS = ops.KERNELS
@@ -41,7 +37,7 @@ def gate_combine(expert_out: torch.Tensor, gate_logits: torch.Tensor, kernel: st
     is registered in C++ (csrc/gate_combine.cpp), which skips the Python custom op's dispatch and
     Python backward (about 0.5 ms per call and backward on this project's 2-core CPU, more than
     the kernel at B=1024). Where Triton runs in eager mode, it calls ops.TritonGateCombine (an
-    autograd.Function over the same launchers; 0.48 -> 0.28 ms fwd+bwd at B=16k on an H200).
+    autograd.Function over the same launchers, without the custom op's host cost; see ops.py).
     Same checks, same kernels, same results as through msrec::gate_combine. FX symbolic tracing
     (Proxy inputs, no device to route on) and torch.compile record msrec::gate_combine.
     """
@@ -63,8 +59,7 @@ def field_attention(
     Where the C++ kernel runs, this calls torch.ops.msrec.field_attention_cpp directly (C++
     autograd, as gate_combine above: the Python custom op's dispatch and backward cost about
     0.14 ms per call on this project's 2-core CPU); where Triton runs in eager mode,
-    ops.TritonFieldAttention (0.82 -> 0.50 ms fwd+bwd at B=16k, H=2, F=32, dh=16 on an H200).
-    Same checks, kernels and results.
+    ops.TritonFieldAttention. Same checks, kernels and results.
     """
     chosen = _direct_impl(kernel, "field_attention", q)
     if chosen is not None:
@@ -86,15 +81,3 @@ def _direct_impl(kernel: str, op: str, x: torch.Tensor) -> Optional[str]:
     if chosen == "cpp" or (chosen == "triton" and x.shape[0] > 0 and not torch.compiler.is_compiling()):
         return chosen
     return None
-
-
-class _Package(types.ModuleType):
-    """Keeps the public wrappers when a same-named Triton module is imported."""
-
-    def __setattr__(self, name, value):
-        if name in ("gate_combine", "field_attention") and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -29,8 +29,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .field_attention_ref import field_attention_backward_ref, field_attention_forward_ref
-from .gate_combine_ref import acc_dtype, gate_combine_backward_ref, gate_combine_ref
+from . import native
+from .ref_field_attention import field_attention_backward_ref, field_attention_forward_ref
+from .ref_gate_combine import acc_dtype, gate_combine_backward_ref, gate_combine_ref
 
 KERNELS = ("auto", "triton", "cpp", "reference")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -38,13 +39,9 @@ _CPP_DTYPES = (torch.float32, torch.float64)
 
 
 def _load_cpp_kernels() -> frozenset:
-    """Names of the ops with a C++ CPU kernel loaded (the extension msrec_dist._C, built by
-    `MSREC_BUILD_CSRC=1 pip install -e .`); empty when it is not built."""
-    try:
-        import msrec_dist._C  # noqa: F401  loading the .so registers torch.ops.msrec.*_cpp
-    except ImportError:
-        return frozenset()
-    built = frozenset(name for name in ("gate_combine", "field_attention") if hasattr(torch.ops.msrec, f"{name}_cpp"))
+    """Names of the ops with a C++ CPU kernel in the extension msrec_dist._C (loaded by
+    kernels/native.py); empty when it is not built."""
+    built = frozenset(name for name in ("gate_combine", "field_attention") if native.has_op(f"{name}_cpp"))
     # fakes, so the C++ ops trace (torch.compile, opcheck) on their own too
     if "gate_combine" in built:
         torch.library.register_fake("msrec::gate_combine_cpp")(
@@ -82,9 +79,9 @@ def _strided_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(like).copy_(t)
 
 
-def _triton_module(name: str):
-    """kernels/<name>.py, imported on first use (it imports triton)."""
-    return importlib.import_module(f"{__package__}.{name}")
+def _triton_module(op: str):
+    """kernels/triton_<op>.py, imported on first use (it imports triton)."""
+    return importlib.import_module(f"{__package__}.triton_{op}")
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -6,9 +6,9 @@ with it. Hand-written because no numpy/torch op returns the first out-of-range i
 pass: numpy needs two comparisons, an OR and an argmax, each a full pass with a temporary.
 The C++ op `torch.ops.msrec.check_ids` (csrc/check_ids.cpp) stops at the first bad id.
 
-`HAVE_CSRC`: whether the extension `msrec_dist._C` (built by `MSREC_BUILD_CSRC=1 pip install
--e .`, see csrc/README.md) loaded; if not, `CSRC_ERROR` says why and the numpy path is used.
-Both paths return the same index (tests/csrc/test_build.py).
+The op is used where the extension `msrec_dist._C` loaded (msrec_dist.kernels.native: HAVE_CSRC,
+and CSRC_ERROR for why not), else the numpy fallback. Both paths return the same index
+(tests/csrc/test_build.py).
 """
 from __future__ import annotations
 
@@ -17,13 +17,7 @@ import warnings
 import numpy as np
 import torch
 
-try:
-    import msrec_dist._C  # noqa: F401  loading the .so registers torch.ops.msrec.check_ids
-    HAVE_CSRC = True
-    CSRC_ERROR: str | None = None
-except ImportError as e:  # not built, or built against another torch
-    HAVE_CSRC = False
-    CSRC_ERROR = f"{type(e).__name__}: {e}"
+from msrec_dist.kernels.native import HAVE_CSRC  # loads msrec_dist._C: torch.ops.msrec.check_ids
 
 _CPP_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 

@@ -115,7 +115,7 @@ _SHM_DTYPES = (torch.float32, torch.float64, torch.int64, torch.int32)
 
 def shm_op_missing() -> Optional[str]:
     """Why torch.ops.msrec.shm_all_reduce_sum_ cannot run here, or None (it loads with msrec_dist._C)."""
-    from msrec_dist.data.native import CSRC_ERROR, HAVE_CSRC  # imports msrec_dist._C
+    from msrec_dist.kernels.native import CSRC_ERROR, HAVE_CSRC  # imports msrec_dist._C
 
     if not HAVE_CSRC:
         return f"msrec_dist._C is not built ({CSRC_ERROR})"

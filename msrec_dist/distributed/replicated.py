@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torchrec.optim.keyed import KeyedOptimizer
 
-from msrec_dist.data.native import HAVE_CSRC  # loads msrec_dist._C: torch.ops.msrec.rowwise_adagrad_dense_
+from msrec_dist.kernels.native import HAVE_CSRC  # loads msrec_dist._C: torch.ops.msrec.rowwise_adagrad_dense_
 
 # fbgemm's dense table kernel (the replicated tables' lookup) registers its op for the CPU / CUDA
 # keys and records its own autograd Function inside them, so torch's fallback warns at every

@@ -10,7 +10,7 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocati
 from fbgemm_gpu.split_table_batched_embeddings_ops_training import ComputeDevice, SplitTableBatchedEmbeddingBagsCodegen
 
 import msrec_dist.distributed.replicated as replicated
-from msrec_dist.data.native import HAVE_CSRC
+from msrec_dist.kernels.native import HAVE_CSRC
 from msrec_dist.distributed.replicated import FUSED_ROWWISE_ADAGRAD_EPS, ReplicatedTableOptimizer, rowwise_adagrad_
 
 needs_csrc = pytest.mark.skipif(not HAVE_CSRC, reason="msrec_dist._C not built (MSREC_BUILD_CSRC=1 make setup)")

@@ -19,7 +19,7 @@ ARCHS = (90, 80)
 GATE_CLASSES = {"T1E1D8": (1, 1, 8), "T3E5D24": (3, 5, 24), "T8E32D512": (8, 32, 512)}
 ATTN_CLASSES = {"F16dh16": (3, 8), "F64dh32": (39, 24), "F128dh128": (128, 128)}
 SLOW_CLASSES = {"F128dh128", "T8E32D512"}  # 5 s to 3 min per build on 2 cores: not in CI
-KERNELS = {
+KERNELS = {  # kernel -> (op: kernels/triton_<op>.py, the autotuned kernel, pointer args, shape classes)
     "gate_combine_fwd": ("gate_combine", "_gate_combine_fwd", ["Y", "X", "OUT"], GATE_CLASSES),
     "gate_combine_bwd": ("gate_combine", "_gate_combine_bwd", ["DOUT", "Y", "X", "DY", "DX"], GATE_CLASSES),
     "field_attention_fwd": ("field_attention", "_field_attention_fwd", ["Q", "K", "V", "OUT"], ATTN_CLASSES),
@@ -38,12 +38,12 @@ def compile_case(case: str) -> dict:
     from triton.compiler import ASTSource
 
     kernel, dtype, cls, arch = case.split("-")
-    module_name, fn_name, pointers, classes = KERNELS[kernel]
-    mod = importlib.import_module(f"msrec_dist.kernels.{module_name}")
+    op, fn_name, pointers, classes = KERNELS[kernel]
+    mod = importlib.import_module(f"msrec_dist.kernels.triton_{op}")
     autotuner = getattr(mod, fn_name)
     torch_dtype = getattr(torch, DTYPES[dtype])
     signature = {p: f"*{dtype}" for p in pointers}
-    if module_name == "gate_combine":
+    if op == "gate_combine":
         T, E, D = classes[cls]
         signature.update(B="i32", E="i32", T="i32", D="i32")
         constexprs = mod.meta(T, E, D, torch_dtype, backward=kernel.endswith("bwd"))
@@ -55,7 +55,7 @@ def compile_case(case: str) -> dict:
         signature.update(MASK="*u8", LSE="*fp32", B="i32", H="i32", F="i32", DH="i32", scale="fp32")
         if not mod.fits(F, DH, torch_dtype, backward=kernel.endswith("bwd")):
             return dict(case=case, ok=True, seconds=0.0, cubin_bytes=0, shared_bytes=0,
-                        note="tiles past shared memory: the reference runs instead (field_attention.fits)")
+                        note="tiles past shared memory: the reference runs instead (triton_field_attention.fits)")
         constexprs = mod.meta(F, DH, torch_dtype, has_mask=True)
         constexprs["BLOCK_B"] = 2
     unknown = [name for name in autotuner.fn.arg_names if name not in signature and name not in constexprs]

@@ -18,8 +18,8 @@ import torch
 
 import msrec_dist.kernels as K
 from benchmarks.kernels import rel_err
-from msrec_dist.kernels.field_attention_ref import field_attention_ref
-from msrec_dist.kernels.gate_combine_ref import gate_combine_ref
+from msrec_dist.kernels.ref_field_attention import field_attention_ref
+from msrec_dist.kernels.ref_gate_combine import gate_combine_ref
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -11,7 +11,7 @@ import torch
 
 import msrec_dist.kernels as K
 from msrec_dist.kernels import ops
-from msrec_dist.kernels.field_attention_ref import field_attention_forward_ref, field_attention_ref
+from msrec_dist.kernels.ref_field_attention import field_attention_forward_ref, field_attention_ref
 
 from .test_ops import ATTN_SHAPES, attn_inputs
 from .utils import cpp_kernel_mark, key_mask, randn, run_with_grads, tol

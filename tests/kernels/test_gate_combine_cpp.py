@@ -10,7 +10,7 @@ import torch
 
 import msrec_dist.kernels as K
 from msrec_dist.kernels import ops
-from msrec_dist.kernels.gate_combine_ref import gate_combine_ref
+from msrec_dist.kernels.ref_gate_combine import gate_combine_ref
 
 from .test_ops import GATE_SHAPES, gate_inputs
 from .utils import cpp_kernel_mark, randn, run_with_grads, tol

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import msrec_dist.kernels as K
-from msrec_dist.kernels.field_attention_ref import field_attention_ref
-from msrec_dist.kernels.gate_combine_ref import gate_combine_ref
+from msrec_dist.kernels.ref_field_attention import field_attention_ref
+from msrec_dist.kernels.ref_gate_combine import gate_combine_ref
 
 from .utils import key_mask, randn, run_with_grads, tol
 
@@ -235,21 +235,29 @@ def test_shape_errors():
         K.field_attention(q, k, v, torch.zeros(2, 4, dtype=torch.bool))
 
 
-def test_public_names_survive_kernel_module_import():
-    importlib.import_module("msrec_dist.kernels.gate_combine")
-    importlib.import_module("msrec_dist.kernels.field_attention")
+def test_public_names_are_the_wrappers():
+    """The Triton modules (triton_<op>.py) are not named like the wrappers: importing them leaves
+    msrec_dist.kernels.gate_combine / .field_attention the functions."""
+    importlib.import_module("msrec_dist.kernels.triton_gate_combine")
+    importlib.import_module("msrec_dist.kernels.triton_field_attention")
     assert callable(K.gate_combine) and callable(K.field_attention)
-    from msrec_dist.kernels import gate_combine
-    assert gate_combine is K.gate_combine
+    from msrec_dist.kernels import field_attention, field_attention_ref, gate_combine, gate_combine_ref
+    assert gate_combine is K.gate_combine and field_attention is K.field_attention
+    assert callable(gate_combine_ref) and callable(field_attention_ref)
 
 
-def test_import_is_cheap_and_triton_free():
-    code = "import sys, msrec_dist.kernels; assert 'triton' not in sys.modules, 'triton imported'"
+def test_import_is_cheap_triton_free_and_self_contained():
+    """Importing msrec_dist.kernels imports neither triton nor any other module of msrec_dist
+    (the extension msrec_dist._C aside, loaded by kernels/native.py)."""
+    code = ("import sys, msrec_dist.kernels; assert 'triton' not in sys.modules, 'triton imported'\n"
+            "other = [m for m in sys.modules if m.startswith('msrec_dist.') and m != 'msrec_dist._C'\n"
+            "         and not m.startswith('msrec_dist.kernels')]\n"
+            "assert not other, other")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_gate_combine_prune_keeps_a_config():
-    gc = importlib.import_module("msrec_dist.kernels.gate_combine")
+    gc = importlib.import_module("msrec_dist.kernels.triton_gate_combine")
     for T, E, D in [(8, 32, 512), (2, 4, 64), (1, 1, 8)]:
         meta = gc.meta(T, E, D, torch.float32)
         kept = gc._keep(gc.FWD_CONFIGS, {}, **meta)
@@ -262,7 +270,7 @@ def test_gate_combine_prune_keeps_a_config():
 
 
 def test_field_attention_tiles_past_shared_memory_run_the_reference():
-    fa = importlib.import_module("msrec_dist.kernels.field_attention")
+    fa = importlib.import_module("msrec_dist.kernels.triton_field_attention")
     assert fa.fits(128, 128, torch.float32, backward=False) and fa.fits(128, 128, torch.bfloat16, backward=True)
     assert not fa.fits(128, 128, torch.float32, backward=True) and not fa.fits(65, 72, torch.float32, backward=True)
     assert fa.fits(64, 128, torch.float32, backward=True) and fa.fits(39, 24, torch.float64, backward=True)

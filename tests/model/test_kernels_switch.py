@@ -13,8 +13,8 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TRITON_FUNCS = {"gate_combine.py": ("gate_combine_fwd", "gate_combine_bwd"),
-                "field_attention.py": ("field_attention_fwd", "field_attention_bwd")}
+TRITON_FUNCS = {"triton_gate_combine.py": ("gate_combine_fwd", "gate_combine_bwd"),
+                "triton_field_attention.py": ("field_attention_fwd", "field_attention_bwd")}
 
 
 def _missing_kernels() -> list[str]:
@@ -43,8 +43,8 @@ def count(module, name):  # wrap a Triton launcher: proves the "triton" run real
         return fn(*a, **k)
     setattr(mod, name, wrapped)
 
-count("gate_combine", "gate_combine_fwd"); count("gate_combine", "gate_combine_bwd")
-count("field_attention", "field_attention_fwd"); count("field_attention", "field_attention_bwd")
+count("triton_gate_combine", "gate_combine_fwd"); count("triton_gate_combine", "gate_combine_bwd")
+count("triton_field_attention", "field_attention_fwd"); count("triton_field_attention", "field_attention_bwd")
 
 tiny = ["model.star.hidden=[16, 8]", "model.star.aux_hidden=[4]", "model.experts.hidden=8",
         "model.mixing.hidden=8", "model.tower.hidden=[4]", "model.attention.head_dim=4"]

@@ -15,13 +15,13 @@ so every input is read once and
   dX = g * (dg - sum_e g * dg)
 (An earlier backward looped over experts one at a time, each step a dependent load and two
 cross-lane reductions: 0.4x the eager reference at E=16, T=4, D=256 on an H200.)
-Accumulation is fp32 (fp64 for fp64 inputs). Reference: gate_combine_ref.py.
+Accumulation is fp32 (fp64 for fp64 inputs). Reference: ref_gate_combine.py.
 """
 import torch
 import triton
 import triton.language as tl
 
-from .gate_combine_ref import gate_combine_backward_ref, gate_combine_ref  # noqa: F401
+from .ref_gate_combine import gate_combine_backward_ref, gate_combine_ref  # noqa: F401
 from .tuning import tuned
 
 # Autotuned over BLOCK_B and warps, keyed on (E, T, D), never on B. The interpreter

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .gate_combine_ref import acc_dtype
+from .ref_gate_combine import acc_dtype
 
 
 def _scores(q, k, key_padding_mask):

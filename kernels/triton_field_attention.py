@@ -13,7 +13,7 @@ probabilities P = exp(q k^T * scale - lse) from it, with no max or sum. One prog
 gradient of its samples, so no atomics. A query whose keys are all padded gets lse = +inf, so
 P = 0 there: zero output and gradients. Accumulation is fp32 (fp64 for fp64 inputs).
 Tiles too large for a block's shared memory (fp32 backward at F_PAD = DH_PAD = 128) run the
-reference instead (`fits`). Reference: field_attention_ref.py.
+reference instead (`fits`). Reference: ref_field_attention.py.
 """
 from typing import Tuple
 
@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .field_attention_ref import field_attention_backward_ref, field_attention_forward_ref
-from .gate_combine_ref import acc_dtype
+from .ref_field_attention import field_attention_backward_ref, field_attention_forward_ref
+from .ref_gate_combine import acc_dtype
 from .tuning import tuned
 
 # Autotuned over samples per program, warps and pipeline stages, keyed on (F, DH), never on B;
@@ -60,9 +60,9 @@ def _row_lse(s):
     """[F_PAD] log-sum-exp of each row of S; +inf where every key is padded (exp(s - lse) = 0)."""
     m = tl.max(s, axis=1)
     m = tl.where(m == float("-inf"), 0.0, m)                                    # all-padded rows
-    l = tl.sum(tl.exp(s - m[:, None]), axis=1)
-    lse = m + tl.log(tl.where(l == 0.0, 1.0, l))
-    return tl.where(l == 0.0, float("inf"), lse)
+    total = tl.sum(tl.exp(s - m[:, None]), axis=1)
+    lse = m + tl.log(tl.where(total == 0.0, 1.0, total))
+    return tl.where(total == 0.0, float("inf"), lse)
 
 
 @triton.jit
