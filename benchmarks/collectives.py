@@ -13,7 +13,10 @@ Writes benchmarks/results/collectives.json and .md.
 """
 from __future__ import annotations
 
-from benchmarks import perf_common as P  # sets OMP_WAIT_POLICY before torch loads
+from msrec_dist.runtime import prepare_process
+
+if __name__ == "__main__":  # run as a program: the process settings, before torch loads (below)
+    prepare_process(reader_workers=0)  # as train.py does for the configs' in-process reader
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -25,6 +28,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+from benchmarks import perf_common as P  # noqa: E402
 
 SIZES = [3, 1000, 30_000, 65_000, 306_000, 1_000_000]
 SLOW_MS = 2.0

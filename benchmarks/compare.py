@@ -9,20 +9,25 @@ task (mean over seeds) with the oracle AUC of the true probabilities in the eval
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import statistics
-import tempfile
+from msrec_dist.runtime import prepare_process
 
-import torch
+if __name__ == "__main__":  # run as a program: the process settings, before torch loads (below)
+    prepare_process(reader_workers=0)  # as train.py does for the configs' in-process reader
 
-from msrec_dist.config import load_experiment
-from msrec_dist.data.schema import load_data_config
-from msrec_dist.data.synth import oracle_auc
-from msrec_dist.distributed.context import init_distributed
-from msrec_dist.training.runner import run
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import tempfile  # noqa: E402
+
+import torch  # noqa: E402
+
+from msrec_dist.config import load_experiment  # noqa: E402
+from msrec_dist.data.schema import load_data_config  # noqa: E402
+from msrec_dist.data.synth import oracle_auc  # noqa: E402
+from msrec_dist.distributed.context import init_distributed  # noqa: E402
+from msrec_dist.training.runner import run  # noqa: E402
 
 MODELS = ["msrec", "shared_bottom", "mmoe", "ple", "star"]
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")

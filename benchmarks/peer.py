@@ -28,7 +28,10 @@ Writes benchmarks/results/peer.json and .md.
 """
 from __future__ import annotations
 
-from benchmarks import perf_common as P  # sets OMP_WAIT_POLICY before torch loads
+from msrec_dist.runtime import prepare_process
+
+if __name__ == "__main__":  # run as a program: the process settings, before torch loads (below)
+    prepare_process(reader_workers=0)  # as train.py does for the configs' in-process reader
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -44,6 +47,8 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
+
+from benchmarks import perf_common as P  # noqa: E402
 
 RECHUB_VERSION = "0.9.0"
 
@@ -171,7 +176,7 @@ def markdown(res: dict, command: str) -> str:
              f"torch-rechub {res['rechub_version']} (installed outside the venv, see benchmarks/peer.py). "
              f"Data: synthetic, {res['rows']} train rows, {res['eval_rows']} eval rows; batch {res['batch_size']}, "
              f"{res['epochs']} epochs, embedding dim 16, 2 CGC levels, 1 task + 2 shared experts of 64, tower [32].", "",
-             P.table(head, [row("msrec_dist ple", ms), row(f"torch-rechub PLE", rh)]), "",
+             P.table(head, [row("msrec_dist ple", ms), row("torch-rechub PLE", rh)]), "",
              f"msrec_dist / torch-rechub samples/s: **{ratio:.2f}x** (target >= 3x); AUC difference "
              "(msrec_dist - torch-rechub): " + ", ".join(f"{t} {d:+.4f}" for t, d in dauc.items()) + ".", "",
              f"Samples/s of each run ({res['repeats']} alternating runs per side, each in a fresh process; the table "

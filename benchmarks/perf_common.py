@@ -10,29 +10,25 @@
                                          (checked against benchmarks/perf_baselines.py's file)
     write_results()      benchmarks/results/<name>.json + .md
 
-Import this module before torch in an entry point: it calls msrec_dist.runtime.prepare_process(0)
-as msrec_dist/train.py does for the configs' in-process reader (libgomp's default wait policy,
-glibc malloc thresholds); an entry point that runs reader workers sets OMP_WAIT_POLICY=PASSIVE
-itself first.
+Importing this module loads torch and sets nothing process-wide. The entry points (`python -m benchmarks.X`)
+call msrec_dist.runtime.prepare_process(0) themselves, first thing when run as a program, before
+this module loads torch: the same settings as msrec_dist/train.py's for the configs' in-process
+reader (libgomp's default wait policy, glibc malloc thresholds, a local rank's cores); an entry
+point that wants another OpenMP wait policy sets OMP_WAIT_POLICY before that.
 """
 from __future__ import annotations
 
+import json
 import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
 
-from msrec_dist.runtime import prepare_process  # noqa: E402
+import torch
 
-from benchmarks.perf_baselines import host_signature  # noqa: E402  (torch-free)
-
-prepare_process(reader_workers=0)
-
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Callable  # noqa: E402
-
-import torch  # noqa: E402
+from benchmarks.perf_baselines import host_signature
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "configs")

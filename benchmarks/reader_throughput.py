@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import os
 
-# The OpenMP wait policy is left as train.py leaves it for the configs' default in-process
-# reader (reader.num_workers 0: libgomp's default, msrec_dist/runtime.py), so the step-time
-# overhead is measured the way training runs. (It used to be PASSIVE, train.py's choice for
-# DataLoader workers, for the whole benchmark; the worker rows of part 1 run no torch compute
-# in the main process, so the policy does not touch them.)
-from benchmarks import perf_common as P  # noqa: E402  (malloc thresholds, then torch)
+from msrec_dist.runtime import prepare_process
+
+if __name__ == "__main__":  # run as a program: the process settings, before torch loads (below)
+    # The OpenMP wait policy is left as train.py leaves it for the configs' default in-process
+    # reader (reader.num_workers 0: libgomp's default, msrec_dist/runtime.py), so the step-time
+    # overhead is measured the way training runs. (It used to be PASSIVE, train.py's choice for
+    # DataLoader workers, for the whole benchmark; the worker rows of part 1 run no torch compute
+    # in the main process, so the policy does not touch them.)
+    prepare_process(reader_workers=0)
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
@@ -32,6 +35,8 @@ import sys  # noqa: E402
 import time  # noqa: E402
 
 import torch  # noqa: E402
+
+from benchmarks import perf_common as P  # noqa: E402
 
 
 def reader_rows_per_s(data, reader_cfg, max_batches: int | None = None) -> tuple[float, int]:

@@ -21,7 +21,10 @@ Writes benchmarks/results/train_throughput.json and .md.
 """
 from __future__ import annotations
 
-from benchmarks import perf_common as P  # sets OMP_WAIT_POLICY before torch loads
+from msrec_dist.runtime import prepare_process
+
+if __name__ == "__main__":  # run as a program: the process settings, before torch loads (below)
+    prepare_process(reader_workers=0)  # as train.py does for the configs' in-process reader
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -34,6 +37,8 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+from benchmarks import perf_common as P  # noqa: E402
 
 BATCH_SIZES = [512, 1024, 2048, 4096, 8192]
 REGIONS = {  # sub-module (of MultiScenarioModel) → region name
@@ -59,7 +64,7 @@ def timed_steps(state, cfg, data, ctx, warmup: int, steps: int, loader=None) -> 
 
     step = P.step_fn(state, cfg, ctx.world_size)
     loader = loader or make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size)
-    it = agreed_batches(loader, data, ctx, getattr(step, "dense_step", None))  # one step per batch, as training
+    it = agreed_batches(loader, data, ctx)  # one agreement, then one step, per batch, as training
     for _ in range(warmup):
         batch, rows = next(it)
         step(batch, rows)
@@ -217,7 +222,7 @@ def worker(a) -> None:
 
 def markdown(res: dict, command: str) -> str:
     m = res["machine"]
-    lines = [f"# Training throughput (CPU)", "",
+    lines = ["# Training throughput (CPU)", "",
              f"Machine: {P.machine_line(m)}", "", f"Command: `{command}`", "",
              f"Data: synthetic ({res['rows']} train rows, msrec_dist.data.synth seed 0). Steady state: "
              f"{res['warmup']} warm-up steps excluded, {res['steps']} timed steps, real Parquet reader "

@@ -23,20 +23,24 @@ from __future__ import annotations
 
 import os
 
-# Sleeping OpenMP threads while measuring: the cases time CPU seconds of the process, and with
-# libgomp's default (spin, then sleep) the spinning between ops is counted as work and varied
-# the ratios by 13-22% between runs (measured); set before perf_common loads torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from msrec_dist.runtime import prepare_process
+
+if __name__ == "__main__":  # run as a program: the process settings, before torch loads (below)
+    # Sleeping OpenMP threads while measuring: the cases time CPU seconds of the process, and with
+    # libgomp's default (spin, then sleep) the spinning between ops is counted as work and varied
+    # the ratios by 13-22% between runs (measured).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    prepare_process(reader_workers=0)  # glibc malloc thresholds (OMP_WAIT_POLICY is set above)
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 
-from benchmarks import perf_baselines as B  # noqa: E402
-from benchmarks import perf_common as P  # noqa: E402  (malloc thresholds, then torch)
-
 import torch  # noqa: E402
+
+from benchmarks import perf_baselines as B  # noqa: E402
+from benchmarks import perf_common as P  # noqa: E402
 
 
 def measure(names: list[str], runs: int) -> dict:
