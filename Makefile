@@ -1,20 +1,22 @@
 # Two commands on a fresh machine (Python 3.11, no GPU):
 #   make demo   set up .venv, generate the demo data, train + evaluate msrec, print the table
-#   make test   set up .venv, run the test suite
+#   make test   set up .venv, run the linters (ruff, import-linter) and the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO_DATA := data/demo/data.yaml
 DEMO_ROWS ?= 400000
 PYTEST_ARGS ?=
 
-.PHONY: setup demo demo-data test test-all perf compare clean
+.PHONY: setup demo demo-data lint ruff lint-imports test test-all perf compare clean
 
-$(VENV)/.installed: requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h)
+$(VENV)/.installed: requirements.txt pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip==24.3.1
 	$(PY) -m pip install -q -r requirements.txt
 	# torchrec's metadata asks for the CUDA fbgemm-gpu; fbgemm-gpu-cpu (above) serves it here
 	$(PY) -m pip install -q --no-deps torchrec==1.8.0
+	# the package (pyproject.toml) with its C++ extension (setup.py), built against the venv's torch;
+	# its dependencies are requirements.txt's, installed above
 	MSREC_BUILD_CSRC=1 $(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -28,9 +30,25 @@ demo-data: $(DEMO_DATA)
 demo: $(VENV)/.installed $(DEMO_DATA)
 	$(PY) msrec_dist/train.py --config configs/msrec.yaml
 
+ruff: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+# The import contracts of pyproject.toml ([tool.importlinter]). lint-imports builds its graph from
+# the msrec_dist/ directory it finds on sys.path, where kernels/ is missing (it becomes
+# msrec_dist.kernels only through pyproject's package-dir mapping), so the graph is built from a
+# tree of links with the installed shape: build/import-graph/msrec_dist/{*, kernels -> kernels/}.
+IMPORT_GRAPH := build/import-graph
+lint-imports: $(VENV)/.installed
+	rm -rf $(IMPORT_GRAPH) && mkdir -p $(IMPORT_GRAPH)/msrec_dist
+	for p in msrec_dist/*; do ln -s "$(CURDIR)/$$p" "$(IMPORT_GRAPH)/$$p"; done
+	ln -sfn "$(CURDIR)/kernels" $(IMPORT_GRAPH)/msrec_dist/kernels
+	cd $(IMPORT_GRAPH) && $(abspath $(VENV))/bin/lint-imports --no-cache --no-logo $(CURDIR)/pyproject.toml
+
+lint: ruff lint-imports
+
 # Includes the perf tests (tests/perf: throughput ratios against benchmarks/baselines/cpu.json,
 # measured in a fresh process of their own); `make perf` runs them alone.
-test: $(VENV)/.installed
+test: lint
 	MSREC_REQUIRE_CSRC=1 $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
 perf: $(VENV)/.installed
@@ -43,4 +61,4 @@ compare: $(VENV)/.installed $(DEMO_DATA)
 	$(PY) -m benchmarks.compare --data $(DEMO_DATA) --seeds 0 1 2
 
 clean:
-	rm -rf runs build *.egg-info msrec_dist/_C*.so
+	rm -rf runs build *.egg-info msrec_dist/_C*.so .ruff_cache .import_linter_cache

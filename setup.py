@@ -1,16 +1,15 @@
-"""Installs msrec_dist; `kernels/` is installed as `msrec_dist.kernels` (package_dir) so no
-top-level name shadows another distribution. The C++ ops in csrc/*.cpp are built into the torch
-extension `msrec_dist._C` when MSREC_BUILD_CSRC=1 (`MSREC_BUILD_CSRC=1 pip install
---no-build-isolation -e .`, as `make setup` does; the editable install puts the .so next to
-msrec_dist/__init__.py). Without it nothing is compiled and msrec_dist/data/native.py uses its
-numpy fallbacks. See csrc/README.md."""
+"""Builds the C++ extension msrec_dist._C; everything else about the package (metadata,
+dependencies, packages, the `kernels/` → `msrec_dist.kernels` mapping, console scripts) is in
+pyproject.toml.
+
+The C++ ops in csrc/*.cpp are built into the torch extension `msrec_dist._C` when
+MSREC_BUILD_CSRC=1 (`MSREC_BUILD_CSRC=1 pip install --no-deps --no-build-isolation -e .`, as
+`make setup` does; the editable install puts the .so next to msrec_dist/__init__.py). Without it
+nothing is compiled and msrec_dist/data/native.py uses its numpy fallbacks. See csrc/README.md."""
 import glob
 import os
 
 from setuptools import setup
-
-packages = ["msrec_dist", "msrec_dist.data", "msrec_dist.model", "msrec_dist.distributed",
-            "msrec_dist.metrics", "msrec_dist.kernels"]
 
 
 def _extensions():
@@ -33,13 +32,4 @@ def _extensions():
 
 
 ext_modules, cmdclass = _extensions()
-setup(
-    name="msrec_dist",
-    version="0.1.0",
-    description="Distributed multi-scenario multi-task recommendation training (PLE+STAR) on TorchRec",
-    python_requires=">=3.10",
-    packages=packages,
-    package_dir={"msrec_dist.kernels": "kernels"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

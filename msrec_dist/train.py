@@ -1,6 +1,7 @@
 """Train and evaluate one msrec_dist model.
 
-    python msrec_dist/train.py --config configs/msrec.yaml [--data DATA.yaml] [--set key.sub=value ...] [--resume]
+    msrec-train --config configs/msrec.yaml [--data DATA.yaml] [--set key.sub=value ...] [--resume]
+    python msrec_dist/train.py --config configs/msrec.yaml ...   (the same, as a file)
     torchrun --nproc-per-node 2 msrec_dist/train.py --config configs/msrec.yaml
     torchx run -s local_cwd dist.ddp -j 1x2 --script msrec_dist/train.py -- --config configs/msrec.yaml
 
