@@ -1,6 +1,7 @@
 """Shared fixtures: a small synthetic data set and a factory for tiny hand-made Parquet files.
 
-`synth_data` (session): path to data.yaml of a 20k-row, 4-shard synthetic set (+ 4k eval rows).
+`synth_data` (package scope: one for all of tests/, sub-packages included): path to data.yaml of
+a 20k-row, 4-shard synthetic set (+ 4k eval rows).
 `tiny_cfg`: a DataConfig matching the files `make_parquet` writes.
 `make_parquet(name, rows=8, overrides=None, drop=(), row_group_size=None, seed=0)`: writes a
 valid tiny file (columns below, values derived from the row number), with columns replaced
@@ -13,7 +14,7 @@ from __future__ import annotations
 import os
 
 # The Triton interpreter must be chosen before anything imports triton; kernel tests need it and
-# every other test uses the PyTorch reference on CPU, so it is set for the whole session.
+# every other test uses the PyTorch reference on CPU, so it is set for the whole test run.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np
@@ -38,7 +39,7 @@ TINY_CONFIG = {
 }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # tests/ is a package: this spans its sub-packages
 def synth_data(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("synth")
     return generate(str(out), rows=20_000, shards=4, seed=0, eval_rows=4_000, users=2_000, items=1_000)

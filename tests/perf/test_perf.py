@@ -67,8 +67,8 @@ def test_throughput_ratio(name, checks):
 def test_injected_slowdown_fails(tmp_path):
     """A real 25% slowdown (injected into the ple train step) must fail the check.
 
-    The reference is the unslowed ratio measured in this same session, with the baseline file's
-    tolerance: between sessions the ratios themselves drifted by up to ±15% here (measured), so
+    The reference is the unslowed ratio measured by this same test, with the baseline file's
+    tolerance: between runs days apart the ratios themselves drifted by up to ±15% here (measured), so
     comparing an injected slowdown with the committed file would test that drift rather than the
     tolerance. Both sides are the best of the same 3 attempts (a first version took the
     reference from the regular check, which stops at its first passing attempt, against the
