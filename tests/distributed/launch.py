@@ -52,8 +52,9 @@ def descendants(pid: int) -> list[int]:
 
 
 def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL a launcher and every process under it. torchrun starts each worker in a session of
-    its own, so killing the launcher's process group alone leaves the workers training on."""
+    """SIGKILL a launcher and every process under it. torchrun starts each worker with setsid (in a
+    process group of its own), so killing the launcher's process group alone leaves the workers
+    training on."""
     for pid in [*descendants(proc.pid), proc.pid]:
         try:
             os.kill(pid, signal.SIGKILL)

@@ -212,8 +212,9 @@ def test_two_ranks_two_workers_read_every_row_once(data, tmp_path):
 
 def test_resume_on_one_rank_loads_the_same_weights(data, two_rank_run, tmp_path):
     """A 2-rank checkpoint at the last step, evaluated by 1 rank, gives the 2-rank metrics (either
-    layout's checkpoint loads into the one rank's tables, replicated on CPU since session 15:
-    table_wise → replicated and replicated → replicated, optimizer state included)."""
+    layout's checkpoint loads into the one rank's tables, which a CPU world of one replicates
+    (distributed/sharding.py): table_wise → replicated and replicated → replicated, optimizer
+    state included)."""
     run_dir = str(tmp_path / "one_rank")
     shutil.copytree(os.path.join(two_rank_run, "checkpoints"), os.path.join(run_dir, "checkpoints"))
     proc = train(1, data, run_dir, CKPT[:-1] + ["reader.batch_size=512"], resume=True)
