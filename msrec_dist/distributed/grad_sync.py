@@ -1,14 +1,13 @@
 """Data-parallel gradients: one buffer for all of them, and how they are averaged over ranks.
 
-    backward ──autograd accumulates in place──► FlatGrads.buffer = [dense grads | extra slots]
+    backward ──autograd accumulates in place──► FlatGrads.buffer = [every dense gradient, flattened]
              ──fbgemm's table backward──► the replicated tables' gradient, a tensor of its own
     grad_sync "ddp":  torch DDP around the dense modules, and torchrec's DDP around each replicated
                       (data_parallel) table lookup, all-reduce in buckets during backward (two
                       reducers: two all-reduces a step, plus their per-step hooks)
     grad_sync "flat": no DDP; after backward FlatAllReduce averages the buffer in one all-reduce,
-                      which also carries the loop's has-data agreement for the next batch (3 extra
-                      slots: no collective of its own), then the replicated tables' gradient in a
-                      second one (each divides by the world size in the sum's pass)
+                      then the replicated tables' gradient in a second one (each divides by the
+                      world size in the sum's pass)
     then: clip (dense gradients) → optimizers → zero the buffer (one fill); the tables' gradient
           is dropped (set to None), so the next backward hands its fresh tensor over as is
 
@@ -59,8 +58,6 @@ class FlatGrads:
     instead of ~35 small ops over the 15-50 gradient tensors (about 0.4 ms a step on this project's
     CPU for ple, as long as the fused Adam step itself), and the all-reduce is one call.
 
-    The buffer holds `params`' gradients (`clipped`), then the `extra` slots.
-
     Autograd accumulates into an existing .grad in place, so the views stay bound until someone
     replaces them; bound() checks the data pointers every step (DDP with gradient_as_bucket_view
     swaps in its own bucket views; a caller may set grads to None), and callers then take torch's
@@ -68,23 +65,17 @@ class FlatGrads:
     update of an SGD/Adam step that every parameter gets anyway (an empty batch gives zeros).
     """
 
-    def __init__(self, params: list[nn.Parameter], extra: int = 0) -> None:
-        """`extra` slots after the gradients (`self.extra`) ride along in the all-reduce: the
-        loop's has-data agreement for the next batch (training/loop.py, agreed_batches)."""
+    def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = [p for p in params if p.requires_grad]
-        self.extra: Optional[torch.Tensor] = None
         if not self.params or len({(p.dtype, p.device) for p in self.params}) != 1:
-            self.buffer, self.clipped, self.ptrs = None, None, []
+            self.buffer, self.ptrs = None, []
             return
         p0 = self.params[0]
-        num_grads = sum(p.numel() for p in self.params)
-        self.buffer = torch.zeros(num_grads + extra, dtype=p0.dtype, device=p0.device)
+        self.buffer = torch.zeros(sum(p.numel() for p in self.params), dtype=p0.dtype, device=p0.device)  # [N]
         offset = 0
         for p in self.params:
             p.grad = self.buffer[offset: offset + p.numel()].view_as(p)
             offset += p.numel()
-        self.clipped = self.buffer[:num_grads]
-        self.extra = self.buffer[num_grads:] if extra else None
         self.ptrs = [p.grad.data_ptr() for p in self.params]
 
     def bound(self) -> bool:
@@ -92,9 +83,9 @@ class FlatGrads:
             p.grad is not None and p.grad.data_ptr() == ptr for p, ptr in zip(self.params, self.ptrs))
 
     def clip_(self, max_norm: float) -> torch.Tensor:
-        """clip_grad_norm_ over all the clipped gradients at once (same global L2 norm and scale)."""
-        total = torch.linalg.vector_norm(self.clipped)
-        self.clipped.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        """clip_grad_norm_ over all the gradients at once (same global L2 norm and scale)."""
+        total = torch.linalg.vector_norm(self.buffer)
+        self.buffer.mul_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
         return total
 
 
@@ -109,32 +100,25 @@ class FlatAllReduce:
         self.replicated_params = tuple(replicated_params)  # the replicated lookups' own weights
         self.group, self.world_size = group, world_size
 
-    def all_reduce_(self, flat: FlatGrads) -> Optional[list[int]]:
-        """Averages the gradients; returns the sums over ranks of FlatGrads' extra slots (small
-        integers, exact in float32), or None without extra slots."""
-        sums = self._average_buffer_(flat)
+    def all_reduce_(self, flat: FlatGrads) -> None:
+        """Averages the gradients over the ranks, in place."""
+        self._average_buffer_(flat)
         for p in self.replicated_params:  # every rank sums the same tensors, in the same order:
             if p.grad is None:  # zeros where no backward reached the lookup, whatever other ranks had
                 p.grad = torch.zeros_like(p)
             all_reduce_sum_(p.grad, self.group, divisor=self.world_size)
-        return sums
 
-    def _average_buffer_(self, flat: FlatGrads) -> Optional[list[int]]:
-        bound = flat.bound()
-        grads = [] if bound else [p.grad for p in flat.params if p.grad is not None]
-        if not bound and flat.extra is not None:
-            grads.append(flat.extra)  # the extra slots ride in the temporary too
-        if not bound and not grads:
-            return None
-        buffer = flat.buffer if bound else _flatten_dense_tensors(grads)
-        all_reduce_sum_(buffer, self.group, divisor=self.world_size)  # the mean, in the sum's pass
-        sums = None
-        if flat.extra is not None:  # averaged with the rest: sum = mean * world (exact for these counts)
-            extra = buffer[buffer.numel() - flat.extra.numel():]
-            sums = [int(v) for v in (extra * self.world_size).round().tolist()]
-        for g, synced in zip(grads, _unflatten_dense_tensors(buffer, grads) if grads else ()):
+    def _average_buffer_(self, flat: FlatGrads) -> None:
+        if flat.bound():
+            all_reduce_sum_(flat.buffer, self.group, divisor=self.world_size)  # the mean, in the sum's pass
+            return
+        grads = [p.grad for p in flat.params if p.grad is not None]
+        if not grads:
+            return
+        buffer = _flatten_dense_tensors(grads)
+        all_reduce_sum_(buffer, self.group, divisor=self.world_size)
+        for g, synced in zip(grads, _unflatten_dense_tensors(buffer, grads)):
             g.copy_(synced)  # the temporary's values back into the gradients (unbound case)
-        return sums
 
 
 def unwrap_replicated_lookups(module: nn.Module) -> list[nn.Parameter]:

@@ -3,7 +3,8 @@
     ExperimentConfig + DistContext
       ──load_data_config, validate_files (via make_dataloader)──► files checked before any step
       ──build_train_state──► DMP + optimizers (plan printed, saved to <run.dir>/plan.json)
-      ──epochs of train_epoch (tqdm, TensorBoard loss, checkpoints)──►
+      ──build_trainer (training/loop.py: plain or pipelined, chosen once)──►
+      ──epochs of trainer.train_epoch (tqdm, TensorBoard loss, checkpoints)──►
       ──evaluate on the eval split──► <run.dir>/final_metrics.json (+ TensorBoard AUCs)
 
 `run(cfg, ctx)` is what `msrec_dist/train.py` calls and what tests call without a subprocess.
@@ -22,10 +23,11 @@ from msrec_dist.data.reader import make_dataloader, validate_files
 from msrec_dist.data.schema import load_data_config
 from msrec_dist.distributed.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from msrec_dist.distributed.context import DistContext
-from msrec_dist.training.loop import evaluate, train_epoch
 from msrec_dist.distributed.model_parallel import build_train_state
 from msrec_dist.distributed.sharding import describe_plan, save_plan
 from msrec_dist.metrics.evaluator import format_table
+from msrec_dist.training.evaluate import evaluate
+from msrec_dist.training.loop import build_trainer
 from msrec_dist.typed_yaml import to_dict
 
 
@@ -117,13 +119,12 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
             save_checkpoint(ckpt_root, state, pos, ctx, cfg.train.keep_checkpoints)
         return pos.step < total_steps
 
-    pipelined = cfg.train.pipeline == "sparse_dist" or (
-        cfg.train.pipeline == "auto" and ctx.device.type == "cuda" and not state.local_lookup)
+    trainer = build_trainer(state, data, ctx, cfg.train)
     start = time.perf_counter()
     while pos.epoch < cfg.train.epochs and pos.step < total_steps:
         loader = make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size,
                                  start_batch=pos.batch_in_epoch, device_type=ctx.device.type)
-        train_epoch(state, loader, data, ctx, cfg.train.grad_clip, on_step, pipelined)
+        trainer.train_epoch(loader, on_step)
         if pos.step < total_steps or pos.batch_in_epoch >= steps_per_epoch:
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
     wall = time.perf_counter() - start

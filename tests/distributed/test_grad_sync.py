@@ -1,7 +1,7 @@
 """grad_sync 'flat' (msrec_dist/distributed/grad_sync.py) on 2 spawned gloo ranks: no DDP anywhere (the
-replicated lookups' own DDP taken off, their hooks removed), every dense gradient in one buffer
-with the agreement's slots, the replicated tables' gradient summed on its own, and after steps on
-different local batches every rank holds bitwise the same weights. The 1-rank-vs-2-rank loss and table comparisons of tests/distributed/test_multirank.py check
+replicated lookups' own DDP taken off, their hooks removed), every dense gradient in one buffer,
+the replicated tables' gradient summed on its own, the has-data agreement in a collective of its
+own, and after steps on different local batches every rank holds bitwise the same weights. The 1-rank-vs-2-rank loss and table comparisons of tests/distributed/test_multirank.py check
 the averaging itself."""
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ def _worker(rank: int, data_yaml: str, init_file: str, out_dir: str, sync: str, 
         from msrec_dist.data.schema import load_data_config
         from msrec_dist.distributed.context import init_distributed
         from msrec_dist.distributed import grad_sync
-        from msrec_dist.training import loop
-        from msrec_dist.training.loop import DenseStep, agreed_batches, train_step
+        from msrec_dist.training import agreement
+        from msrec_dist.training.agreement import agreed_batches
+        from msrec_dist.training.loop import build_trainer
         from msrec_dist.distributed.model_parallel import build_train_state
         from tests.distributed.launch import TINY_MODEL
 
@@ -41,7 +42,7 @@ def _worker(rank: int, data_yaml: str, init_file: str, out_dir: str, sync: str, 
                 calls[key] += 1
                 return inner(*args, **kwargs)
             module.all_reduce_sum_ = wrapper
-        counted(loop, "agreement")
+        counted(agreement, "agreement")
         counted(grad_sync, "gradients")
 
         cfg = load_experiment("configs/msrec.yaml", data_yaml, tuple(TINY_MODEL) + (
@@ -50,22 +51,22 @@ def _worker(rank: int, data_yaml: str, init_file: str, out_dir: str, sync: str, 
         data = load_data_config(cfg.data)
         ctx = init_distributed()
         state = build_train_state(cfg, data, ctx, total_steps=100)
-        step = DenseStep(state, cfg.train.grad_clip)
+        trainer = build_trainer(state, data, ctx, cfg.train)
+        step = trainer.dense_step
         # torchrec keeps a sharded EBC's lookups in a plain list, which modules() does not walk
         lookups = [lk for m in state.model.modules() for lk in (getattr(m, "_lookups", None) or [])]
         ddp = sum(isinstance(m, DistributedDataParallel) for m in [*state.model.modules(), *lookups])
-        # as train_epoch: the step's gradient all-reduce carries the next batch's agreement (flat)
-        batches = agreed_batches(make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size), data, ctx,
-                                 step)
+        # as Trainer.train_epoch: one agreement, then one step, per batch
+        batches = agreed_batches(make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size), data, ctx)
         for _ in range(3):
             batch, rows = next(batches)
-            train_step(state, batch, rows, ctx.world_size, step)
+            trainer.step(batch, rows)
         batches.close()
         weights = {k: v.detach().clone() for k, v in state.model.named_parameters()}
         torch.save({"ddp_modules": ddp, "bound": step.flat.bound(), "synced": state.grad_sync is not None,
                     "buffer": step.flat.buffer.numel() if step.flat.buffer is not None else 0,
                     "dense": sum(p.numel() for p in state.dense_params), "weights": weights,
-                    "carries": step.carries_agreement, "calls": calls, "host_reduce": state.host_reduce,
+                    "calls": calls, "host_reduce": state.host_reduce,
                     "replicated": len(state.grad_sync.replicated_params) if state.grad_sync else 0},
                    os.path.join(out_dir, f"{rank}.pt"))
     finally:
@@ -81,15 +82,14 @@ def test_two_ranks_stay_identical(synth_data, tmp_path, sync):
         if sync == "flat":
             assert o["ddp_modules"] == 0
             assert o["bound"]  # the gradients stayed views of the one buffer the all-reduce sends
-            assert o["buffer"] == o["dense"] + 3  # the dense gradients and the agreement share it
-            # the first batch's agreement alone, then each step's dense gradient sum carries the
-            # next one's (3 steps read 3 batches and 3 agreements), and each replicated table
-            # kernel's gradient is summed on its own (left out of the buffer)
+            assert o["buffer"] == o["dense"]  # the dense gradients, nothing else
+            # 3 batches, 3 agreements of their own; per step one sum of the dense gradients and one
+            # per replicated table kernel's gradient (left out of the buffer)
             assert o["replicated"] >= 1
-            assert o["carries"] and o["calls"] == {"agreement": 1, "gradients": 3 * (1 + o["replicated"])}
+            assert o["calls"] == {"agreement": 3, "gradients": 3 * (1 + o["replicated"])}
         else:
             assert o["ddp_modules"] >= 2  # the dense modules' DDP and the replicated lookups'
-            assert not o["carries"] and o["calls"] == {"agreement": 3, "gradients": 0}
+            assert o["calls"] == {"agreement": 3, "gradients": 0}
     assert a["weights"].keys() == b["weights"].keys()
     for key, value in a["weights"].items():
         assert torch.equal(value, b["weights"][key]), key
@@ -103,16 +103,15 @@ def test_resolve_grad_sync():
         resolve_grad_sync("bucketed", "cpu")
 
 
-def test_flat_grads_clip_the_gradients_not_the_extra_slots():
+def test_flat_grads_clip_every_gradient_by_one_norm():
     dense, other = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1))
-    flat = FlatGrads([dense, other], extra=2)
-    (dense * torch.tensor([3.0, 4.0, 0.0])).sum().backward()
-    flat.extra.copy_(torch.tensor([7.0, 100.0]))  # the agreement's counts ride here
-    assert flat.bound() and flat.buffer.numel() == 6
+    flat = FlatGrads([dense, other])
+    (dense * torch.tensor([3.0, 4.0, 0.0]) + other * 0.0).sum().backward()
+    assert flat.bound() and flat.buffer.numel() == 4  # the gradients, nothing else
     total = flat.clip_(1.0)
     assert float(total) == pytest.approx(5.0)
     torch.testing.assert_close(dense.grad, torch.tensor([0.6, 0.8, 0.0]), rtol=1e-5, atol=1e-6)
-    assert torch.equal(flat.extra, torch.tensor([7.0, 100.0]))  # not clipped
+    assert torch.equal(other.grad, torch.zeros(1))
 
 
 def _unbound_worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -122,16 +121,15 @@ def _unbound_worker(rank: int, init_file: str, out_dir: str) -> None:
 
         a, a2 = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(1))
         b, c = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))  # replicated lookups' weights
-        flat = FlatGrads([a, a2], extra=1)
+        flat = FlatGrads([a, a2])
         a.grad = torch.full((3,), float(rank + 1))  # replaced: the buffer path is off
         a2.grad.fill_(4.0 * (rank + 1))  # still a view of the buffer
-        flat.extra.fill_(rank + 1)
         b.grad = torch.full((2,), 10.0 * (rank + 1))  # not in the buffer: summed on its own
         c.grad = torch.full((2,), 6.0) if rank == 0 else None  # no gradient on rank 1: zeros there
         bound = flat.bound()
-        sums = FlatAllReduce([b, c], None, 2).all_reduce_(flat)
+        FlatAllReduce([b, c], None, 2).all_reduce_(flat)
         torch.save({"bound": bound, "a": a.grad.clone(), "a2": a2.grad.clone(), "b": b.grad.clone(),
-                    "c": c.grad.clone(), "sums": sums}, os.path.join(out_dir, f"u{rank}.pt"))
+                    "c": c.grad.clone()}, os.path.join(out_dir, f"u{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
@@ -144,7 +142,6 @@ def test_flat_all_reduce_averages_replaced_gradients(tmp_path):
         o = torch.load(tmp_path / f"u{r}.pt")
         assert not o["bound"]
         assert torch.equal(o["a"], torch.full((3,), 1.5)) and torch.equal(o["a2"], torch.full((1,), 6.0))
-        assert o["sums"] == [3]  # the extra slot, summed (the gradients averaged)
         assert torch.equal(o["b"], torch.full((2,), 15.0))
         assert torch.equal(o["c"], torch.full((2,), 3.0))
 

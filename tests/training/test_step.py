@@ -1,4 +1,4 @@
-"""The dense optimizer step of the train loop (msrec_dist/training/loop.py): FlatGrads (gradients as
+"""The dense optimizer step (msrec_dist/training/step.py): FlatGrads (gradients as
 views of one buffer, clipped and zeroed at once) against torch's per-tensor clip_grad_norm_ and
 zero_grad(set_to_none=True), and DenseStep's fallback when the views get replaced."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from msrec_dist.distributed.grad_sync import FlatGrads
-from msrec_dist.training.loop import DenseStep
+from msrec_dist.training.step import DenseStep
 
 
 def _model(seed: int = 0) -> nn.Module:

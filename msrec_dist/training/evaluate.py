@@ -1,0 +1,26 @@
+"""Evaluation: global per scenario × task metrics over a split, the same dict on every rank.
+
+    agreed batches (agreement.py) ──model.eval() forward──► logits [B, tasks], labels [B, tasks]
+      ──ScenarioTaskMetrics.update (by batch.scenario [B])──► compute(): synced over ranks
+"""
+from __future__ import annotations
+
+import torch
+
+from msrec_dist.data.schema import DataConfig
+from msrec_dist.distributed.context import DistContext
+from msrec_dist.distributed.model_parallel import TrainState
+from msrec_dist.metrics.evaluator import ScenarioTaskMetrics
+from msrec_dist.training.agreement import agreed_batches
+
+
+@torch.no_grad()
+def evaluate(state: TrainState, loader, data: DataConfig, ctx: DistContext) -> dict:
+    """Global per scenario × task metrics over the loader's split (every rank gets the same dict)."""
+    metrics = ScenarioTaskMetrics(data.scenario.names, data.task_names).to(ctx.device)
+    state.model.eval()
+    for batch, _ in agreed_batches(loader, data, ctx):
+        _, (_, logits, labels) = state.model(batch)
+        metrics.update(logits, labels, batch.scenario)
+    state.model.train()
+    return metrics.compute()
