@@ -15,7 +15,7 @@ set -u
 OUT=${OUT:-benchmarks/results/gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
-# setup.py installs kernels/ as msrec_dist.kernels (package_dir); without installing, a link does it
+# the install maps kernels/ to msrec_dist.kernels (pyproject package-dir); without installing, a link does it
 [ -e msrec_dist/kernels ] || ln -s ../kernels msrec_dist/kernels
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv

@@ -116,15 +116,13 @@ def prebuilt_batches(cfg, data, n: int, rank: int = 0, world_size: int = 1) -> l
 
 
 def step_fn(state, cfg, world_size: int = 1) -> Callable:
-    """msrec_dist.training.loop.train_step bound to a state (works with the grad_clip-float and the
-    DenseStep-object signatures of train_step)."""
-    from msrec_dist.training import loop
+    """msrec_dist.training.step.train_step bound to a state and its DenseStep, as Trainer.step runs it."""
+    from msrec_dist.training.step import DenseStep, train_step
 
-    last = loop.DenseStep(state, cfg.train.grad_clip) if hasattr(loop, "DenseStep") else cfg.train.grad_clip
+    dense_step = DenseStep(state, cfg.train.grad_clip)
 
     def step(batch, global_rows=None):
-        return loop.train_step(state, batch, global_rows or batch.size * world_size, world_size, last)
-    step.dense_step = last  # agreed_batches(..., step.dense_step) lets its all-reduce carry the agreement
+        return train_step(state, batch, global_rows or batch.size * world_size, world_size, dense_step)
     return step
 
 

@@ -60,7 +60,7 @@ def inner_model(state):
 def timed_steps(state, cfg, data, ctx, warmup: int, steps: int, loader=None) -> float:
     """Seconds per step over `steps` steps after `warmup`, real reader, barrier-synchronised."""
     from msrec_dist.data.reader import make_dataloader
-    from msrec_dist.training.loop import agreed_batches
+    from msrec_dist.training.agreement import agreed_batches
 
     step = P.step_fn(state, cfg, ctx.world_size)
     loader = loader or make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size)
@@ -150,8 +150,8 @@ def step_split(model: str, data_path: str, batch_size: int, steps: int = 3) -> d
             open_regions.pop(id(m)).__exit__(None, None, None)
         handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
 
-    from msrec_dist.training import loop
-    dense = loop.DenseStep(state, cfg.train.grad_clip) if hasattr(loop, "DenseStep") else None
+    from msrec_dist.training.step import DenseStep
+    dense = DenseStep(state, cfg.train.grad_clip)
 
     def one_step(it):
         with record_function("reader"):
@@ -162,14 +162,7 @@ def step_split(model: str, data_path: str, batch_size: int, steps: int = 3) -> d
         with record_function("backward"):
             loss.backward()
         with record_function("optimizer"):
-            if dense is not None:
-                dense.step()
-            else:
-                if cfg.train.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(state.dense_params, cfg.train.grad_clip)
-                state.dense_optimizer.step()
-                state.dense_optimizer.zero_grad(set_to_none=True)
-                state.scheduler.step()
+            dense.step()
 
     it = iter(make_dataloader(data, data.train, cfg.reader))
     for _ in range(3):

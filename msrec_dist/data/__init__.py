@@ -1,7 +1,8 @@
 """Data layer: data.yaml config (schema), streaming Parquet reader → Batch, synthetic data.
 
 Flow: `load_data_config(data.yaml)` → `DataConfig` (files, features, tables) →
-`make_dataloader(cfg, cfg.train, ReaderConfig(...), rank, world_size, start_batch)` → `Batch`es.
+`make_dataloader(cfg, cfg.train, ReaderConfig(...), rank, world_size, start_batch)` → `Batch`es
+(msrec_dist.batch: the one type the reader builds and the model reads).
 `synth.generate(...)` writes a demo data set with planted multi-scenario structure.
 
 Names below are re-exported lazily so `python -m msrec_dist.data.synth` does not pay for
@@ -10,7 +11,6 @@ importing torch and torchrec (several seconds).
 import importlib
 
 _EXPORTS = {
-    "batch": ["Batch"],
     "reader": ["FileIndex", "ParquetBatchDataset", "ReaderConfig", "count_rows", "make_dataloader", "validate_files"],
     "schema": ["DataConfig", "DataError", "DenseFeature", "ScenarioSpec", "SparseFeature", "TableSpec", "TaskSpec",
                "load_data_config", "validate_file_schema"],

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from msrec_dist.data.batch import Batch
+from msrec_dist.batch import Batch
 from msrec_dist.data.schema import DataConfig, DataError
 from msrec_dist.distributed.collectives import all_reduce_sum_
 from msrec_dist.distributed.context import DistContext

@@ -10,7 +10,7 @@ Each mode is chosen once, where the state or the trainer is built; the step has 
     gradient sync ddp | flat | none   build_train_state (distributed/model_parallel.py): DDP wrappers
                                       in backward, or state.grad_sync (FlatAllReduce) that DenseStep
                                       calls after backward; none in a world of one
-    lookup local | DMP                build_train_state: FieldEmbedding.local_lookup (inside forward)
+    lookup local | DMP                build_train_state: FieldEmbedding.use_pooled_lookup (inside forward)
     plain | pipelined                 build_trainer: train.pipeline ('auto': pipelined on CUDA with
                                       DMP's lookup)
     sums shm | gloo                   build_train_state: enable_host_reduce (train.host_reduce), used
@@ -25,7 +25,7 @@ import torch
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
 from msrec_dist.config import TrainConfig
-from msrec_dist.data.batch import Batch
+from msrec_dist.batch import Batch
 from msrec_dist.data.schema import DataConfig
 from msrec_dist.distributed.context import DistContext
 from msrec_dist.distributed.model_parallel import TrainState
@@ -94,6 +94,3 @@ def build_trainer(state: TrainState, data: DataConfig, ctx: DistContext, train: 
         train.pipeline == "auto" and ctx.device.type == "cuda" and not state.local_lookup)
     return (PipelinedTrainer if pipelined else Trainer)(state, data, ctx, train.grad_clip)
 
-
-# the step's names where tests/distributed/test_local_lookup.py and benchmarks/ import them
-__all__ = ["DenseStep", "OnStep", "PipelinedTrainer", "Trainer", "agreed_batches", "build_trainer", "train_step"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from msrec_dist.data.batch import Batch
+from msrec_dist.batch import Batch
 from msrec_dist.distributed.grad_sync import FlatGrads
 from msrec_dist.distributed.model_parallel import TrainState
 

@@ -19,7 +19,7 @@ from msrec_dist.data.reader import make_dataloader
 from msrec_dist.data.schema import load_data_config
 from msrec_dist.distributed.context import init_distributed
 from msrec_dist.distributed.local_lookup import find_kernel_lookup
-from msrec_dist.training.loop import DenseStep, train_step
+from msrec_dist.training.step import DenseStep, train_step
 from msrec_dist.distributed.model_parallel import build_train_state
 from tests.distributed.launch import TINY_MODEL
 
