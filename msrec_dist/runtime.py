@@ -7,13 +7,11 @@ before torch is imported and before any tensor is allocated. Imports nothing hea
           reader_workers > 0: PASSIVE. Between ops, OpenMP threads spin for a while before they
             sleep (libgomp's default), and ops follow each other within microseconds, so during
             a step the helper thread never sleeps and starves the DataLoader workers on a small
-            machine (measured: steps 3x slower once the prefetch ran dry).
+            machine (steps 3x slower once the prefetch ran dry).
           reader_workers == 0 (the configs' default, in-process reader): libgomp's default. A
-            sleeping thread pays a wake-up at every parallel op (msrec step at B=1024, 2 threads:
-            51 ms default vs 70-81 ms PASSIVE); ACTIVE (spin forever) was no faster (54-61 ms) and
-            starves other processes while this one waits: with it, a benchmark process that had
-            trained on 1 rank and then waited for its 2-rank children left them 0.2-0.6x of the
-            1-rank samples/s instead of 0.75-1.2x.
+            sleeping thread pays a wake-up at every parallel op (msrec step 51 ms vs 70-81 ms with
+            PASSIVE); ACTIVE (spin forever) was no faster and starves other processes while this
+            one waits.
         glibc malloc thresholds (mallopt, unless MSREC_MALLOC_TUNE=0): PyTorch's CPU allocator is
             plain malloc, and glibc serves large blocks with fresh mmaps and trims freed heap tops
             back to the kernel, so every step page-faults its activations in again (measured on

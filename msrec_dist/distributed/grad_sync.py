@@ -13,21 +13,19 @@
 
 `grad_sync: auto` is "flat" on CPU (gloo) and "ddp" on CUDA. DDP's buckets overlap the all-reduce
 with the rest of backward, which pays on GPUs (NCCL runs on its own stream). On CPU the gloo
-all-reduce runs on the same cores as backward, so there is nothing to overlap with, and each gloo
-collective costs 0.6-0.7 ms of latency on this project's 2-core machine (median; 4 ms at p90),
-on top of the reducers' Python in every forward and backward. The flat sum itself goes through
+all-reduce runs on the same cores as backward, so there is nothing to overlap with, and each
+collective costs a round trip (gloo: 0.6-0.7 ms median on a 2-core host) on top of the reducers'
+Python in every forward and backward. The flat sum itself goes through
 msrec_dist.distributed.collectives.all_reduce_sum_ (shared memory when the ranks share a host).
 
 Why by hand: torch's DDP and torchrec's replicated lookups each own a reducer, and neither merges
 collectives with the other; torch's clip_grad_norm_ and zero_grad work per tensor.
 
 Why the tables' gradient stays out of the buffer: fbgemm's dense backward returns a new, zero-filled
-gradient of the whole table batch every step (241k floats for the demo's tables); bound as a view
-of the buffer, autograd added it into the view (a read of 2 MB and a write of 1 MB), and the sum
-copied it into shared memory anyway. Left unbound it is taken as is and summed by itself: one more
-shared-memory round (microseconds once the ranks are in step) instead of the add. 2 ranks at global
-batch 512, both ways alternated in one torchrun job (20 rounds of 10 steps): shared_bottom old/new
-1.049 per round (median), mmoe 1.020.
+gradient of the whole table batch every step; bound as a view of the buffer, autograd added it
+into the view, and the sum copied it into shared memory anyway. Left unbound it is taken as is and
+summed by itself: one more shared-memory round instead of the add (2-5% faster steps at 2 ranks,
+docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -55,8 +53,8 @@ def resolve_grad_sync(mode: str, device_type: str) -> str:
 
 class FlatGrads:
     """Gradients as views of one buffer: the clip is one norm and one scale, zeroing one fill,
-    instead of ~35 small ops over the 15-50 gradient tensors (about 0.4 ms a step on this project's
-    CPU for ple, as long as the fused Adam step itself), and the all-reduce is one call.
+    instead of ~35 small ops over the 15-50 gradient tensors (as long as the fused Adam step itself
+    on CPU), and the all-reduce is one call.
 
     Autograd accumulates into an existing .grad in place, so the views stay bound until someone
     replaces them; bound() checks the data pointers every step (DDP with gradient_as_bucket_view
