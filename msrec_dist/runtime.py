@@ -14,9 +14,9 @@ before torch is imported and before any tensor is allocated. Imports nothing hea
             one waits.
         glibc malloc thresholds (mallopt, unless MSREC_MALLOC_TUNE=0): PyTorch's CPU allocator is
             plain malloc, and glibc serves large blocks with fresh mmaps and trims freed heap tops
-            back to the kernel, so every step page-faults its activations in again (measured on
-            the ple step at B=1024: 76-956 minor faults per step, about 190 per gate_combine call;
-            about 7 per step with the thresholds raised, and 15% less step time). Raising the mmap
+            back to the kernel, so every step page-faults its activations in again (hundreds of
+            minor faults per ple step; about 7 with the thresholds raised, and 15% less step time).
+            Raising the mmap
             threshold to its maximum (32 MiB) and the trim threshold keeps freed blocks in the heap
             for the next step; the process's RSS stays at the peak of a step. No library offers
             this (torch has no caching CPU allocator), so it is one ctypes call.
@@ -25,9 +25,8 @@ before torch is imported and before any tensor is allocated. Imports nothing hea
             already (its allowed CPUs are all the online ones), local rank r keeps cores
             [r*k, (r+1)*k), k = cores // local ranks, for itself and the threads it starts (the
             read-ahead and gloo threads). Unbound, the scheduler moved the ranks' threads over
-            both cores of this project's machine and a rank waited in its collectives for the
-            other to be scheduled: 2-rank ple step at global batch 1024, two alternating runs
-            each, 26.5 / 26.0 ms unbound vs 24.5 / 23.6 ms bound. The same binding that torch's
+            both cores and a rank waited in its collectives for the other to be scheduled (2-rank
+            ple step 26 ms unbound vs 24 ms bound). The same binding that torch's
             CPU launcher (torch.backends.xeon.run_cpu) or `taskset` per rank would do; done here
             so that `torchx run dist.ddp` gets it with no wrapper.
 """
