@@ -131,6 +131,10 @@ class ReaderConfig:
     # with num_workers 0: decode in a background thread, overlapped with the step. auto: only where
     # the thread gets CPU time of its own: GPU step, spare cores, or several ranks (reader.read_ahead_in_thread)
     prefetch_thread: Union[bool, Literal["auto"]] = "auto"
+    # true: check every value of the train and eval files before the first step (data/scan.py;
+    # cost against one epoch's read: benchmarks/results/reader_scan.md); false: skip it for huge
+    # data (the reader still checks each row group when it decodes it, mid-run)
+    scan: bool = True
 
     def validate(self, where: str = "") -> None:
         for key, low in (("batch_size", 1), ("num_workers", 0), ("prefetch_factor", 1)):

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from msrec_dist.config import ExperimentConfig
 from msrec_dist.data.reader import make_dataloader, validate_files
+from msrec_dist.data.scan import scan_splits
 from msrec_dist.data.schema import load_data_config
 from msrec_dist.distributed.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
 from msrec_dist.distributed.context import DistContext
@@ -72,6 +73,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
     """
     data = load_data_config(cfg.data)
     validate_files(data, data.eval)
+    scan_splits(data, cfg.reader.scan, ctx.rank, ctx.world_size)  # every value of both splits, before any step
     global_batch = cfg.reader.batch_size * ctx.world_size
     steps_per_epoch = epoch_steps(make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size), ctx)
     total_steps = steps_per_epoch * cfg.train.epochs
