@@ -1,7 +1,7 @@
 """Throughput of the Parquet → KJT reader alone, and its overhead on the train step.
 
     python -m benchmarks.reader_throughput [--workers 0 1 2 4] [--batch-size 1024] [--models msrec ple]
-                                           [--rounds 3] [--steps 12]
+                                           [--rounds 3] [--steps 12] [--scan-rounds 5] [--scan-only]
 
 1. rows/s of make_dataloader (the real DataLoader: workers decode row groups, build Batches with
    KJTs, the main process receives them) over one epoch of the synthetic train split, for each
@@ -12,7 +12,11 @@
    with reader / step time in memory - 1 (median over rounds).
    Target: reader rows/s at the default workers >= 10x the trainer's samples/s; overhead <= 5%
    in the mode the default (`reader.prefetch_thread: auto`) picks on the machine.
-Writes benchmarks/results/reader_throughput.json and .md.
+3. The value scan before the first step (msrec_dist/data/scan.py, `reader.scan`) over the train
+   split beside one epoch's read of it (workers 0, inline), in interleaved rounds: rows/s of
+   each and scan time / read time (median over rounds).
+Writes benchmarks/results/reader_throughput.json and .md; with --scan-only, part 3 alone into
+benchmarks/results/reader_scan.json and .md.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ if __name__ == "__main__":  # run as a program: the process settings, before tor
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -37,6 +42,7 @@ import time  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks import perf_common as P  # noqa: E402
+from msrec_dist.data.schema import ReaderConfig  # noqa: E402
 
 
 def reader_rows_per_s(data, reader_cfg, max_batches: int | None = None) -> tuple[float, int]:
@@ -49,6 +55,40 @@ def reader_rows_per_s(data, reader_cfg, max_batches: int | None = None) -> tuple
         if max_batches and i + 1 >= max_batches:
             break
     return rows / (time.perf_counter() - start), rows
+
+
+def scan_vs_read(data, batch_size: int, rounds: int) -> dict:
+    """The value scan of the train split vs one epoch's read of it (make_dataloader, workers 0,
+    decoding inline: both on one core), interleaved rounds, the order alternating."""
+    from msrec_dist.data.scan import scan_files
+
+    reader_cfg = dataclasses.replace(ReaderConfig(), batch_size=batch_size, num_workers=0, prefetch_thread=False)
+    times: dict[str, list[float]] = {"scan": [], "read": []}
+    rows = 0
+    for r in range(rounds):
+        for what in (("scan", "read") if r % 2 == 0 else ("read", "scan")):
+            t = time.perf_counter()
+            if what == "scan":
+                rows = scan_files(data, data.train)
+            else:
+                reader_rows_per_s(data, reader_cfg)
+            times[what].append(time.perf_counter() - t)
+    ratios = [a / b for a, b in zip(times["scan"], times["read"])]
+    return {"rows": rows, "rounds": rounds, "scan_s": times["scan"], "read_s": times["read"],
+            "scan_rows_per_s": rows / P.median(times["scan"]), "read_rows_per_s": rows / P.median(times["read"]),
+            "scan_s_per_million_rows": P.median(times["scan"]) * 1e6 / rows,
+            "scan_over_read": P.median(ratios), "ratios": ratios}
+
+
+def scan_markdown(sc: dict) -> list[str]:
+    return ["## Value scan before the first step vs one epoch's read (`reader.scan`)", "",
+            "msrec_dist/data/scan.py scan_files over the train split (every row group read and checked with the "
+            "reader's own checks, no batches built) beside make_dataloader over the same split (workers 0, decoding "
+            f"inline), {sc['rounds']} interleaved rounds; medians, scan / read = median of the rounds' ratios "
+            f"({', '.join(f'{x:.2f}' for x in sc['ratios'])}).", "",
+            P.table(["rows", "scan rows/s", "read rows/s (1 epoch)", "scan s per million rows", "scan time / read time"],
+                    [[f"{sc['rows']:,}", f"{sc['scan_rows_per_s']:,.0f}", f"{sc['read_rows_per_s']:,.0f}",
+                      f"{sc['scan_s_per_million_rows']:.2f}", f"{sc['scan_over_read']:.2f}"]]), ""]
 
 
 READ_MODES = {"thread": True, "inline": False}  # reader.prefetch_thread of each measured read mode
@@ -117,6 +157,23 @@ def markdown(res: dict, command: str) -> str:
               "machine (msrec_dist.data.reader.read_ahead_in_thread).", "",
               P.table(["model", "read mode", "train samples/s (memory)", "train samples/s (reader)",
                        "reader rows/s", "reader / trainer", "step-time overhead"], rows), ""]
+    if "scan" in res:
+        lines += scan_markdown(res["scan"])
+    return "\n".join(lines)
+
+
+def scan_only_markdown(res: dict, command: str) -> str:
+    lines = ["# Value scan before the first step: cost against the reader", "",
+             f"Machine: {P.machine_line(res['machine'])}", "", *([res["note"], ""] if res.get("note") else []),
+             f"Command: `{command}`", "",
+             f"Data: synthetic, {res['rows']} train rows in 4 files, row groups of 16384; batch "
+             f"{res['batch_size']}.", "", *scan_markdown(res["scan"])]
+    if res.get("train_samples_per_s"):  # from reader_throughput.json, another run of this benchmark
+        lines += ["Against training (trainer samples/s with in-memory batches, 1 rank, from "
+                  "reader_throughput.json): scan time / one training epoch's time = trainer samples/s / scan rows/s:", "",
+                  P.table(["model", "train samples/s", "scan / training epoch"],
+                          [[m, f"{v:,.0f}", f"{100 * v / res['scan']['scan_rows_per_s']:.1f}%"]
+                           for m, v in res["train_samples_per_s"].items()]), ""]
     return "\n".join(lines)
 
 
@@ -128,17 +185,29 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--rows", type=int, default=200_000)
-    ap.add_argument("--out", default="reader_throughput")
+    ap.add_argument("--scan-rounds", type=int, default=5)
+    ap.add_argument("--scan-only", action="store_true", help="part 3 alone (into reader_scan.json/.md)")
+    ap.add_argument("--note", default="", help="a line for the --scan-only results (commit, date, machine load)")
+    ap.add_argument("--out", default=None, help="results name (default reader_throughput, reader_scan with --scan-only)")
     a = ap.parse_args(argv)
     logging.disable(logging.WARNING)
-    from msrec_dist.data.reader import ReaderConfig
     from msrec_dist.data.schema import load_data_config
 
     data_path = P.ensure_data(rows=a.rows)
     data = load_data_config(data_path)
-    P.init_world()
+    command = "python -m benchmarks.reader_throughput " + " ".join(argv if argv is not None else sys.argv[1:])
     res = {"machine": P.machine(), "rows": a.rows, "batch_size": a.batch_size, "reader_rows_per_s": {}, "overhead": {},
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "libgomp default")}
+    if a.scan_only:
+        res = {"machine": res["machine"], "note": a.note, "rows": a.rows, "batch_size": a.batch_size, "command": command,
+               "scan": scan_vs_read(data, a.batch_size, a.scan_rounds)}
+        prev = os.path.join(P.RESULTS, "reader_throughput.json")
+        if os.path.exists(prev):
+            res["train_samples_per_s"] = {m: o["samples_per_s_memory"] for m, o in json.load(open(prev))["overhead"].items()}
+        js, md = P.write_results(a.out or "reader_scan", res, scan_only_markdown(res, command))
+        print(open(md).read())
+        return
+    P.init_world()
     for w in a.workers:
         rps, n = reader_rows_per_s(data, dataclasses.replace(ReaderConfig(), batch_size=a.batch_size, num_workers=w))
         res["reader_rows_per_s"][str(w)] = rps
@@ -152,10 +221,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{model}: memory {o['samples_per_s_memory']:,.0f} samples/s; " + "; ".join(
             f"{mode} {m['samples_per_s_reader']:,.0f}, overhead {100 * m['overhead']:+.1f}%" for mode, m in o["modes"].items()),
             flush=True)
-    command = "python -m benchmarks.reader_throughput " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["scan"] = sc = scan_vs_read(data, a.batch_size, a.scan_rounds)
+    print(f"value scan: {sc['scan_rows_per_s']:,.0f} rows/s vs one epoch's read {sc['read_rows_per_s']:,.0f} rows/s: "
+          f"scan / read {sc['scan_over_read']:.2f}", flush=True)
     res["command"] = command
     res["torch_threads"] = torch.get_num_threads()
-    js, md = P.write_results(a.out, res, markdown(res, command))
+    js, md = P.write_results(a.out or "reader_throughput", res, markdown(res, command))
     print(open(md).read())
 
 
