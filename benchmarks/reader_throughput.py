@@ -195,7 +195,10 @@ def main(argv: list[str] | None = None) -> None:
 
     data_path = P.ensure_data(rows=a.rows)
     data = load_data_config(data_path)
-    command = "python -m benchmarks.reader_throughput " + " ".join(argv if argv is not None else sys.argv[1:])
+    args = list(argv if argv is not None else sys.argv[1:])
+    if "--note" in args:  # the note is printed as its own line
+        del args[args.index("--note"):args.index("--note") + 2]
+    command = "python -m benchmarks.reader_throughput " + " ".join(args)
     res = {"machine": P.machine(), "rows": a.rows, "batch_size": a.batch_size, "reader_rows_per_s": {}, "overhead": {},
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "libgomp default")}
     if a.scan_only:
