@@ -1,6 +1,7 @@
 """Train and evaluate one msrec_dist model.
 
-    msrec-train --config configs/msrec.yaml [--data DATA.yaml] [--set key.sub=value ...] [--resume]
+    msrec-train --config configs/msrec.yaml [--data DATA.yaml] [--set key.sub=value ...]
+                [--resume [--resume-on-changed-data] | --overwrite]
     python msrec_dist/train.py --config configs/msrec.yaml ...   (the same, as a file)
     torchrun --nproc-per-node 2 msrec_dist/train.py --config configs/msrec.yaml
     torchx run -s local_cwd dist.ddp -j 1x2 --script msrec_dist/train.py -- --config configs/msrec.yaml
@@ -30,7 +31,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override config values, e.g. --set train.epochs=2 reader.batch_size=512")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the newest complete checkpoint in <run.dir>/checkpoints")
+                   help="continue from the newest complete checkpoint in <run.dir>/checkpoints (from step 0, "
+                        "said on stderr, where there is none and no finished run)")
+    p.add_argument("--resume-on-changed-data", action="store_true",
+                   help="with --resume: continue at the saved row position although the data files (paths, "
+                        "sizes, row counts) differ from the checkpoint's")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a run.dir that holds one: its contents are first moved aside to "
+                        "<run.dir>.replaced-<time> (a fresh run refuses a non-empty run.dir without this)")
     return p.parse_args(argv)
 
 
@@ -39,11 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_experiment(args.config, args.data, tuple(args.overrides))
     prepare_process(cfg.reader.num_workers)  # OpenMP wait policy, malloc thresholds: before torch loads
     from msrec_dist.distributed.context import init_distributed, shutdown
+    from msrec_dist.training.run_dir import RunDirError
     from msrec_dist.training.runner import run
 
     ctx = init_distributed()
     try:
-        run(cfg, ctx, resume=args.resume)
+        run(cfg, ctx, resume=args.resume, overwrite=args.overwrite,
+            resume_on_changed_data=args.resume_on_changed_data)
+    except RunDirError as e:
+        if ctx.is_main:
+            print(f"msrec-train: error: {e}", file=sys.stderr, flush=True)
+        return 2
     finally:
         shutdown()
     return 0

@@ -4,18 +4,23 @@
     <run.dir>/checkpoints/.tmp_step_N/     being written; renamed to step_N by rank 0 only
                                            after every rank finished (barrier)
     state = {model: DMP state dict (ShardedTensors), optim: sparse (fused) + dense optimizer,
-             progress: [step, epoch, batch_in_epoch, global_batch, samples], rng.rank<r>}
+             rng.rank<r>}
+    step_N/progress.json: {"progress": Progress (in rows), "data": what the rows are (files,
+                          sizes, row counts)}, written by rank 0 into .tmp_step_N
 
-A kill during a save leaves only a .tmp_ directory, which `latest_checkpoint` never returns.
-Loading through DCP reshards, so a checkpoint saved on 2 ranks loads on 1. The reader restarts
-at `batch_in_epoch`, a global batch index that means the same rows for any world size.
+Every file and the directory are fsynced before the rename that publishes step_N, the parent after
+it. A kill during a save leaves only a .tmp_ directory, which `latest_checkpoint` never returns.
+Loading through DCP reshards, so a checkpoint saved on 2 ranks loads on 1. Progress is counted in
+rows (rows of the epoch trained on, samples over all ranks), so it means the same for any global
+batch (batch size x world size). Checkpoints written before progress.json existed do not load.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -29,18 +34,15 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 @dataclass
 class Progress:
-    step: int = 0  # optimizer steps done
+    step: int = 0  # optimizer steps done (of whatever global batch each had)
     epoch: int = 0  # epoch in progress
-    batch_in_epoch: int = 0  # global batches of that epoch already trained on
-    global_batch: int = 0  # rows per global batch when saved (to resume on another world size)
-    samples: int = 0  # samples this rank trained on
+    rows_in_epoch: int = 0  # rows of that epoch already trained on (all ranks)
+    samples: int = 0  # samples trained on so far, all ranks together
 
-    def rebatch(self, global_batch: int) -> "Progress":
-        """The same global row position in batches of `global_batch` rows (rounded down)."""
-        if self.global_batch and self.global_batch != global_batch:
-            self.batch_in_epoch = self.batch_in_epoch * self.global_batch // global_batch
-        self.global_batch = global_batch
-        return self
+    def start_batch(self, global_batch: int) -> int:
+        """The global batch (of `global_batch` rows) to restart the epoch at: the saved row position,
+        rounded down to a whole batch (a batch-size change may train up to a batch of rows again)."""
+        return self.rows_in_epoch // global_batch
 
 
 def checkpoint_dirs(root: str) -> list[tuple[int, str]]:
@@ -60,47 +62,82 @@ def latest_checkpoint(root: str) -> str | None:
     return dirs[-1][1] if dirs else None
 
 
-_PROGRESS_FIELDS = [f.name for f in fields(Progress)]
+PROGRESS_FILE = "progress.json"
 
 
-def _state(state: TrainState, progress: Progress, rank: int) -> dict:
-    # progress as one int64 tensor: DCP handles tensors uniformly across ranks. The LR
-    # schedule is a pure function of the step (optimizer param_groups carry the current lr).
+def _state(state: TrainState, rank: int) -> dict:
+    # The LR schedule is a pure function of the step (optimizer param_groups carry the current lr).
     return {
         "model": state.model.state_dict(),
         "optim": state.optimizer.state_dict(),
-        "progress": torch.tensor([getattr(progress, f) for f in _PROGRESS_FIELDS], dtype=torch.long),
         f"rng.rank{rank}": torch.get_rng_state(),
     }
 
 
-def save_checkpoint(root: str, state: TrainState, progress: Progress, ctx: DistContext, keep: int) -> str:
-    """Write step_<progress.step> atomically; keep the newest `keep` complete checkpoints."""
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str) -> None:
+    """fsync every file under root, then every directory (deepest first)."""
+    dirs = []
+    for here, _, files in os.walk(root):
+        dirs.append(here)
+        for name in files:
+            _fsync(os.path.join(here, name))
+    for here in reversed(dirs):
+        _fsync(here)
+
+
+def save_checkpoint(root: str, state: TrainState, progress: Progress, ctx: DistContext, keep: int,
+                    data: dict | None = None) -> str:
+    """Write step_<progress.step> atomically (fsynced, then renamed); keep the newest `keep`
+    complete checkpoints. `data`: the data identity saved with the progress."""
     final = os.path.join(root, f"step_{progress.step}")
     tmp = os.path.join(root, f".tmp_step_{progress.step}")
     if ctx.is_main:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    dcp.save(_state(state, progress, ctx.rank), checkpoint_id=tmp)
+    dcp.save(_state(state, ctx.rank), checkpoint_id=tmp)
     dist.barrier()  # every rank's shard is on disk
     if ctx.is_main:
+        with open(os.path.join(tmp, PROGRESS_FILE), "w") as f:
+            json.dump({"progress": asdict(progress), "data": data}, f, indent=1)
+        fsync_tree(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        _fsync(root)
         for _, old in checkpoint_dirs(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return final
 
 
+def read_progress(path: str) -> tuple[Progress, dict | None]:
+    """The progress and data identity saved in checkpoint `path` (no collective)."""
+    file = os.path.join(path, PROGRESS_FILE)
+    if not os.path.exists(file):
+        raise RuntimeError(f"{path} has no {PROGRESS_FILE}: it was written before progress was counted in rows "
+                           "and cannot be resumed; start a new run")
+    with open(file) as f:
+        saved = json.load(f)
+    return Progress(**saved["progress"]), saved.get("data")
+
+
 def load_checkpoint(path: str, state: TrainState, ctx: DistContext) -> Progress:
     """Load model, optimizers, scheduler and progress (resharding as needed); returns progress."""
+    progress, _ = read_progress(path)
     saved_keys = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
     # Adam creates its moments at its first step; DCP loads in place only the keys the state dict
     # has, so without them a resumed run restarted the dense optimizer from zero moments. A step
     # on zero gradients creates them (the weights it could touch are loaded right after).
     state.dense_optimizer.init_state()
-    full = _state(state, Progress(), ctx.rank)
+    full = _state(state, ctx.rank)
     rng_key = f"rng.rank{ctx.rank}"
     if not any(k == rng_key or k.startswith(rng_key + ".") for k in saved_keys):
         full.pop(rng_key)  # world size changed: this rank had no RNG state saved
@@ -109,7 +146,6 @@ def load_checkpoint(path: str, state: TrainState, ctx: DistContext) -> Progress:
     state.optimizer.load_state_dict(full["optim"])
     if rng_key in full:
         torch.set_rng_state(full[rng_key])
-    progress = Progress(**dict(zip(_PROGRESS_FIELDS, full["progress"].tolist())))
     restore_schedule(state.scheduler, progress.step)
     return progress
 

@@ -2,9 +2,12 @@
 
     ExperimentConfig + DistContext
       ──load_data_config, validate_files (via make_dataloader)──► files checked before any step
-      ──build_train_state──► DMP + optimizers (plan printed, saved to <run.dir>/plan.json)
+      ──run_dir.prepare──► fresh / --resume / --overwrite checked before anything is written
+      ──build_train_state, load_checkpoint──► DMP + optimizers (plan printed; then plan.json and
+                                              config.json written, run.dir and data absolute)
       ──build_trainer (training/loop.py: plain or pipelined, chosen once)──►
-      ──epochs of trainer.train_epoch (tqdm, TensorBoard loss, checkpoints)──►
+      ──epochs of trainer.train_epoch (tqdm, TensorBoard loss, checkpoints every N steps and at
+        the end; an exception writes {"event": "stopped"} to train_log.jsonl and stderr)──►
       ──evaluate on the eval split──► <run.dir>/final_metrics.json (+ TensorBoard AUCs)
 
 `run(cfg, ctx)` is what `msrec_dist/train.py` calls and what tests call without a subprocess.
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import torch
@@ -22,22 +26,26 @@ from msrec_dist.config import ExperimentConfig
 from msrec_dist.data.reader import make_dataloader, validate_files
 from msrec_dist.data.scan import scan_splits
 from msrec_dist.data.schema import load_data_config
-from msrec_dist.distributed.checkpoint import Progress, latest_checkpoint, load_checkpoint, save_checkpoint
+from msrec_dist.distributed.checkpoint import (Progress, latest_checkpoint, load_checkpoint, read_progress,
+                                               save_checkpoint)
 from msrec_dist.distributed.context import DistContext
 from msrec_dist.distributed.model_parallel import build_train_state
 from msrec_dist.distributed.sharding import describe_plan, save_plan
 from msrec_dist.metrics.evaluator import format_table
 from msrec_dist.training.evaluate import evaluate
 from msrec_dist.training.loop import build_trainer
+from msrec_dist.training.run_dir import RunDirError, check_data, data_identity, prepare, truncate_log
 from msrec_dist.typed_yaml import to_dict
 
 
-def _writer(cfg: ExperimentConfig, ctx: DistContext):
+def _writer(cfg: ExperimentConfig, ctx: DistContext, resumed_step: int | None):
     if not (ctx.is_main and cfg.run.tensorboard):
         return None
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(os.path.join(cfg.run.dir, "tensorboard"))
+    # on resume, TensorBoard hides the killed run's events after the checkpoint's step
+    purge = None if resumed_step is None else resumed_step + 1
+    return SummaryWriter(os.path.join(cfg.run.dir, "tensorboard"), purge_step=purge)
 
 
 def write_json_atomic(path: str, payload: dict) -> None:
@@ -65,46 +73,78 @@ def epoch_steps(loader, ctx: DistContext) -> int:
     return int(steps.item())
 
 
-def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
+def global_sum(value: int, ctx: DistContext) -> int:
+    t = torch.tensor([value], dtype=torch.long)
+    if ctx.world_size > 1:
+        torch.distributed.all_reduce(t)
+    return int(t.item())
+
+
+def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite: bool = False,
+        resume_on_changed_data: bool = False) -> dict:
     """Train, evaluate, write the run directory; returns the final metrics dict (every rank).
 
-    With `resume`, training continues from the newest complete checkpoint in
-    <run.dir>/checkpoints (if any): weights, optimizers, schedule, RNG and reader position.
+    A fresh run refuses a run.dir that holds anything (RunDirError, nothing written) unless
+    `overwrite` (the old contents are moved aside). With `resume`, training continues from the
+    newest complete checkpoint in <run.dir>/checkpoints: weights, optimizers, schedule, RNG and
+    row position; from step 0 (said on stderr) where there is none and no finished run. A resume on
+    other data (files, sizes, row counts) is refused unless `resume_on_changed_data`.
     """
+    cfg.run.dir = os.path.abspath(cfg.run.dir)  # once, here: config.json keeps absolute paths
+    cfg.data = os.path.abspath(cfg.data)
     data = load_data_config(cfg.data)
     validate_files(data, data.eval)
     scan_splits(data, cfg.reader.scan, ctx.rank, ctx.world_size)  # every value of both splits, before any step
+    ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
+    resume_from = prepare(cfg.run.dir, resume, overwrite, ctx)
+    identity = data_identity(data.train, data.eval)
+    pos = Progress()
+    if resume_from is not None:
+        pos, saved_identity = read_progress(resume_from)
+        check_data(saved_identity, identity, resume_from, resume_on_changed_data)
     global_batch = cfg.reader.batch_size * ctx.world_size
     steps_per_epoch = epoch_steps(make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size), ctx)
-    total_steps = steps_per_epoch * cfg.train.epochs
+    # Progress is in rows: the saved row position, in batches of this run's global batch
+    start_batch = pos.start_batch(global_batch)
+    pos.rows_in_epoch = start_batch * global_batch
+    left = max(0, steps_per_epoch - start_batch) + steps_per_epoch * max(0, cfg.train.epochs - pos.epoch - 1)
+    total_steps = pos.step + (left if pos.epoch < cfg.train.epochs else 0)
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
     os.makedirs(cfg.run.dir, exist_ok=True)
     state = build_train_state(cfg, data, ctx, total_steps)
+    if resume_from is not None:
+        pos = load_checkpoint(resume_from, state, ctx)
+        pos.rows_in_epoch = start_batch * global_batch
+        if ctx.is_main:
+            print(f"resumed from {resume_from} at step {pos.step}", flush=True)
     if ctx.is_main:
         print(describe_plan(state.plan), flush=True)
         if ctx.world_size > 1:
             print(f"sums over ranks: {'shared memory' if state.host_reduce else ctx.backend} "
                   f"(train.host_reduce={cfg.train.host_reduce}); embedding lookup: "
                   f"{'the tables kernel, called directly' if state.local_lookup else 'DMP'}", flush=True)
+        # only now, after the start or the checkpoint load succeeded
         save_plan(state.plan, os.path.join(cfg.run.dir, "plan.json"))
         write_json_atomic(os.path.join(cfg.run.dir, "config.json"), to_dict(cfg))
-    ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
-    pos = Progress(global_batch=global_batch)
-    if resume and (path := latest_checkpoint(ckpt_root)) is not None:
-        pos = load_checkpoint(path, state, ctx).rebatch(global_batch)
-        if ctx.is_main:
-            print(f"resumed from {path} at step {pos.step}", flush=True)
-    writer = _writer(cfg, ctx)
+        if resume:
+            truncate_log(os.path.join(cfg.run.dir, "train_log.jsonl"), pos.step)
+    writer = _writer(cfg, ctx, pos.step if resume else None)
     bar = tqdm(total=total_steps, initial=pos.step, desc=f"train {cfg.model.name}",
                disable=not (ctx.is_main and cfg.run.progress), dynamic_ncols=True)
     train_log = open(os.path.join(cfg.run.dir, "train_log.jsonl"), "a") if ctx.is_main else None
     rows_log = open(os.path.join(cfg.run.dir, f"rows_rank{ctx.rank}.txt"), "a") if cfg.run.record_rows else None
+    samples_before, local_samples = pos.samples, 0  # all ranks' samples up to the checkpoint; this rank's since
+
+    def save() -> None:
+        pos.samples = samples_before + global_sum(local_samples, ctx)
+        save_checkpoint(ckpt_root, state, pos, ctx, cfg.train.keep_checkpoints, identity)
 
     def on_step(_: int, loss: torch.Tensor, batch) -> bool:
+        nonlocal local_samples
         pos.step += 1
-        pos.batch_in_epoch += 1
-        pos.samples += batch.size
+        pos.rows_in_epoch += global_batch
+        local_samples += batch.size
         bar.update(1)
         if rows_log is not None:
             rows_log.write("".join(f"{r}\n" for r in batch.rows.tolist()))
@@ -118,35 +158,38 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
                 writer.add_scalar("train/loss", value, pos.step)
                 writer.add_scalar("train/dense_lr", state.scheduler.get_last_lr()[0], pos.step)
         if cfg.train.checkpoint_every and pos.step % cfg.train.checkpoint_every == 0:
-            save_checkpoint(ckpt_root, state, pos, ctx, cfg.train.keep_checkpoints)
+            save()
         return pos.step < total_steps
 
     trainer = build_trainer(state, data, ctx, cfg.train)
     start = time.perf_counter()
-    while pos.epoch < cfg.train.epochs and pos.step < total_steps:
-        loader = make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size,
-                                 start_batch=pos.batch_in_epoch, device_type=ctx.device.type)
-        trainer.train_epoch(loader, on_step)
-        if pos.step < total_steps or pos.batch_in_epoch >= steps_per_epoch:
-            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-    wall = time.perf_counter() - start
-    bar.close()
-    for log in (train_log, rows_log):
-        if log is not None:
-            log.close()
-    if cfg.train.checkpoint_every and (latest_checkpoint(ckpt_root) or "").rsplit("_", 1)[-1] != str(pos.step):
-        save_checkpoint(ckpt_root, state, pos, ctx, cfg.train.keep_checkpoints)
-    samples_t = torch.tensor([pos.samples], dtype=torch.long)
-    if ctx.world_size > 1:
-        torch.distributed.all_reduce(samples_t)
+    try:
+        while pos.epoch < cfg.train.epochs and pos.step < total_steps:
+            loader = make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size,
+                                     start_batch=pos.rows_in_epoch // global_batch, device_type=ctx.device.type)
+            trainer.train_epoch(loader, on_step)
+            if pos.step < total_steps or pos.rows_in_epoch >= steps_per_epoch * global_batch:
+                pos.epoch, pos.rows_in_epoch = pos.epoch + 1, 0
+        wall = time.perf_counter() - start
+        if (latest_checkpoint(ckpt_root) or "").rsplit("_", 1)[-1] != str(pos.step):
+            save()  # always a model at the end (train.checkpoint_every=0: only there)
+    except BaseException as e:
+        stopped(cfg, ctx, pos.step, latest_checkpoint(ckpt_root), e, train_log)
+        raise
+    finally:
+        bar.close()
+        for log in (train_log, rows_log):
+            if log is not None:
+                log.close()
+    trained = global_sum(local_samples, ctx)  # samples trained in this process, all ranks
     eval_loader = make_dataloader(data, data.eval, cfg.reader, ctx.rank, ctx.world_size, device_type=ctx.device.type)
     metrics = evaluate(state, eval_loader, data, ctx)
     result = {
         "model": cfg.model.name,
         "steps": pos.step,
-        "train_samples": int(samples_t.item()),
-        "wall_s": wall,
-        "train_samples_per_s": int(samples_t.item()) / wall if wall > 0 else 0.0,
+        "train_samples": samples_before + trained,  # all ranks, resumed parts included
+        "wall_s": wall,  # this process's training time
+        "train_samples_per_s": trained / wall if wall > 0 else 0.0,  # this process's samples / wall_s
         "world_size": ctx.world_size,
         "host_reduce": state.host_reduce,  # the sums over ranks went through shared memory
         "local_lookup": state.local_lookup,  # the embedding called the tables' kernel directly
@@ -161,3 +204,16 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False) -> dict:
             writer.close()
         print(format_table(metrics), flush=True)
     return result
+
+
+def stopped(cfg: ExperimentConfig, ctx: DistContext, step: int, checkpoint: str | None, error: BaseException,
+            train_log) -> None:
+    """Say where a failed run stopped: stderr (every rank) and train_log.jsonl (rank 0). The
+    checkpoints stay as they were: none is written after a failure."""
+    what = f"{type(error).__name__}: {error}".strip()
+    print(f"rank {ctx.rank}: training stopped at step {step}; last complete checkpoint: {checkpoint} "
+          f"(--resume continues from it): {what}", file=sys.stderr, flush=True)
+    if train_log is not None and not train_log.closed:
+        train_log.write(json.dumps({"event": "stopped", "step": step, "checkpoint": checkpoint,
+                                    "error": what[:2000]}) + "\n")
+        train_log.flush()
