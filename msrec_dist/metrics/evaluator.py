@@ -7,6 +7,12 @@ AUC is torchmetrics' exact `BinaryAUROC` (thresholds=None keeps every prediction
 a `SumMetric` of per-sample binary cross-entropy divided by a `SumMetric` count. `compute()`
 gathers the states of every rank (torch.distributed, gloo or nccl), so every rank gets the
 global numbers — the same as one process over all ranks' predictions.
+
+A value that is not defined is None (null in JSON, "n/a" in the table), never a number:
+    n == 0                          auc None, logloss None
+    labels all 0 or all 1           auc None (BinaryAUROC would say 0.0)
+    a NaN/inf prediction (the loss  auc None, logloss None (the sum keeps NaN: nan_strategy
+    sum is not finite)              NaN; SumMetric's default drops it and reports 0.0)
 """
 from __future__ import annotations
 
@@ -25,8 +31,9 @@ class _Cell(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.auc = BinaryAUROC(thresholds=None)
-        self.loss_sum = SumMetric()
+        self.loss_sum = SumMetric(nan_strategy=float("nan"))  # a NaN stays NaN (default: dropped)
         self.count = SumMetric()
+        self.positives = SumMetric()  # AUC needs both classes
 
     def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
         # AUROC states are concatenated even when empty, so every rank contributes a tensor
@@ -34,13 +41,18 @@ class _Cell(nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="sum")
         self.loss_sum.update(bce)
         self.count.update(torch.tensor(float(labels.numel())))
+        self.positives.update(labels.float().sum())
 
     def compute(self) -> dict:
         n = int(self.count.compute().item())
         if n == 0:
-            return {"auc": float("nan"), "logloss": float("nan"), "n": 0}
-        auc = float(self.auc.compute().item())
-        return {"auc": auc, "logloss": float(self.loss_sum.compute().item()) / n, "n": n}
+            return {"auc": None, "logloss": None, "n": 0}
+        loss_sum = float(self.loss_sum.compute().item())
+        if not math.isfinite(loss_sum):  # a prediction was NaN or inf: neither number means anything
+            return {"auc": None, "logloss": None, "n": n}
+        positives = int(self.positives.compute().item())
+        auc = float(self.auc.compute().item()) if 0 < positives < n else None
+        return {"auc": auc, "logloss": loss_sum / n, "n": n}
 
 
 class ScenarioTaskMetrics(nn.Module):
@@ -70,7 +82,8 @@ class ScenarioTaskMetrics(nn.Module):
 
 
 def format_table(metrics: dict, oracle: dict | None = None) -> str:
-    """Markdown table: one row per scenario (and overall), AUC / logloss / n per task."""
+    """Markdown table: one row per scenario (and overall), AUC / logloss / n per task; an undefined
+    value (None) shows as n/a."""
     tasks = list(metrics["overall"])
     header = "| scenario | " + " | ".join(f"{t} AUC | {t} logloss | {t} n" for t in tasks) + " |"
     lines = [header, "|" + "---|" * (1 + 3 * len(tasks))]
@@ -79,7 +92,7 @@ def format_table(metrics: dict, oracle: dict | None = None) -> str:
         parts = []
         for t in tasks:
             c = cells[t]
-            auc = "nan" if math.isnan(c["auc"]) else f"{c['auc']:.4f}"
-            parts.append(f"{auc} | {c['logloss']:.4f} | {c['n']}")
+            auc, logloss = ("n/a" if v is None or not math.isfinite(v) else f"{v:.4f}" for v in (c["auc"], c["logloss"]))
+            parts.append(f"{auc} | {logloss} | {c['n']}")
         lines.append(f"| {name} | " + " | ".join(parts) + " |")
     return "\n".join(lines)

@@ -71,3 +71,40 @@ def test_two_ranks_equal_one_process(tmp_path):
             assert abs(a["auc"] - b["auc"]) <= 1e-6 and abs(a["logloss"] - b["logloss"]) <= 1e-6, (name, task, a, b)
     for task in TASKS:
         assert abs(two["overall"][task]["auc"] - one["overall"][task]["auc"]) <= 1e-6
+
+
+def test_undefined_values_are_none_and_strict_json(tmp_path):
+    """A scenario whose click labels are all 0 has no AUC (None, not 0.0); a scenario with no rows
+    has neither AUC nor logloss; the table says n/a and the written JSON has no bare NaN."""
+    from msrec_dist.training.runner import write_json_atomic
+
+    logits, labels, scenario = fake_predictions()
+    scenario[scenario == 2] = 1  # no cart rows at all
+    labels[scenario == 1, 0] = 0.0  # search: every click label 0
+    m = ScenarioTaskMetrics(SCENARIOS, TASKS)
+    m.update(logits, labels, scenario)
+    out = m.compute()
+    search, cart = out["per_scenario"]["search"], out["per_scenario"]["cart"]
+    assert search["click"]["auc"] is None and search["click"]["n"] > 0
+    assert math.isfinite(search["click"]["logloss"]) and search["convert"]["auc"] is not None
+    assert cart["click"] == {"auc": None, "logloss": None, "n": 0}
+    assert "| search | n/a |" in format_table(out)
+
+    def no_constants(token):
+        raise ValueError(f"bare {token} in the written metrics")
+
+    write_json_atomic(str(tmp_path / "m.json"), out)
+    assert json.loads((tmp_path / "m.json").read_text(), parse_constant=no_constants) == out
+
+
+def test_nan_prediction_is_not_logloss_zero():
+    """SumMetric drops NaN by default: a cell whose every prediction is NaN reported logloss 0.0.
+    Now a non-finite loss sum makes the cell's logloss and AUC None; other cells keep their numbers."""
+    logits, labels, scenario = fake_predictions()
+    logits[scenario == 0] = float("nan")
+    m = ScenarioTaskMetrics(SCENARIOS, TASKS)
+    m.update(logits, labels, scenario)
+    out = m.compute()
+    for cell in (out["per_scenario"]["home"]["click"], out["overall"]["click"]):
+        assert cell["logloss"] is None and cell["auc"] is None and cell["n"] > 0
+    assert math.isfinite(out["per_scenario"]["search"]["click"]["logloss"])
