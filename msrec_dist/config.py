@@ -55,6 +55,9 @@ class TrainConfig:
     # msrec_dist._C); gloo = gloo point-to-point exchanges; auto = shm where it can (gloo backend,
     # one host, the op built, a core per rank), gloo elsewhere. NCCL (CUDA) uses its own all-reduce.
     host_reduce: Literal["auto", "shm", "gloo"] = "auto"
+    # a NaN/inf forward loss on any rank (checked before backward, every rank alike): stop = raise
+    # NonFiniteLoss, no checkpoint after it; skip_batch = no backward or optimizer step for that batch
+    nan_policy: Literal["stop", "skip_batch"] = "stop"
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     log_every: int = 50
