@@ -1,4 +1,4 @@
-// The sum all-reduce of ranks on one host through a shared-memory segment, waiting by spinning.
+// The sum all-reduce of ranks on one host through a shared-memory segment; the wait spins briefly, then sleeps.
 //
 //   msrec::shm_all_reduce_sum_(Tensor(a!) t, Tensor region, int rank, int world, int done_rounds,
 //                              float timeout_s, int divisor=1) -> int      (the rounds done after this call)
@@ -11,7 +11,8 @@
 // One round sums up to `capacity` bytes of t (longer tensors take several rounds):
 //   1. copy my part of t into my slot of parity (round & 1);
 //   2. publish: length[rank][parity] = elements, then flag[rank] = round (release store);
-//   3. wait until every flag[p] >= round (acquire loads), spinning, then yielding the core;
+//   3. wait until every flag[p] >= round (acquire loads): spinning for up to kSpinTime, then
+//      sleeping in growing steps (kFirstSleep doubling up to kMaxSleep) until timeout_s;
 //   4. t = slot[0] + slot[1] + ... + slot[world-1], in rank order on every rank, so every rank
 //      ends with bitwise the same sum; with divisor > 1 (floating types), t = that sum / divisor.
 //      One pass over t, block by block (a block of t stays in L1 while the slots are added in):
@@ -28,20 +29,25 @@
 // a busy core waits for the scheduler). Shared memory with a spinning wait is how DeepSpeed's and
 // vLLM's CPU back-ends sum among the ranks of one host; neither is a dependency here.
 //
-// The caller (torch.ops) releases the GIL while the op runs, so a rank's read-ahead thread keeps
-// decoding while the rank waits; after kSpins polls the wait yields the core at every poll.
+// The wait: the train loop's ranks mostly arrive within microseconds of each other, and a short
+// spin catches them with no system call (the small sums' latency). A peer that is further behind
+// (a slow step, a checkpoint) or gone for good (a rank started without torchrun that died: no
+// launcher stops the others) is waited for by sleeping, so the waiting rank leaves its core to
+// its read-ahead thread or to others and costs ~nothing until the timeout (train.collective_timeout_s)
+// names the late rank. The sleeps double from kFirstSleep to kMaxSleep: a peer that arrives during
+// them is noticed at most ~1 ms (or twice the wait so far) late. The caller (torch.ops) releases the
+// GIL while the op runs, so a rank's read-ahead thread keeps decoding while the rank waits.
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
-#include <sched.h>
-
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -54,7 +60,10 @@ namespace msrec {
 namespace {
 
 constexpr int64_t kLine = 64;        // bytes per flag: one cache line each, no false sharing
-constexpr int64_t kSpins = 1 << 14;  // polls (each a pause, ~10-40 ns) before the wait yields the core
+// The wait: spin (a pause per poll, ~10-40 ns) for kSpinTime, then sleep kFirstSleep, doubling up to kMaxSleep
+constexpr std::chrono::microseconds kSpinTime{100};
+constexpr std::chrono::microseconds kFirstSleep{10};
+constexpr std::chrono::microseconds kMaxSleep{1000};
 
 int64_t header_bytes(int64_t world) { return world * kLine; }
 
@@ -75,17 +84,26 @@ uint8_t* slot(uint8_t* base, int64_t world, int64_t capacity, int64_t parity, in
 // Waits until every rank has published `round`; throws after timeout_s naming the first late rank.
 void wait_for_peers(uint8_t* base, int64_t rank, int64_t world, int64_t round, double timeout_s) {
   using clock = std::chrono::steady_clock;
-  const auto deadline = clock::now() + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(timeout_s));
+  const auto start = clock::now();
+  const auto spin_until = start + kSpinTime;
+  const auto deadline = start + std::chrono::duration_cast<clock::duration>(std::chrono::duration<double>(timeout_s));
+  auto sleep = std::chrono::duration_cast<clock::duration>(kFirstSleep);  // one backoff for all peers of the wait
+  bool spinning = true;
   for (int64_t p = 0; p < world; ++p) {
     if (p == rank) continue;
     int64_t polls = 0;
     while (__atomic_load_n(flag(base, p), __ATOMIC_ACQUIRE) < round) {
-      if (++polls < kSpins) {
+      if (spinning) {
         MSREC_CPU_RELAX();
-        continue;
+        if ((++polls & 63) != 0) continue;  // the clock every 64 polls (~1-3 us)
+        const auto now = clock::now();
+        if (now < spin_until && now <= deadline) continue;
+        spinning = false;
+      } else {
+        std::this_thread::sleep_for(std::min<clock::duration>(sleep, std::max<clock::duration>(deadline - clock::now(), clock::duration(0))));
+        sleep = std::min<clock::duration>(sleep * 2, std::chrono::duration_cast<clock::duration>(kMaxSleep));
       }
-      sched_yield();
-      if ((polls & 255) == 0 && clock::now() > deadline) {
+      if (clock::now() > deadline && __atomic_load_n(flag(base, p), __ATOMIC_ACQUIRE) < round) {
         TORCH_CHECK(false, "msrec::shm_all_reduce_sum_: rank ", rank, " waited more than ", timeout_s,
                     " s for rank ", p, " in round ", round, " (rank ", p, " is at round ",
                     __atomic_load_n(flag(base, p), __ATOMIC_ACQUIRE), "): did it fail or leave the loop?");

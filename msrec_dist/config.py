@@ -55,6 +55,9 @@ class TrainConfig:
     # msrec_dist._C); gloo = gloo point-to-point exchanges; auto = shm where it can (gloo backend,
     # one host, the op built, a core per rank), gloo elsewhere. NCCL (CUDA) uses its own all-reduce.
     host_reduce: Literal["auto", "shm", "gloo"] = "auto"
+    # seconds a rank waits for its peers in a collective (the gloo process group's timeout and the
+    # shared-memory sums', which then name the rank that never came) before it fails
+    collective_timeout_s: float = 300.0
     # a NaN/inf forward loss on any rank (checked before backward, every rank alike): stop = raise
     # NonFiniteLoss, no checkpoint after it; skip_batch = no backward or optimizer step for that batch
     nan_policy: Literal["stop", "skip_batch"] = "stop"

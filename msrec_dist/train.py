@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from msrec_dist.training.run_dir import RunDirError
     from msrec_dist.training.runner import run
 
-    ctx = init_distributed()
+    ctx = init_distributed(timeout_s=cfg.train.collective_timeout_s)  # gloo's timeout too
     try:
         run(cfg, ctx, resume=args.resume, overwrite=args.overwrite,
             resume_on_changed_data=args.resume_on_changed_data)

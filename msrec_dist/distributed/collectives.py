@@ -4,8 +4,9 @@ torch.distributed's.
     all_reduce_sum_(t, group, divisor=1)   (t = the sum over ranks / divisor)
       a SharedMemoryAllReduce enabled for the group (every rank on this host, gloo, the C++
           extension built; `enable_host_reduce`): each rank copies t into its slot of a mapped
-          segment, spins until every rank has, and sums the slots in rank order, dividing in
-          the same pass (csrc/shm_all_reduce.cpp)
+          segment, waits until every rank has (a short spin, then sleeps; up to timeout_s,
+          train.collective_timeout_s), and sums the slots in rank order, dividing in the same
+          pass (csrc/shm_all_reduce.cpp)
       gloo, world a power of two: recursive doubling, log2(world) rounds; in round k every rank
           swaps its running sum with rank ^ 2^k (isend + irecv) and adds what it received
       otherwise (NCCL, other world sizes): dist.all_reduce
@@ -57,7 +58,9 @@ class SharedMemoryAllReduce:
 
     Rank 0 creates the file (under /dev/shm where it exists), the ranks map it, and rank 0
     unlinks it once all have: the mapping outlives the name, and nothing is left behind if a
-    process dies. `rounds` counts the rounds done, the same on every rank.
+    process dies. `rounds` counts the rounds done, the same on every rank. A sum waits for the
+    other ranks up to `timeout_s` (spinning ~100 us, then sleeping: a rank that waits for a dead
+    or stopped peer leaves its core idle), then raises naming the rank that never came.
     """
 
     def __init__(self, group: dist.ProcessGroup, timeout_s: float, slot_bytes: int = SLOT_BYTES) -> None:

@@ -166,7 +166,7 @@ def build_train_state(cfg: ExperimentConfig, data: FeatureSpec, ctx: DistContext
     dmp = DistributedModelParallel(module, device=ctx.device, plan=plan,
                                    data_parallel_wrapper=DenseDataParallel(ddp=sync == "ddp"))
     init_embeddings(dmp, data, cfg.run.seed)
-    host_reduce = ctx.world_size > 1 and enable_host_reduce(t.host_reduce, dist.group.WORLD, ctx.timeout_s)
+    host_reduce = ctx.world_size > 1 and enable_host_reduce(t.host_reduce, dist.group.WORLD, t.collective_timeout_s)
     # torchrec's DDP comes off the replicated lookups where FlatAllReduce sums their gradients, and
     # in a world of one, where there is nothing to sum and it only costs
     unwrapped = unwrap_replicated_lookups(dmp) if sync == "flat" or ctx.world_size == 1 else []

@@ -3,7 +3,8 @@ sum equals torch's all_reduce and is bitwise the same on every rank, for 2 and 4
 take torch's all_reduce; the differentiable form sums gradients over ranks in backward. The
 shared-memory sum (csrc/shm_all_reduce.cpp) the same for 2, 3 and 4 ranks, over several rounds,
 every dtype it takes and odd layouts, and its errors: tensors that differ in size, a rank that
-never comes (the timeout names it), a segment that cannot be made, a group it cannot serve."""
+never comes (the timeout names it, and the rank waiting for it sleeps rather than spins), a
+segment that cannot be made, a group it cannot serve."""
 from __future__ import annotations
 
 import os
@@ -176,6 +177,39 @@ def test_shared_memory_sum_times_out_naming_the_missing_rank(tmp_path):
     assert msg is not None and "rank 0 waited more than 0.5 s for rank 1" in msg
     if os.path.isdir("/dev/shm"):  # the segment's name is gone once every rank has mapped it
         assert not [f for f in os.listdir("/dev/shm") if f.startswith("msrec_allreduce_")]
+
+
+def _stalled_worker(rank: int, timeout_s: float, init_file: str, out_dir: str) -> None:
+    import time
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        shm = collectives.SharedMemoryAllReduce(dist.group.WORLD, timeout_s=timeout_s)
+        shm(torch.ones(3))  # one sum together: both ranks are past their start
+        if rank == 0:  # rank 1 never sums again: rank 0 waits for it until the timeout
+            wall0, cpu0 = time.monotonic(), time.process_time()  # this process's CPU time, all threads
+            try:
+                shm(torch.ones(3))
+                msg = None
+            except RuntimeError as e:
+                msg = str(e)
+            torch.save({"msg": msg, "wall": time.monotonic() - wall0, "cpu": time.process_time() - cpu0},
+                       os.path.join(out_dir, "0.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_shm_op
+def test_shared_memory_wait_for_a_missing_rank_is_bounded_and_sleeps(tmp_path):
+    """A peer that never comes (dead, or stopped, with no launcher to end the run): the waiting
+    rank raises after timeout_s, naming it, and leaves its core idle meanwhile: it spins only
+    briefly, then sleeps (a pure spin would cost ~100% of a core for the whole timeout)."""
+    timeout_s = 2.0
+    out = _spawn(_stalled_worker, tmp_path, 2, timeout_s)[0]
+    assert out["msg"] is not None and f"rank 0 waited more than {timeout_s:g} s for rank 1" in out["msg"], out["msg"]
+    assert timeout_s <= out["wall"] < timeout_s + 1.0, out["wall"]
+    assert out["cpu"] < 0.2 * out["wall"], f"{out['cpu']:.2f} s of CPU in {out['wall']:.2f} s of waiting"
 
 
 def test_enable_host_reduce_where_it_cannot(tmp_path):
