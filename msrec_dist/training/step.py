@@ -60,6 +60,8 @@ class LossGuard:
     World of one: loss.item(), a host sync. Several ranks: one all_reduce_sum_ of a float64
     [world] vector holding this rank's loss in its slot (zeros elsewhere: x + 0 == x, so the sum is
     every rank's loss, NaN and inf kept), then a host sync. `skipped` counts the skipped batches.
+    Cost at one rank (ple, B=1024, CPU): the check alone 1.3 us against a ~220 ms step; the step
+    with and without it, adjacent pairs alternated, median ratio 0.99 (400 pairs, a loaded 2-core VM).
     """
 
     def __init__(self, policy: str, rank: int, world_size: int, scheduler) -> None:
