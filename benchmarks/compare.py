@@ -16,7 +16,8 @@ if __name__ == "__main__":  # run as a program: the process settings, before tor
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
+import os
+import shutil  # noqa: E402
 import platform  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -51,6 +52,8 @@ def train_models(data_path: str, models: list[str], seeds: list[int], overrides:
             cfg = load_experiment(os.path.join(CONFIG_DIR, f"{model}.yaml"), data_path,
                                   tuple(overrides) + (f"run.seed={seed}", f"run.dir={run_root}/{model}_s{seed}",
                                                       "run.progress=false", "run.tensorboard=false"))
+            # the comparison's own scratch runs: a rerun replaces them (run() refuses a used run.dir)
+            shutil.rmtree(cfg.run.dir, ignore_errors=True)
             results.setdefault(model, []).append(run(cfg, init_distributed()))
     return results
 

@@ -116,13 +116,18 @@ def prebuilt_batches(cfg, data, n: int, rank: int = 0, world_size: int = 1) -> l
 
 
 def step_fn(state, cfg, world_size: int = 1) -> Callable:
-    """msrec_dist.training.step.train_step bound to a state and its DenseStep, as Trainer.step runs it."""
-    from msrec_dist.training.step import DenseStep, train_step
+    """msrec_dist.training.step.train_step bound to a state, its DenseStep and its LossGuard, as
+    Trainer.step runs it (rank 0's view; the guard's sum runs over every rank of the group)."""
+    import torch.distributed as dist
+
+    from msrec_dist.training.step import DenseStep, LossGuard, train_step
 
     dense_step = DenseStep(state, cfg.train.grad_clip)
+    rank = dist.get_rank() if world_size > 1 else 0
+    guard = LossGuard(cfg.train.nan_policy, rank, world_size, state.scheduler)
 
     def step(batch, global_rows=None):
-        return train_step(state, batch, global_rows or batch.size * world_size, world_size, dense_step)
+        return train_step(state, batch, global_rows or batch.size * world_size, world_size, dense_step, guard)
     return step
 
 

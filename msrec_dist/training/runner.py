@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -34,7 +35,7 @@ from msrec_dist.distributed.sharding import describe_plan, save_plan
 from msrec_dist.metrics.evaluator import format_table
 from msrec_dist.training.evaluate import evaluate
 from msrec_dist.training.loop import build_trainer
-from msrec_dist.training.run_dir import RunDirError, check_data, data_identity, prepare, truncate_log
+from msrec_dist.training.run_dir import check_data, data_identity, prepare, truncate_log
 from msrec_dist.typed_yaml import to_dict
 
 
@@ -152,7 +153,8 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
             value = global_mean(loss, ctx)  # host sync, only on logging steps
             bar.set_postfix(loss=f"{value:.4f}")
             if train_log is not None:
-                train_log.write(json.dumps({"step": pos.step, "loss": value}) + "\n")
+                # strict JSON: a non-finite loss (train.nan_policy=skip_batch) is written as null
+                train_log.write(json.dumps({"step": pos.step, "loss": value if math.isfinite(value) else None}) + "\n")
                 train_log.flush()
             if writer is not None:
                 writer.add_scalar("train/loss", value, pos.step)
@@ -200,7 +202,8 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
         if writer is not None:
             for scen, tasks in metrics["per_scenario"].items():
                 for task, cell in tasks.items():
-                    writer.add_scalar(f"eval_auc/{scen}/{task}", cell["auc"], pos.step)
+                    if cell["auc"] is not None:  # None: undefined (one class or no rows)
+                        writer.add_scalar(f"eval_auc/{scen}/{task}", cell["auc"], pos.step)
             writer.close()
         print(format_table(metrics), flush=True)
     return result
