@@ -63,17 +63,22 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def train_and_kill(nproc: int, data: str, run_dir: str, sets: list[str], kill_when: str,
-                   timeout: float = 300) -> bool:
-    """Start a run, SIGKILL the launcher and all its workers once `kill_when` exists; True if killed."""
-    proc = subprocess.Popen(command(nproc, data, run_dir, list(sets)), cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def train_and_kill(nproc: int, data: str, run_dir: str, sets: list[str], kill_when, timeout: float = 300,
+                   resume: bool = False, delay: float = 0.0) -> bool:
+    """Start (or resume) a run; SIGKILL the launcher and all its workers `delay` s after `kill_when`
+    holds (a path: once it exists; or a callable); True if killed, False if it finished first."""
+    ready = kill_when if callable(kill_when) else (lambda: os.path.exists(kill_when))
+    proc = subprocess.Popen(command(nproc, data, run_dir, list(sets), resume=resume), cwd=REPO,
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(kill_when):
+        if ready():
+            time.sleep(delay)
+            if proc.poll() is not None:
+                break
             kill_tree(proc)
             return True
-        time.sleep(0.05)
+        time.sleep(0.01)
     if proc.poll() is None:
         kill_tree(proc)
     return False

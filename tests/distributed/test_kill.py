@@ -4,13 +4,11 @@ for bit (one rank: the bitwise case of test_multirank.py's single kill)."""
 import json
 import os
 import random
-import subprocess
-import time
 
 import pytest
 
 from msrec_dist.data.synth import generate
-from tests.distributed.launch import REPO, auc_cells, command, errors, kill_tree, losses, metrics, train
+from tests.distributed.launch import auc_cells, errors, losses, metrics, train, train_and_kill
 
 STEPS = 40
 SETS = ["train.checkpoint_every=4", f"train.max_steps={STEPS}", "train.epochs=3", "reader.batch_size=512"]
@@ -27,22 +25,9 @@ def logged_steps(run_dir: str) -> int:
 def start_and_kill(data: str, run_dir: str, resume: bool, rng: random.Random) -> bool:
     """Start (or resume) the run; SIGKILL it a random moment after it logged a random step; True if
     killed, False if it finished first."""
-    proc = subprocess.Popen(command(1, data, run_dir, SETS, resume=resume), cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     target = logged_steps(run_dir) + rng.randint(1, 8)
-    delay = rng.uniform(0, 0.3)
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if logged_steps(run_dir) >= target:
-            time.sleep(delay)
-            if proc.poll() is not None:
-                break
-            kill_tree(proc)
-            return True
-        time.sleep(0.01)
-    if proc.poll() is None:
-        kill_tree(proc)
-    return False
+    return train_and_kill(1, data, run_dir, SETS, lambda: logged_steps(run_dir) >= target, resume=resume,
+                          delay=rng.uniform(0, 0.3))
 
 
 @pytest.mark.slow
