@@ -282,3 +282,19 @@ def test_sparse_dist_pipeline_matches_plain_loop(data, tmp_path):
         runs[mode] = losses(run_dir)
     assert len(runs["plain"]) == 12
     np.testing.assert_allclose(runs["sparse_dist"], runs["plain"], rtol=0, atol=1e-5)
+
+
+def test_resume_from_one_rank_on_two_trains_every_epoch_to_its_end(tmp_path):
+    """A checkpoint of 1 rank × 64 resumed on 2 ranks × 64 (global batch 128): progress counted in
+    rows, so epoch 1 is trained to its end and train_samples counts every sample once."""
+    data = generate(str(tmp_path / "d"), rows=2_000, shards=2, seed=5, eval_rows=500, users=300, items=200)
+    run_dir = str(tmp_path / "r")
+    steps = 2000 // 64 + 1 + 512 // 64  # epoch 0 whole, then 512 rows of epoch 1 (stopped as a kill would)
+    proc = train(1, data, run_dir, ["reader.batch_size=64", "train.epochs=2", f"train.max_steps={steps}"])
+    assert proc.returncode == 0, errors(proc)
+    proc = train(2, data, run_dir, ["reader.batch_size=64", "train.epochs=2"], resume=True)
+    assert proc.returncode == 0, errors(proc)
+    result = metrics(run_dir)
+    assert result["world_size"] == 2
+    assert result["steps"] == steps + -(-(2000 - 512) // 128)  # epoch 1's other rows in global batches of 128
+    assert result["train_samples"] == 2 * 2000
