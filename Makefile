@@ -28,7 +28,8 @@ $(DEMO_DATA): | $(VENV)/.installed
 demo-data: $(DEMO_DATA)
 
 demo: $(VENV)/.installed $(DEMO_DATA)
-	$(PY) msrec_dist/train.py --config configs/msrec.yaml
+	# --overwrite: a second demo moves the first one's runs/msrec aside (runs/msrec.replaced-<time>)
+	$(PY) msrec_dist/train.py --config configs/msrec.yaml --overwrite
 
 ruff: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
