@@ -14,8 +14,9 @@ Vocabulary (per table, from the TRAIN split only, over every feature sharing the
 distinct raw ids, sorted, map to 1..n; index 0 is the out-of-vocabulary row, for ids seen only in
 val/eval (and for nulls). num_embeddings = n + 1. The vocab files hold only the n known ids.
 
-Helpers for the format readers: `read_lines` (line-based split with a clear error naming the file
-and the line), `parse_int` (a column of strings → int64 with the same kind of error),
+Helpers for the format readers: `read_csv` (pyarrow.csv, single-char delimiter) and `read_lines`
+(line-based split, any separator such as '::'), both with a clear error naming the file and the
+line; `parse_int` (a column of strings → int64 with the same kind of error);
 `split_indices` (time-order or random 8:1:1-style split). `ConvertError` is the error they raise.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-__all__ = ["ConvertError", "DatasetSpec", "Sparse", "SPLITS", "OOV_INDEX", "read_lines", "parse_int",
+__all__ = ["ConvertError", "DatasetSpec", "Sparse", "SPLITS", "OOV_INDEX", "read_csv", "read_lines", "parse_int",
            "split_indices", "write_dataset", "build_vocab", "map_ids"]
 
 SPLITS = ("train", "val", "eval")
@@ -98,6 +99,35 @@ def read_lines(path: str, sep: str, ncols: int | Sequence[int], encoding: str = 
                                    f"{sep!r}, got {len(parts)}: {line[:200]!r}")
             rows.append(parts + [""] * (width - len(parts)))
     return [list(c) for c in zip(*rows)] if rows else [[] for _ in range(width)]
+
+
+def read_csv(path: str, delimiter: str = ",", column_names: Sequence[str] | None = None,
+             encoding: str = "utf8", quoting: bool = True, string_columns: Iterable[str] = ()) -> pa.Table:
+    """pyarrow.csv read of `path` (single-char `delimiter`; header row unless `column_names`).
+    Row i of the result is line i + 1 (+ 1 with a header) of the file: empty lines are errors,
+    not skipped. A row with the wrong field count raises ConvertError naming file and line; a
+    conversion failure names file and column (read those columns as `string_columns` and use
+    `parse_int` for a line number)."""
+    from pyarrow import csv as pacsv
+
+    bad: list = []
+
+    def on_invalid(row) -> str:
+        bad.append(row)
+        return "error"
+
+    ropts = pacsv.ReadOptions(use_threads=False, encoding=encoding, column_names=column_names)
+    popts = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if quoting else False,
+                               ignore_empty_lines=False, invalid_row_handler=on_invalid)
+    copts = pacsv.ConvertOptions(column_types={c: pa.string() for c in string_columns})
+    try:
+        return pacsv.read_csv(path, read_options=ropts, parse_options=popts, convert_options=copts)
+    except pa.ArrowInvalid as e:
+        if bad:
+            r = bad[0]
+            raise ConvertError(f"{path}: line {r.number}: expected {r.expected_columns} fields separated by "
+                               f"{delimiter!r}, got {r.actual_columns}: {r.text[:200]!r}") from None
+        raise ConvertError(f"{path}: {e}") from None
 
 
 def parse_int(values: Sequence[str], path: str, column: str, line_numbers: Sequence[int] | None = None,
