@@ -8,10 +8,11 @@ from the files present:
   ML-1M    ratings.dat (user::movie::rating::timestamp), users.dat (user::gender::age::occupation::zip),
            movies.dat (movie::title::Genre1|Genre2), latin-1
 
-Scenarios: user age groups  0 "age<25", 1 "age25-34", 2 "age>=35". These are the only cuts that
-fall on ML-1M's age-code bins (1 "<18", 18 "18-24", 25 "25-34", 35 "35-44", 45, 50, 56), so both
-versions get the same groups; they also split both into three groups of usable size (the 25-34
-band is the largest single band in both).
+Scenarios: user age groups  0 "age<25", 1 "age25-34", 2 "age>=35". The cuts fall on edges of
+ML-1M's age-code bins (1 "<18", 18 "18-24", 25 "25-34", 35 "35-44", 45, 50, 56), so ML-100K (raw
+ages) and ML-1M get the same groups; 25-34 is the largest single band in both, and the cuts pool
+the younger and the older bands into two more groups of usable size (three scenarios of
+different sizes and tastes, the age-group split used for MovieLens in multi-scenario work).
 Tasks (the M3oE / Scenario-Wise-Rec protocol): click = rating > 3, like = rating > 4
 (`--click-threshold`, `--like-threshold`).
 Features (sparse; raw ids → train vocabulary, OOV row 0): user, movie, gender, age (the raw age,
@@ -138,8 +139,8 @@ def convert(src: str, out: str, split: str = "time", seed: int = 0, click_thresh
                   "eval; ties keep file order)" if split == "time" else f"8:1:1 random (seed {seed})")
     protocol = f"""\
 Format: {fmt}.
-- Scenarios: user age group: 0 `age<25`, 1 `age25-34`, 2 `age>=35` (cuts at 25 and 35: the only
-  cuts on ML-1M's age-code bins 1/18/25/35/45/50/56, so ML-100K and ML-1M get the same groups).
+- Scenarios: user age group: 0 `age<25`, 1 `age25-34`, 2 `age>=35` (cuts at 25 and 35 fall on edges
+  of ML-1M's age-code bins 1/18/25/35/45/50/56, so ML-100K's raw ages and ML-1M's codes give the same groups).
 - Tasks: `click` = rating > {click_threshold}, `like` = rating > {like_threshold} (M3oE / Scenario-Wise-Rec protocol).
 - Features: user, movie, gender, age ({'raw age' if fmt == 'ml-100k' else 'age code'}), occupation, zip,
   genres (list of the movie's genres, mean-pooled).
