@@ -15,12 +15,24 @@ Global row order: files in the given (sorted) order, rows in file order. Split m
       of batch_size rows (a batch may span files). `start_batch` = batches this rank's
       loader already yielded (exact resume only with the same world size and workers;
       parts are rotated over workers so the resumed round-robin continues the old order).
-Memory: one decoded row group per worker plus the batch being built.
+Shuffle (`reader.shuffle`, training only: make_dataloader's `epoch` given; eval, val and the scan
+read in file order): epoch e's global row order is a pure function of (run.seed, e) (`_Order`):
+the row groups permuted, then each window of `reader.shuffle_buffer` consecutive rows of that
+order permuted (window j by its own seeded generator). The splits then cut that order instead of
+the file order: interleave: global batch k = positions [k*GB, (k+1)*GB) of the epoch's order,
+sliced per rank and dealt to workers as above, so every row is read once per epoch over all ranks
+and workers, and `start_batch` resumes at position start_batch*GB of the same order, exactly.
+files: each part's row groups (and windows) get their own seeded order (seed, epoch, part); resume
+is as exact as before (same world size and workers). A shuffled batch holds the rows of its slice
+of the order in ascending row id (one gather per row group; a step trains on the same rows).
+Memory: one decoded row group per worker plus the batch being built; shuffled with a window: the
+decoded row groups of the window(s) the batch lies in (about shuffle_buffer rows + 2 row groups).
 """
 from __future__ import annotations
 
 import bisect
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -165,6 +177,9 @@ class _RowReader:
         self.kjt_keys = cfg.kjt_keys  # once, not per batch
         self._file: tuple[int, object] | None = None  # (file index, ParquetFile)
         self._chunk: tuple[int, int, _Chunk] | None = None  # (file index, row group, chunk)
+        self.rg_of = [(f, g) for f, s in enumerate(index.rg_starts) for g in range(len(s) - 1)]  # global id → (file, group)
+        self.gstarts = _rg_starts(index)
+        self._kept: dict[int, _Chunk] = {}  # shuffled reads: decoded row groups of the current window(s)
 
     def _get_chunk(self, f: int, g: int) -> _Chunk:
         if self._chunk is not None and self._chunk[:2] == (f, g):
@@ -198,13 +213,26 @@ class _RowReader:
                 yield self._get_chunk(f, g), local - rgs[g], hi - rgs[g], a
                 a += hi - local
 
-    def read(self, ranges: list[Range]) -> Batch:
+    def _row_pieces(self, batch: _Rows) -> Iterator[tuple[_Chunk, int, int, np.ndarray]]:
+        """(chunk of the batch's rows in one row group, 0, n, their global rows) per row group."""
+        for r in [r for r in self._kept if r not in batch.keep]:
+            del self._kept[r]
+        rows = batch.rows
+        rg = np.searchsorted(self.gstarts, rows, side="right") - 1
+        cut = [0, *(np.flatnonzero(np.diff(rg)) + 1).tolist(), len(rows)]
+        for s, e in zip(cut[:-1], cut[1:]):
+            r = int(rg[s])
+            if r not in self._kept:
+                self._kept[r] = self._get_chunk(*self.rg_of[r])
+            yield _take(self._kept[r], rows[s:e] - self.gstarts[r]), 0, e - s, rows[s:e]
+
+    def read(self, ranges: list[Range] | _Rows) -> Batch:
         # Runs once per batch, in the read-ahead thread beside the train step or inline between
         # steps (read_ahead_in_thread), on the trainer's cores either way, so it copies each
         # array once: the KJT's values and lengths into one buffer each; dense, labels and
         # scenario are views of the decoded row group when the batch lies in one (the usual
         # case: batches are row-group aligned), else one concatenation.
-        pieces = list(self._pieces(ranges))
+        pieces = list(self._row_pieces(ranges) if isinstance(ranges, _Rows) else self._pieces(ranges))
         nk = len(self.kjt_keys)
         sparse = KeyedJaggedTensor(
             keys=self.kjt_keys,
@@ -220,7 +248,8 @@ class _RowReader:
 
         return Batch(
             sparse=sparse, dense=rows_of("dense"), labels=rows_of("labels"), scenario=rows_of("scenario"),
-            rows=torch.cat([torch.arange(g, g + hi - lo) for _, lo, hi, g in pieces]),
+            rows=torch.cat([torch.from_numpy(g) if isinstance(g, np.ndarray) else torch.arange(g, g + hi - lo)
+                            for _, lo, hi, g in pieces]),
         )
 
 
@@ -237,11 +266,97 @@ def _round_robin_taken(counts: list[int], n: int) -> tuple[list[int], int]:
     return taken, nxt
 
 
+def _rg_starts(index: FileIndex) -> np.ndarray:
+    """[R + 1] int64: global row of each row group's first row (files in order), then the total."""
+    starts = index.starts
+    return np.array([starts[f] + s for f, rgs in enumerate(index.rg_starts) for s in rgs[:-1]] + [index.total],
+                    np.int64)
+
+
+def _take(c: _Chunk, idx: np.ndarray) -> _Chunk:
+    """Rows `idx` of a decoded row group, as a chunk of len(idx) rows (a shuffled batch's gather):
+    the jagged features by their offsets, every other field by row."""
+    lengths = [ln[idx] for ln in c.lengths]
+    offsets, values = [], []
+    for off, val, ln in zip(c.offsets, c.values, lengths):
+        new = np.zeros(len(idx) + 1, np.int64)
+        np.cumsum(ln, out=new[1:])
+        values.append(val[np.repeat(off[idx] - new[:-1], ln) + np.arange(new[-1])])
+        offsets.append(new)
+    rest = {f.name: [a[idx] for a in v] if isinstance(v, list) else v[idx]
+            for f in dataclasses.fields(c) if f.name not in ("offsets", "lengths", "values")
+            for v in [getattr(c, f.name)]}
+    return _Chunk(offsets=offsets, lengths=lengths, values=values, **rest)
+
+
+@dataclass
+class _Rows:
+    """A shuffled batch: its global rows, ascending, and the row groups of the shuffle window(s) it
+    lies in (a worker keeps those decoded, drops the others)."""
+
+    rows: np.ndarray  # int64
+    keep: frozenset[int]  # global row group ids
+
+
+class _Order:
+    """One epoch's row order over whole row groups (global ids into `gstarts`).
+
+    Unshuffled (key None): the row groups as given. Shuffled: the row groups permuted by a generator
+    seeded with [*key, 0], then each window of `window` consecutive rows of that order permuted by one
+    seeded with [*key, 1 + j] (window j; window <= 1: row groups only). Every position is a pure
+    function of (key, window, row groups): any rank or worker reads any slice of it, and a resumed
+    loader the rest of it."""
+
+    def __init__(self, rgs: list[int], gstarts: np.ndarray, key: tuple[int, ...] | None, window: int):
+        if key is not None:
+            rgs = [rgs[i] for i in np.random.default_rng([*key, 0]).permutation(len(rgs))]
+        self.rgs, self.gstarts, self.key = rgs, gstarts, key
+        self.window = window if key is not None and window > 1 else 0
+        self.cum = [0]  # position of each row group's first row in the order, then the total
+        for r in rgs:
+            self.cum.append(self.cum[-1] + int(gstarts[r + 1] - gstarts[r]))
+        self.total = self.cum[-1]
+        self._win: tuple[int, np.ndarray] | None = None  # (j, rows of window j in order)
+
+    def ranges(self, a: int, b: int) -> list[Range]:
+        """Positions [a, b) as global row ranges, in order (adjacent ones merged)."""
+        out: list[Range] = []
+        i = bisect.bisect_right(self.cum, a) - 1
+        while a < b:
+            s = int(self.gstarts[self.rgs[i]]) + a - self.cum[i]
+            e = s + min(b, self.cum[i + 1]) - a
+            if out and out[-1][1] == s:
+                out[-1] = (out[-1][0], e)
+            else:
+                out.append((s, e))
+            a, i = a + e - s, i + 1
+        return out
+
+    def _window_rows(self, j: int) -> np.ndarray:
+        if self._win is None or self._win[0] != j:
+            lo = j * self.window
+            rows = np.concatenate([np.arange(s, e, dtype=np.int64)
+                                   for s, e in self.ranges(lo, min(lo + self.window, self.total))])
+            self._win = (j, np.random.default_rng([*self.key, 1 + j]).permutation(rows))
+        return self._win[1]
+
+    def batch(self, a: int, b: int) -> list[Range] | _Rows:
+        """Positions [a, b): row ranges in order, or with shuffle windows their rows ascending."""
+        if not self.window:
+            return self.ranges(a, b)
+        w = self.window
+        j0, j1 = a // w, (b - 1) // w
+        rows = np.sort(np.concatenate([self._window_rows(j)[max(a, j * w) - j * w:min(b, (j + 1) * w) - j * w]
+                                       for j in range(j0, j1 + 1)]))
+        lo, hi = j0 * w, min((j1 + 1) * w, self.total)  # the row groups overlapping these windows
+        return _Rows(rows, frozenset(self.rgs[bisect.bisect_right(self.cum, lo) - 1:bisect.bisect_left(self.cum, hi)]))
+
+
 class ParquetBatchDataset(IterableDataset):
-    """Yields this rank's `Batch`es; see the module docstring for the split modes."""
+    """Yields this rank's `Batch`es; see the module docstring for the split modes and the shuffle."""
 
     def __init__(self, cfg: DataConfig, index: FileIndex, reader: ReaderConfig, rank: int = 0,
-                 world_size: int = 1, start_batch: int = 0):
+                 world_size: int = 1, start_batch: int = 0, epoch: int | None = None, seed: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         if start_batch < 0:
@@ -249,37 +364,37 @@ class ParquetBatchDataset(IterableDataset):
         self.cfg, self.index, self.reader = cfg, index, reader
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
         self.num_workers = max(1, reader.num_workers)
+        self.epoch, self.seed = epoch, seed
+        self.shuffled = reader.shuffle and epoch is not None  # training only
+        self.gstarts = _rg_starts(index)
 
-    def _interleave(self, w: int) -> Iterator[list[Range]]:
+    def _order(self, rgs: list[int], part: int) -> _Order:
+        """The epoch's order of `rgs`; `part` 0 = the whole data (interleave), 1 + p = files-mode part p."""
+        key = (self.seed % 2**63, self.epoch, part) if self.shuffled else None
+        return _Order(rgs, self.gstarts, key, self.reader.shuffle_buffer)
+
+    def _interleave(self, w: int) -> Iterator[list[Range] | _Rows]:
         b, n = self.reader.batch_size, self.index.total
         gb = b * self.world_size
+        order = self._order(list(range(len(self.gstarts) - 1)), 0)
         for k in range(self.start_batch + w, math.ceil(n / gb), self.num_workers):
             a = k * gb + self.rank * b
             if a < n:
-                yield [(a, min(a + b, n))]
+                yield order.batch(a, min(a + b, n))
 
-    def _part(self, w: int) -> Iterator[list[Range]]:
-        """All batches of files-mode part rank*W + w, from its first."""
-        parts, p, starts = self.world_size * self.num_workers, self.rank * self.num_workers + w, self.index.starts
-        todo = [(starts[i], starts[i + 1]) for i in range(len(self.index.files)) if i % parts == p]
-        batch, size = [], 0
-        for a, e in todo:
-            while a < e:
-                take = min(e - a, self.reader.batch_size - size)
-                batch.append((a, a + take))
-                size, a = size + take, a + take
-                if size == self.reader.batch_size:
-                    yield batch
-                    batch, size = [], 0
-        if batch:
-            yield batch
+    def _part(self, w: int) -> _Order:
+        """The epoch's order of files-mode part rank*W + w (its files' row groups)."""
+        parts, p = self.world_size * self.num_workers, self.rank * self.num_workers + w
+        first = np.cumsum([0] + [len(s) - 1 for s in self.index.rg_starts]).tolist()  # per file: first global row group
+        rgs = [r for i in range(len(self.index.files)) if i % parts == p for r in range(first[i], first[i + 1])]
+        return self._order(rgs, 1 + p)
 
     def _files_counts(self) -> tuple[list[int], list[int], int]:
-        counts = [sum(1 for _ in self._part(w)) for w in range(self.num_workers)]
+        counts = [math.ceil(self._part(w).total / self.reader.batch_size) for w in range(self.num_workers)]
         return counts, *_round_robin_taken(counts, self.start_batch)
 
-    def plan(self, w: int) -> Iterator[list[Range]]:
-        """Global row ranges of each batch worker `w` yields (one list per batch)."""
+    def plan(self, w: int) -> Iterator[list[Range] | _Rows]:
+        """What worker `w` reads, one item per batch: global row ranges, or a shuffled batch's rows."""
         if self.reader.split == "interleave":
             yield from self._interleave(w)
             return
@@ -287,14 +402,16 @@ class ParquetBatchDataset(IterableDataset):
         # continues the part whose batch was next, which keeps the original order exactly
         _, taken, nxt = self._files_counts()
         part = (w + nxt) % self.num_workers
-        for i, batch in enumerate(self._part(part)):
-            if i >= taken[part]:
-                yield batch
+        order, b = self._part(part), self.reader.batch_size
+        for i in range(taken[part], math.ceil(order.total / b)):
+            yield order.batch(i * b, min((i + 1) * b, order.total))
 
     def __len__(self) -> int:
         """Number of batches this rank yields (from `start_batch` on)."""
         if self.reader.split == "interleave":
-            return sum(sum(1 for _ in self._interleave(w)) for w in range(self.num_workers))
+            n, gb = self.index.total, self.reader.batch_size * self.world_size
+            a0 = self.rank * self.reader.batch_size
+            return sum(1 for k in range(self.start_batch, math.ceil(n / gb)) if k * gb + a0 < n)
         counts, taken, _ = self._files_counts()
         return sum(counts) - sum(taken)
 
@@ -363,12 +480,15 @@ def read_ahead_in_thread(setting: bool | str, device_type: str, usable_cores: in
 
 
 def make_dataloader(cfg: DataConfig, files: list[str], reader: ReaderConfig, rank: int = 0,
-                    world_size: int = 1, start_batch: int = 0, device_type: str = "cpu") -> DataLoader:
+                    world_size: int = 1, start_batch: int = 0, device_type: str = "cpu",
+                    epoch: int | None = None, seed: int = 0) -> DataLoader:
     """DataLoader yielding this rank's `Batch`es; file problems raise DataError right here.
-    `device_type`: where the train step runs ('auto' read-ahead thread, read_ahead_in_thread)."""
+    `device_type`: where the train step runs ('auto' read-ahead thread, read_ahead_in_thread).
+    `epoch`, `seed`: the training epoch and run.seed, whose order the loader yields when
+    `reader.shuffle`; epoch None (eval, val, step counts): file order."""
     reader.validate("reader")
     index = validate_files(cfg, files)
-    ds = ParquetBatchDataset(cfg, index, reader, rank, world_size, start_batch)
+    ds = ParquetBatchDataset(cfg, index, reader, rank, world_size, start_batch, epoch, seed)
     extra = {"prefetch_factor": reader.prefetch_factor} if reader.num_workers > 0 else {}
     in_thread = reader.num_workers == 0 and read_ahead_in_thread(reader.prefetch_thread, device_type, len(allowed_cores()),
                                                                  torch.get_num_threads(), world_size)

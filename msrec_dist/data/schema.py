@@ -135,8 +135,13 @@ class ReaderConfig:
     # cost against one epoch's read: benchmarks/results/reader_scan.md); false: skip it for huge
     # data (the reader still checks each row group when it decodes it, mid-run)
     scan: bool = True
+    # training order (data/reader.py): each epoch's rows in an order seeded by (run.seed, epoch), the
+    # row groups permuted, then each window of shuffle_buffer rows of that order; exactly once per
+    # epoch over ranks and workers, resumable mid-epoch. Eval and val always read in file order.
+    shuffle: bool = True
+    shuffle_buffer: int = 65536  # rows (a worker holds the window's decoded row groups); 0 or 1: row groups only
 
     def validate(self, where: str = "") -> None:
-        for key, low in (("batch_size", 1), ("num_workers", 0), ("prefetch_factor", 1)):
+        for key, low in (("batch_size", 1), ("num_workers", 0), ("prefetch_factor", 1), ("shuffle_buffer", 0)):
             if getattr(self, key) < low:
                 raise ConfigError(f"{where + '.' if where else ''}{key}: must be >= {low}, got {getattr(self, key)}")

@@ -168,7 +168,8 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
     try:
         while pos.epoch < cfg.train.epochs and pos.step < total_steps:
             loader = make_dataloader(data, data.train, cfg.reader, ctx.rank, ctx.world_size,
-                                     start_batch=pos.rows_in_epoch // global_batch, device_type=ctx.device.type)
+                                     start_batch=pos.rows_in_epoch // global_batch, device_type=ctx.device.type,
+                                     epoch=pos.epoch, seed=cfg.run.seed)  # the epoch's order (reader.shuffle)
             trainer.train_epoch(loader, on_step)
             if pos.step < total_steps or pos.rows_in_epoch >= steps_per_epoch * global_batch:
                 pos.epoch, pos.rows_in_epoch = pos.epoch + 1, 0
