@@ -3,10 +3,17 @@
     FeatureSpec
       scenario  ScenarioSpec (column, names)     → S = num_scenarios
       tasks     [TaskSpec (name, label column)]  → T = len(task_names)
-      sparse    [SparseFeature (name, table, num_embeddings, dim, pooling)]
+      sparse    [SparseFeature (name, table, num_embeddings | hash_buckets, dim, pooling)]
                   → tables(): one TableSpec per table, in order of first appearance
                   → kjt_keys: the features grouped by table (the KJT key order = sparse field order)
-      dense     [DenseFeature (name)]            → N_d = len(dense_names)
+      dense     [DenseFeature (name, dim)]       scalars (no dim): N_d = len(dense_scalars());
+                                                 vectors (dim: K): one field each, projected K → D
+                  → the batch's dense tensor [B, dense_width]: the scalars' columns in order,
+                    then each vector's K columns in order
+
+Hashed ids (`hash_buckets: N`): the raw column (int64 or string ids, scalar or list) is mapped to
+rows 0..N-1 by msrec_dist/data/hashing.py (a fixed seeded 64-bit hash, the same in every
+process), so there is no vocabulary to build and no id out of range; num_embeddings = N.
 
 msrec_dist/data/schema.py's DataConfig is a FeatureSpec plus the data files (data.yaml); the
 reader reads the columns named here, the model (msrec_dist/model) builds its tables and fields
@@ -15,7 +22,7 @@ from them. Plain dataclasses: this module imports neither torch nor pyarrow.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Optional
 
 from msrec_dist.typed_yaml import ConfigError
 
@@ -26,22 +33,38 @@ def _at(where: str, key: str) -> str:
 
 @dataclass
 class SparseFeature:
-    name: str  # column name; int64 (one id per row) or list<int64> (a bag of ids)
+    # column name; int64 (one id per row) or list<int64> (a bag of ids); with hash_buckets also
+    # string or list<string>
+    name: str
     table: str  # features naming the same table share one embedding table
-    num_embeddings: int
-    dim: int
+    num_embeddings: int = 0  # rows of the table, ids 0..num_embeddings-1; with hash_buckets: left out (= N)
+    dim: int = 0  # required
     pooling: Literal["sum", "mean"] = "sum"
+    hash_buckets: Optional[int] = None  # N: hash the raw ids into N rows (data/hashing.py)
 
     def validate(self, where: str) -> None:
-        if self.num_embeddings <= 0:
-            raise ConfigError(f"{_at(where, 'num_embeddings')}: must be > 0, got {self.num_embeddings}")
+        if self.hash_buckets is not None:
+            if self.hash_buckets <= 0:
+                raise ConfigError(f"{_at(where, 'hash_buckets')}: must be > 0, got {self.hash_buckets}")
+            if self.num_embeddings not in (0, self.hash_buckets):
+                raise ConfigError(f"{_at(where, 'num_embeddings')}: {self.num_embeddings} differs from hash_buckets "
+                                  f"{self.hash_buckets} (a hashed feature's table has hash_buckets rows; leave it out)")
+            self.num_embeddings = self.hash_buckets
+        elif self.num_embeddings <= 0:
+            raise ConfigError(f"{_at(where, 'num_embeddings')}: must be > 0 (or give hash_buckets for raw ids), "
+                              f"got {self.num_embeddings or 'none'}")
         if self.dim <= 0:
-            raise ConfigError(f"{_at(where, 'dim')}: must be > 0, got {self.dim}")
+            raise ConfigError(f"{_at(where, 'dim')}: required, must be > 0, got {self.dim}")
 
 
 @dataclass
 class DenseFeature:
-    name: str  # float (or int) column
+    name: str  # float (or int) column; with dim: a list<float> or fixed_size_list<float> column of dim values
+    dim: Optional[int] = None  # K: a vector feature (e.g. a text-model embedding), one field through a K → D projection
+
+    def validate(self, where: str) -> None:
+        if self.dim is not None and self.dim <= 0:
+            raise ConfigError(f"{_at(where, 'dim')}: must be > 0, got {self.dim}")
 
 
 @dataclass
@@ -116,6 +139,19 @@ class FeatureSpec:
     @property
     def dense_names(self) -> list[str]:
         return [f.name for f in self.dense]
+
+    def dense_scalars(self) -> list[DenseFeature]:
+        """Scalar dense features (no dim): the first columns of the batch's dense tensor."""
+        return [f for f in self.dense if f.dim is None]
+
+    def dense_vectors(self) -> list[DenseFeature]:
+        """Vector dense features (dim: K): their K columns each follow the scalars, in order."""
+        return [f for f in self.dense if f.dim is not None]
+
+    @property
+    def dense_width(self) -> int:
+        """Columns of the batch's dense tensor: one per scalar, K per vector."""
+        return sum(1 if f.dim is None else f.dim for f in self.dense)
 
     def kjt_features(self) -> list[SparseFeature]:
         """Sparse features grouped by table, tables in `tables()` order: the key order of every KJT

@@ -1,11 +1,12 @@
 """Value scan of every split before the first train step (`reader.scan: true`).
 
 The reader checks values only when it decodes a row group (data/reader.py `_decode`): a bad id
-in the eval split would stop the run after all of training, with nothing saved; a bad value late
-in the train split, mid-epoch. `scan_splits` reads every row group of the train and eval files
+in the eval (or val) split would stop the run after all of training, with nothing saved; a bad value late
+in the train split, mid-epoch. `scan_splits` reads every row group of the train, eval and val files
 once, before the model is built, through the reader's own row-group path (`_RowReader`: the
 same read and the same `_decode` checks: ids in range via `first_bad_id`, labels 0/1 and
-non-null, scenario in range, dense finite and non-null, no null ids inside lists), so one piece
+non-null, scenario in range, dense finite and non-null, vectors of their dim and finite, no
+null ids inside lists), so one piece
 of code holds the rules and the errors read the same: file, column and row.
 
 Streaming: one decoded row group at a time. Several ranks split the files (file i to rank
@@ -47,12 +48,12 @@ def _all_gather(obj: Optional[str]) -> list:
 
 def scan_splits(cfg: DataConfig, enabled: bool, rank: int = 0, world_size: int = 1,
                 gather: Optional[Gather] = None) -> int:
-    """`reader.scan`: if enabled, check the values of the train and eval files (this rank's
+    """`reader.scan`: if enabled, check the values of the train, eval and val files (this rank's
     share: files i % world_size == rank) before training; every rank raises the same DataError
     if any rank found a bad value. Returns the rows this rank checked (0 if disabled)."""
     if not enabled:
         return 0
-    files = list(dict.fromkeys([*cfg.train, *cfg.eval]))  # a file in both splits once
+    files = list(dict.fromkeys([*cfg.train, *cfg.eval, *cfg.val]))  # a file in several splits once
     mine = [f for i, f in enumerate(files) if i % world_size == rank]
     error, rows = None, 0
     try:

@@ -3,7 +3,7 @@
 Flow: data.yaml → `load_data_config` (strict typed_yaml parse, globs resolved relative to the
 yaml into sorted absolute file lists) → `DataConfig`: the feature specs (a FeatureSpec,
 msrec_dist/features.py: which columns to read and how, sparse/dense/labels/scenario, and the
-embedding tables the model builds from them) plus the train and eval files.
+embedding tables the model builds from them) plus the train, eval and (optional) val files.
 `validate_file_schema` checks one file's arrow schema against the config from metadata only,
 before any row is read; failures are `DataError`s.
 
@@ -37,6 +37,7 @@ class DataConfig(FeatureSpec):
 
     train: list[str]  # after load_data_config: sorted absolute Parquet paths
     eval: list[str] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)  # optional third split (model selection); [] when absent
 
 
 def resolve_paths(patterns: str | list[str], base_dir: str, where: str) -> list[str]:
@@ -57,9 +58,9 @@ def resolve_paths(patterns: str | list[str], base_dir: str, where: str) -> list[
 
 
 def load_data_config(path: str) -> DataConfig:
-    """Parse data.yaml strictly; train/eval globs resolve relative to the yaml's directory."""
+    """Parse data.yaml strictly; train/eval/val globs resolve relative to the yaml's directory."""
     raw = load_yaml(path)
-    for key in ("train", "eval"):
+    for key in ("train", "eval", "val"):
         if isinstance(raw.get(key), str):
             raw[key] = [raw[key]]
     try:
@@ -69,6 +70,7 @@ def load_data_config(path: str) -> DataConfig:
     base = os.path.dirname(os.path.abspath(path))
     cfg.train = resolve_paths(cfg.train, base, f"{path}: train")
     cfg.eval = resolve_paths(cfg.eval, base, f"{path}: eval") if cfg.eval else []
+    cfg.val = resolve_paths(cfg.val, base, f"{path}: val") if cfg.val else []
     return cfg
 
 
@@ -78,6 +80,26 @@ def _is_int(t: pa.DataType) -> bool:
 
 def _is_int_list(t: pa.DataType) -> bool:
     return (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_int(t.value_type)
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+
+
+def _is_str(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_hashable(t: pa.DataType) -> bool:  # a hashed feature: int or string ids, scalar or list
+    return _is_int(t) or _is_str(t) or ((pa.types.is_list(t) or pa.types.is_large_list(t))
+                                        and (_is_int(t.value_type) or _is_str(t.value_type)))
+
+
+def _vector_check(dim: int):
+    def ok(t: pa.DataType) -> bool:
+        return (_is_list(t) and _is_dense(t.value_type)
+                and (not pa.types.is_fixed_size_list(t) or t.list_size == dim))
+    return ok
 
 
 def _is_label(t: pa.DataType) -> bool:
@@ -95,8 +117,13 @@ def validate_file_schema(path: str, cfg: DataConfig, schema: pa.Schema | None = 
     checks = [(cfg.scenario.column, "scenario", "integer", _is_int)]
     checks += [(t.column, f"label of task '{t.name}'", "integer, float or bool", _is_label) for t in cfg.tasks]
     checks += [(f.name, "sparse feature", "integer or list<integer>", lambda t: _is_int(t) or _is_int_list(t))
+               if f.hash_buckets is None else
+               (f.name, "hashed sparse feature", "integer, string, list<integer> or list<string>", _is_hashable)
                for f in cfg.sparse]
-    checks += [(f.name, "dense feature", "float or integer", _is_dense) for f in cfg.dense]
+    checks += [(f.name, "dense feature", "float or integer", _is_dense) if f.dim is None else
+               (f.name, f"vector feature (dim {f.dim})", f"list<float> or fixed_size_list<float, {f.dim}>",
+                _vector_check(f.dim))
+               for f in cfg.dense]
     for col, role, expected, ok in checks:
         idx = schema.get_field_index(col)
         if idx < 0:
@@ -131,7 +158,7 @@ class ReaderConfig:
     # with num_workers 0: decode in a background thread, overlapped with the step. auto: only where
     # the thread gets CPU time of its own: GPU step, spare cores, or several ranks (reader.read_ahead_in_thread)
     prefetch_thread: Union[bool, Literal["auto"]] = "auto"
-    # true: check every value of the train and eval files before the first step (data/scan.py;
+    # true: check every value of the train, eval and val files before the first step (data/scan.py;
     # cost against one epoch's read: benchmarks/results/reader_scan.md); false: skip it for huge
     # data (the reader still checks each row group when it decodes it, mid-run)
     scan: bool = True

@@ -4,9 +4,11 @@
                   ──to_dict, stacked in KJT key order──► [B, F_s, D]; mean-pooled features
                   divided by their bag length
                   (with a pooled lookup: ──lookup──► [B, F_s * D] already in KJT key order)
-    batch.dense   [B, N_d] ──x_n * w_n + b_n per feature──► [B, N_d, D]
+    batch.dense   [B, N_d + Σ K_v]: the N_d scalar columns ──x_n * w_n + b_n per feature──► [B, N_d, D];
+                  each vector feature's K_v columns ──nn.Linear(K_v, D)──► one field [B, 1, D]
+                  (after the sparse fields, before the scalars; without vectors: no slicing, no projections)
     batch.scenario [B] ──one-hot [B, S] @ nn.Embedding(S, D).weight──► [B, 1, D]   (only if scenario_field)
-    concat ──► fields [B, F, D],  F = F_s + N_d (+1)
+    concat ──► fields [B, F, D],  F = F_s + N_v + N_d (+1)   (sparse, vector, dense, scenario)
     (parts(): the same in factored form, FieldParts, for a first layer that folds the dense and
     scenario fields into its weight: msrec_dist/model/fields.py)
 
@@ -81,11 +83,16 @@ class FieldEmbedding(nn.Module):
         # float when every field has the same scale.
         self.register_buffer("grad_scale", torch.full((self.num_sparse, 1), grad_scale), persistent=False)
         self.grad_scale_value: Optional[float] = grad_scale
-        num_dense = len(features.dense_names)
+        num_dense = len(features.dense_scalars())  # the first num_dense columns of batch.dense
         self.dense_weight = nn.Parameter(torch.randn(num_dense, self.dim) * 0.1)  # [N_d, D]
         self.dense_bias = nn.Parameter(torch.zeros(num_dense, self.dim))  # [N_d, D]
         self.scenario_emb = nn.Embedding(features.num_scenarios, self.dim) if scenario_field else None
-        self.num_fields = len(self.field_names) + num_dense + (1 if scenario_field else 0)
+        # Vector features (dense with dim K): one field each, K → D; their columns follow the scalars'.
+        # An empty ModuleList holds no parameters: configs without vectors keep their state dict.
+        self.num_dense = num_dense
+        self.vector_dims = [f.dim for f in features.dense_vectors()]
+        self.vector_proj = nn.ModuleList([nn.Linear(k, self.dim, device=device) for k in self.vector_dims])
+        self.num_fields = len(self.field_names) + len(self.vector_dims) + num_dense + (1 if scenario_field else 0)
 
     @torch.no_grad()
     def set_grad_scales(self, model_parallel: float, replicated: set[str]) -> None:
@@ -127,6 +134,13 @@ class FieldEmbedding(nn.Module):
         lengths = sparse.lengths().view(self.num_sparse, batch_size)  # [F_s, B]
         divisor = torch.where(self.is_mean.unsqueeze(1), lengths.clamp(min=1), torch.ones_like(lengths))
         pooled = pooled / divisor.t().unsqueeze(2).to(pooled.dtype)  # [B, F_s, D]
+        if self.vector_dims:  # python ints only: FX-traceable
+            vectors, col = [], self.num_dense
+            for proj, k in zip(self.vector_proj, self.vector_dims):
+                vectors.append(proj(dense[:, col:col + k]))  # [B, D]
+                col += k
+            pooled = torch.cat([pooled, torch.stack(vectors, dim=1)], dim=1)  # [B, F_s + N_v, D]
+            dense = dense[:, :self.num_dense]  # [B, N_d]
         parts = FieldParts(pooled, dense, self.dense_weight, self.dense_bias)  # dense fields: x_n * w_n + b_n
         if self.scenario_emb is not None:
             # The scenario field is a [B, S] @ [S, D] product instead of an embedding lookup: S is a

@@ -45,7 +45,7 @@ def empty_batch(data: DataConfig, device: torch.device) -> Batch:
         sparse=KeyedJaggedTensor.from_lengths_sync(keys=data.kjt_keys,
                                                    values=torch.zeros(0, dtype=torch.long),
                                                    lengths=torch.zeros(0, dtype=torch.int32)).to(device),
-        dense=torch.zeros(0, len(data.dense_names), device=device),  # [0, dense fields]
+        dense=torch.zeros(0, data.dense_width, device=device),  # [0, dense columns]
         labels=torch.zeros(0, len(data.task_names), device=device),  # [0, tasks]
         scenario=torch.zeros(0, dtype=torch.long, device=device),  # [0]
         rows=torch.zeros(0, dtype=torch.long, device=device),  # [0]

@@ -94,7 +94,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
     cfg.run.dir = os.path.abspath(cfg.run.dir)  # once, here: config.json keeps absolute paths
     cfg.data = os.path.abspath(cfg.data)
     data = load_data_config(cfg.data)
-    validate_files(data, data.eval)
+    validate_files(data, data.eval + data.val)
     scan_splits(data, cfg.reader.scan, ctx.rank, ctx.world_size)  # every value of both splits, before any step
     ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
     resume_from = prepare(cfg.run.dir, resume, overwrite, ctx)

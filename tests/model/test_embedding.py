@@ -124,3 +124,51 @@ def test_kjt_in_another_key_order_is_refused(model_data, batch4):
     assert schema_order.keys() == model_data.sparse_names != FIELD_ORDER
     with pytest.raises(ValueError, match=r"not in the expected order .*item_id', 'hist_item_ids', 'user_id'"):
         emb(schema_order, batch4.dense, batch4.scenario)
+
+
+def _with_vector(model_data):
+    """model_data with a vector feature (dim 5) between the two scalars: fields sparse, vector, dense."""
+    from msrec_dist.features import DenseFeature, FeatureSpec
+
+    spec = FeatureSpec(model_data.scenario, model_data.tasks, model_data.sparse,
+                       [model_data.dense[0], DenseFeature("text_emb", dim=5), model_data.dense[1]])
+    spec.validate("")
+    return spec
+
+
+def _vector_dense(batch4) -> torch.Tensor:  # [B, 2 + 5]: the scalars' columns, then the vector's
+    return torch.cat([batch4.dense, torch.randn(4, 5, generator=torch.Generator().manual_seed(3))], dim=1)
+
+
+def test_vector_feature_is_one_projected_field_and_scalars_are_unchanged(model_data, batch4):
+    base = _embedding(model_data)
+    emb = _embedding(_with_vector(model_data))
+    assert emb.num_fields == 3 + 1 + 2 + 1
+    dense = _vector_dense(batch4)
+    fields = emb(batch4.sparse, dense, batch4.scenario)
+    assert fields.shape == (4, 7, D)
+    ref = _fields(base, batch4)
+    torch.testing.assert_close(fields[:, :3], ref[:, :3], rtol=0, atol=0)  # sparse fields
+    torch.testing.assert_close(fields[:, 4:], ref[:, 3:], rtol=0, atol=0)  # dense scalars, scenario
+    proj = emb.vector_proj[0]
+    torch.testing.assert_close(fields[:, 3], dense[:, 2:] @ proj.weight.t() + proj.bias)
+    fields.sum().backward()
+    assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+
+
+def test_vector_field_traces_and_folds(model_data, batch4):
+    emb = _embedding(_with_vector(model_data))
+    dense = _vector_dense(batch4)
+    traced = symbolic_trace(emb)
+    torch.testing.assert_close(traced(batch4.sparse, dense, batch4.scenario), emb(batch4.sparse, dense, batch4.scenario),
+                               rtol=0, atol=0)
+    parts = emb.parts(batch4.sparse, dense, batch4.scenario)
+    w, b = torch.randn(7 * D, 3), torch.randn(3)
+    torch.testing.assert_close(parts.linear(w, b), parts.stack().flatten(1) @ w + b, rtol=1e-5, atol=1e-5)
+
+
+def test_configs_without_vectors_keep_their_state_dict(model_data):
+    keys = set(_embedding(model_data).state_dict())
+    assert not any("vector_proj" in k for k in keys)
+    assert {"dense_weight", "dense_bias", "scenario_emb.weight"} <= keys
+    assert {"vector_proj.0.weight", "vector_proj.0.bias"} <= set(_embedding(_with_vector(model_data)).state_dict())
