@@ -262,14 +262,15 @@ def test_unhashed_features_keep_the_range_check(tmp_path):
 # --- end to end -----------------------------------------------------------------------------
 
 
-def test_a_tiny_run_trains_on_hashed_ids_vectors_and_a_val_split(tmp_path):
+@pytest.mark.parametrize("model", ["msrec", "ple"])  # msrec: attention over the field stack; ple: the folded first layer
+def test_a_tiny_run_trains_on_hashed_ids_vectors_and_a_val_split(tmp_path, model):
     from msrec_dist.config import load_experiment
     from msrec_dist.distributed.context import init_distributed
     from msrec_dist.training import runner
     from tests.distributed.launch import REPO, TINY_MODEL
 
     data = write(tmp_path)
-    cfg = load_experiment(os.path.join(REPO, "configs/msrec.yaml"), data,
+    cfg = load_experiment(os.path.join(REPO, f"configs/{model}.yaml"), data,
                           tuple(TINY_MODEL) + ("reader.batch_size=64", f"run.dir={tmp_path / 'run'}",
                                                "train.max_steps=3"))
     metrics = runner.run(cfg, init_distributed())
