@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from msrec_dist.batch import Batch
+from msrec_dist.data.hashing import hash_ids
 from msrec_dist.data.native import first_bad_id
 from msrec_dist.data.read_ahead import read_ahead
 from msrec_dist.data.schema import DataConfig, DataError, ReaderConfig, open_parquet, validate_file_schema
@@ -95,7 +96,7 @@ class _Chunk:
     offsets: list[np.ndarray]  # per sparse feature [n + 1] int64, offsets[0] == 0
     lengths: list[np.ndarray]  # per sparse feature [n] int32 (the KJT's dtype), once per row group
     values: list[np.ndarray]  # per sparse feature [nnz] int64
-    dense: np.ndarray  # [n, Nd] float32
+    dense: np.ndarray  # [n, dense_width] float32: scalar dense features, then each vector's dim columns
     labels: np.ndarray  # [n, T] float32
     scenario: np.ndarray  # [n] int64
 
@@ -113,8 +114,38 @@ def _column(table: pa.Table, name: str, path: str, row0: int) -> pa.Array:
     return arr
 
 
+def _vector(table: pa.Table, name: str, dim: int, path: str, row0: int) -> np.ndarray:
+    """A vector feature's column (list or fixed_size_list of numbers) → [n, dim] float32; a null
+    row, a row of another length, or a null/NaN/inf element is a DataError naming its row."""
+    arr = _column(table, name, path, row0)  # null rows
+    n = len(arr)
+    if pa.types.is_fixed_size_list(arr.type):
+        child = arr.flatten()  # honours the slice offset; the schema check fixed list_size == dim
+    else:
+        off = arr.offsets.to_numpy().astype(np.int64)
+        child = arr.values.slice(int(off[0]), int(off[-1] - off[0]))
+        lengths = np.diff(off)
+        bad = lengths != dim
+        if bad.any():
+            i = int(bad.argmax())
+            raise _fail(path, name, row0 + i, f"vector of length {lengths[i]}, expected dim {dim}")
+    if child.null_count:
+        j = int(np.flatnonzero(child.is_null().to_numpy(zero_copy_only=False))[0])
+        raise _fail(path, name, row0 + j // dim, f"null inside the vector (element {j % dim})")
+    v = child.to_numpy(zero_copy_only=False)
+    with np.errstate(over="ignore"):
+        out = v.astype(np.float32)
+    bad = ~np.isfinite(out)  # after the cast: a float64 past float32's range is inf here
+    if bad.any():
+        j = int(bad.argmax())
+        raise _fail(path, name, row0 + j // dim, f"vector element {j % dim} is {v[j]}: NaN, infinite or "
+                    "outside float32's range")
+    return out.reshape(n, dim)
+
+
 def _decode(table: pa.Table, cfg: DataConfig, path: str, row0: int) -> _Chunk:
-    """Validate and convert a row group table; `row0` = file row of its first row."""
+    """Validate and convert a row group table; `row0` = file row of its first row. Hashed sparse
+    features (hash_buckets) become rows via data/hashing.py; the others' ids are range-checked."""
     n = table.num_rows
     sc_col = cfg.scenario.column
     scenario = _column(table, sc_col, path, row0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
@@ -130,8 +161,9 @@ def _decode(table: pa.Table, cfg: DataConfig, path: str, row0: int) -> _Chunk:
             i = int(bad.argmax())
             raise _fail(path, task.column, row0 + i, f"label {v[i]} is not 0 or 1")
         labels[:, t] = v
-    dense = np.empty((n, len(cfg.dense)), np.float32)
-    for d, feat in enumerate(cfg.dense):
+    dense = np.empty((n, cfg.dense_width), np.float32)
+    scalars = cfg.dense_scalars()
+    for d, feat in enumerate(scalars):
         v = _column(table, feat.name, path, row0).to_numpy(zero_copy_only=False)
         with np.errstate(over="ignore"):
             dense[:, d] = v
@@ -139,6 +171,10 @@ def _decode(table: pa.Table, cfg: DataConfig, path: str, row0: int) -> _Chunk:
         if bad.any():
             i = int(bad.argmax())
             raise _fail(path, feat.name, row0 + i, f"dense value {v[i]} is NaN, infinite or outside float32's range")
+    col = len(scalars)
+    for feat in cfg.dense_vectors():  # after the scalars, in order (FeatureSpec.dense_width)
+        dense[:, col:col + feat.dim] = _vector(table, feat.name, feat.dim, path, row0)
+        col += feat.dim
     offsets, values = [], []  # per feature, in KJT key order
     for feat in cfg.kjt_features():
         arr = _column(table, feat.name, path, row0)
@@ -151,11 +187,15 @@ def _decode(table: pa.Table, cfg: DataConfig, path: str, row0: int) -> _Chunk:
                 j = int(np.flatnonzero(child.is_null().to_numpy(zero_copy_only=False))[0])
                 i = int(np.searchsorted(off, j, side="right")) - 1
                 raise _fail(path, feat.name, row0 + i, f"null id inside the list (element {j - off[i]})")
-            vals = child.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            ids = child
         else:
-            vals = arr.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            ids = arr
             off = np.arange(n + 1, dtype=np.int64)
-        j = first_bad_id(vals, feat.num_embeddings)  # C++ op when built (data/native.py)
+        if feat.hash_buckets is not None:
+            vals, j = hash_ids(ids, feat.hash_buckets), -1  # rows 0..N-1 by construction
+        else:
+            vals = ids.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+            j = first_bad_id(vals, feat.num_embeddings)  # C++ op when built (data/native.py)
         if j >= 0:
             i = int(np.searchsorted(off, j, side="right")) - 1
             where = f" (element {j - off[i]} of the list)" if is_list else ""
