@@ -15,8 +15,12 @@
 3. The value scan before the first step (msrec_dist/data/scan.py, `reader.scan`) over the train
    split beside one epoch's read of it (workers 0, inline), in interleaved rounds: rows/s of
    each and scan time / read time (median over rounds).
+4. With --shuffle-only: one epoch's read in file order vs shuffled (`reader.shuffle`, epoch 0:
+   row groups only, and windows of the default shuffle_buffer), workers 0 inline, interleaved
+   rounds, against the trainer samples/s of reader_throughput.json, or with --shuffle-trainers
+   the models' in-memory train steps timed in the same rounds (one machine, one run).
 Writes benchmarks/results/reader_throughput.json and .md; with --scan-only, part 3 alone into
-benchmarks/results/reader_scan.json and .md.
+benchmarks/results/reader_scan.json and .md; with --shuffle-only, part 4 into reader_shuffle.json and .md.
 """
 from __future__ import annotations
 
@@ -45,10 +49,11 @@ from benchmarks import perf_common as P  # noqa: E402
 from msrec_dist.data.schema import ReaderConfig  # noqa: E402
 
 
-def reader_rows_per_s(data, reader_cfg, max_batches: int | None = None) -> tuple[float, int]:
+def reader_rows_per_s(data, reader_cfg, max_batches: int | None = None, epoch: int | None = None) -> tuple[float, int]:
+    """`epoch`: read that training epoch's order (reader_cfg.shuffle); None: file order."""
     from msrec_dist.data.reader import make_dataloader
 
-    loader = make_dataloader(data, data.train, reader_cfg)
+    loader = make_dataloader(data, data.train, reader_cfg, epoch=epoch)
     rows, start = 0, time.perf_counter()
     for i, b in enumerate(loader):
         rows += b.size
@@ -89,6 +94,69 @@ def scan_markdown(sc: dict) -> list[str]:
             P.table(["rows", "scan rows/s", "read rows/s (1 epoch)", "scan s per million rows", "scan time / read time"],
                     [[f"{sc['rows']:,}", f"{sc['scan_rows_per_s']:,.0f}", f"{sc['read_rows_per_s']:,.0f}",
                       f"{sc['scan_s_per_million_rows']:.2f}", f"{sc['scan_over_read']:.2f}"]]), ""]
+
+
+def trainer_rate(model: str, data_path: str, batch_size: int, steps: int, warmup: int = 3):
+    """A function timing `steps` train steps on pre-built in-memory batches: samples/s."""
+    cfg, data, _, state = P.make_state(model, data_path, batch_size)
+    step = P.step_fn(state, cfg)
+    mem = P.prebuilt_batches(cfg, data, steps + warmup)
+
+    def timed() -> float:
+        it = iter(mem)
+        for _ in range(warmup):
+            step(next(it))
+        t = time.perf_counter()
+        for _ in range(steps):
+            step(next(it))
+        return batch_size * steps / (time.perf_counter() - t)
+    return timed
+
+
+def shuffle_vs_plain(data, batch_size: int, rounds: int, trainers: dict | None = None) -> dict:
+    """One epoch's read in file order vs shuffled (epoch 0, seed 0), workers 0, inline; interleaved
+    rounds, the order rotating; with `trainers` ({model: trainer_rate(...)}), each round times them
+    too (the reader / trainer ratio from one machine and one run)."""
+    base = dataclasses.replace(ReaderConfig(), batch_size=batch_size, num_workers=0, prefetch_thread=False)
+    variants = {"file order (eval, val; shuffle false)": (base, None),
+                "shuffled, row groups only (shuffle_buffer 0)": (dataclasses.replace(base, shuffle_buffer=0), 0),
+                f"shuffled (shuffle_buffer {base.shuffle_buffer}, the default)": (base, 0)}
+    names = list(variants)
+    rps: dict[str, list[float]] = {v: [] for v in names}
+    trainers = trainers or {}
+    sps: dict[str, list[float]] = {m: [] for m in trainers}
+    for r in range(rounds):
+        for v in names[r % len(names):] + names[:r % len(names)]:
+            rps[v].append(reader_rows_per_s(data, variants[v][0], epoch=variants[v][1])[0])
+        for m, timed in trainers.items():
+            sps[m].append(timed())
+    return {"rounds": rounds, "rows_per_s": {v: P.median(x) for v, x in rps.items()}, "all": rps,
+            "train_samples_per_s": {m: P.median(x) for m, x in sps.items()}, "train_all": sps}
+
+
+def shuffle_markdown(res: dict, command: str) -> str:
+    sh = res["shuffle"]
+    same_run = bool(sh.get("train_samples_per_s"))
+    train = sh["train_samples_per_s"] if same_run else res.get("train_samples_per_s", {})
+    plain = next(iter(sh["rows_per_s"].values()))
+    # without same-run trainer timings: this run's ratio to file order times the file-order rows/s
+    # measured beside those trainer figures (reader_throughput.json), one machine's rates
+    scale = 1.0 if same_run else res.get("json_file_order_rows_per_s", plain) / plain
+    rows = [[v, f"{x:,.0f}", f"{x / plain:.2f}", *[f"{x * scale / t:.1f}x" for t in train.values()]]
+            for v, x in sh["rows_per_s"].items()]
+    return "\n".join([
+        "# Reader throughput: file order vs shuffled (`reader.shuffle`)", "",
+        f"Machine: {P.machine_line(res['machine'])}", "", *([res["note"], ""] if res.get("note") else []),
+        f"Command: `{command}`", "",
+        f"Data: synthetic, {res['rows']} train rows in 4 files, row groups of 16384; batch {res['batch_size']}; "
+        f"make_dataloader over one epoch, workers 0, decoding inline (one core); {sh['rounds']} interleaved "
+        "rounds, medians. Reader / trainer: rows/s over the trainer's samples/s with in-memory batches "
+        + ("(1 rank, timed in the same rounds: " + ", ".join(f"{m} {v:,.0f} samples/s" for m, v in train.items()) + ")"
+           if same_run else "(1 rank, from reader_throughput.json: " + ", ".join(f"{m} {v:,.0f} samples/s" for m, v in
+                                train.items()) + f"; taken as this run's ratio to file order x that run's file-order "
+                                f"{res.get('json_file_order_rows_per_s', plain):,.0f} rows/s, so that both rates come "
+                                "from one machine)") + "; target >= 10x.", "",
+        P.table(["read", "rows/s", "vs file order", *[f"reader / trainer ({m})" for m in train]], rows), ""])
 
 
 READ_MODES = {"thread": True, "inline": False}  # reader.prefetch_thread of each measured read mode
@@ -187,7 +255,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--scan-rounds", type=int, default=5)
     ap.add_argument("--scan-only", action="store_true", help="part 3 alone (into reader_scan.json/.md)")
-    ap.add_argument("--note", default="", help="a line for the --scan-only results (commit, date, machine load)")
+    ap.add_argument("--shuffle-only", action="store_true", help="part 4 alone (into reader_shuffle.json/.md)")
+    ap.add_argument("--shuffle-trainers", action="store_true", help="with --shuffle-only: time --models' train steps "
+                    "(in memory, --steps) in the same rounds")
+    ap.add_argument("--note", default="", help="a line for the --scan-only / --shuffle-only results (commit, date, machine)")
     ap.add_argument("--out", default=None, help="results name (default reader_throughput, reader_scan with --scan-only)")
     a = ap.parse_args(argv)
     logging.disable(logging.WARNING)
@@ -201,6 +272,21 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m benchmarks.reader_throughput " + " ".join(args)
     res = {"machine": P.machine(), "rows": a.rows, "batch_size": a.batch_size, "reader_rows_per_s": {}, "overhead": {},
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "libgomp default")}
+    if a.shuffle_only:
+        trainers = {}
+        if a.shuffle_trainers:
+            P.init_world()
+            trainers = {m: trainer_rate(m, data_path, a.batch_size, a.steps) for m in a.models}
+        res = {"machine": res["machine"], "note": a.note, "rows": a.rows, "batch_size": a.batch_size, "command": command,
+               "shuffle": shuffle_vs_plain(data, a.batch_size, a.rounds, trainers)}
+        prev = os.path.join(P.RESULTS, "reader_throughput.json")
+        if os.path.exists(prev):
+            prev = json.load(open(prev))
+            res["train_samples_per_s"] = {m: o["samples_per_s_memory"] for m, o in prev["overhead"].items()}
+            res["json_file_order_rows_per_s"] = prev["reader_rows_per_s"]["0"]
+        js, md = P.write_results(a.out or "reader_shuffle", res, shuffle_markdown(res, command))
+        print(open(md).read())
+        return
     if a.scan_only:
         res = {"machine": res["machine"], "note": a.note, "rows": a.rows, "batch_size": a.batch_size, "command": command,
                "scan": scan_vs_read(data, a.batch_size, a.scan_rounds)}
