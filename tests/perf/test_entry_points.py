@@ -11,7 +11,7 @@ import sys
 
 from benchmarks import perf_common as P
 
-ENTRY_POINTS = ["update_baselines", "train_throughput", "reader_throughput", "collectives", "peer", "compare"]
+ENTRY_POINTS = ["update_baselines", "train_throughput", "reader_throughput", "collectives", "peer", "compare", "scale"]
 
 # Runs each entry point as __main__ with prepare_process replaced by a probe that records the
 # state it is called in, then stops the module (so torch is never loaded before the probe of the
