@@ -80,20 +80,20 @@ def prepare(run_dir: str, resume: bool, overwrite: bool, ctx) -> str | None:
     return _agree(ctx, decide)
 
 
-def data_identity(train: list[str], eval_files: list[str]) -> dict:
+def data_identity(splits: dict[str, list[str]]) -> dict:
     """What the position in a checkpoint refers to: each file's path, size and row count (Parquet
     metadata only)."""
     def describe(files):
         return [{"path": os.path.abspath(p), "bytes": os.path.getsize(p), "rows": pq.ParquetFile(p).metadata.num_rows}
                 for p in files]
 
-    return {"train": describe(train), "eval": describe(eval_files)}
+    return {split: describe(files) for split, files in splits.items()}
 
 
 def identity_changes(saved: dict, now: dict) -> list[str]:
     """What differs between the data a checkpoint was trained on and the data given now."""
     out = []
-    for split in ("train", "eval"):
+    for split in sorted(set(saved) | set(now)):
         old = {f["path"]: f for f in saved.get(split, [])}
         new = {f["path"]: f for f in now.get(split, [])}
         out += [f"{split}: {p} is gone" for p in sorted(set(old) - set(new))]

@@ -95,10 +95,10 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
     cfg.data = os.path.abspath(cfg.data)
     data = load_data_config(cfg.data)
     validate_files(data, data.eval + data.val)
-    scan_splits(data, cfg.reader.scan, ctx.rank, ctx.world_size)  # every value of both splits, before any step
+    scan_splits(data, cfg.reader.scan, ctx.rank, ctx.world_size)  # every value of every split, before any step
     ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
     resume_from = prepare(cfg.run.dir, resume, overwrite, ctx)
-    identity = data_identity(data.train, data.eval)
+    identity = data_identity({"train": data.train, "val": data.val, "eval": data.eval})
     pos = Progress()
     if resume_from is not None:
         pos, saved_identity = read_progress(resume_from)
