@@ -135,6 +135,6 @@ def test_unknown_common_index_names_both_files(tmp_path):
 
 
 def test_converted_set_trains(tmp_path):
-    from tests.data.test_convert_kuairand import train_3_steps
+    from tests.data.test_convert_trains import train_3_steps
 
     train_3_steps(aliccp.convert(write(tmp_path / "raw"), str(tmp_path / "data"), dim=4), tmp_path)

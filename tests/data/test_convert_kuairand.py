@@ -125,30 +125,7 @@ def test_missing_logs_say_where_to_get_them(tmp_path):
 
 
 def test_converted_set_trains(tmp_path):
-    """3 steps through msrec_dist.training.runner.run on a world of one (the test_convert_trains pattern)."""
+    """3 steps through msrec_dist.training.runner.run on a world of one."""
+    from tests.data.test_convert_trains import train_3_steps
+
     train_3_steps(kuairand.convert(write(tmp_path / "raw"), str(tmp_path / "data"), dim=4), tmp_path)
-
-
-def train_3_steps(data: str, tmp_path) -> None:
-    """Train 3 steps on the converted set `data` (a data.yaml) with the tiny model; checks the log."""
-    import json
-
-    from msrec_dist.config import load_experiment
-    from msrec_dist.data.schema import DataConfig
-    from msrec_dist.distributed.context import init_distributed
-    from msrec_dist.training import runner
-    from tests.distributed.launch import REPO, TINY_MODEL
-
-    if "val" not in DataConfig.__dataclass_fields__:  # schema.py predates the val: key: a copy without it
-        d = yaml.safe_load(open(data))
-        assert d.pop("val") == "val/*.parquet"
-        data = os.path.join(os.path.dirname(data), "data_no_val.yaml")
-        with open(data, "w") as f:
-            yaml.safe_dump(d, f, sort_keys=False)
-    run_dir = tmp_path / "run"
-    cfg = load_experiment(os.path.join(REPO, "configs/msrec.yaml"), data,
-                          tuple(TINY_MODEL) + ("reader.batch_size=4", f"run.dir={run_dir}", "train.max_steps=3"))
-    runner.run(cfg, init_distributed())
-    with open(run_dir / "train_log.jsonl") as f:
-        log = [json.loads(line) for line in f]
-    assert [e["step"] for e in log if "step" in e][-1] == 3
