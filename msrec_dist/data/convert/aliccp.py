@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import os
 from array import array
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -87,22 +88,30 @@ def parse_features(text: str, declared: str, path: str, lineno: int, keep: set[s
 
 def read_common(path: str, keep: set[str]) -> dict[str, dict[str, list[int]]]:
     """common_feature_index → {field: [ids]} (kept fields only)."""
+    table: dict[str, dict[str, list[int]]] = {}
+    for lineno, parts in _rows(path, "common_feature_index,feature_num,feature_list"):
+        if parts[0] in table:
+            raise ConvertError(f"{path}: line {lineno}: common_feature_index {parts[0]!r} appears twice")
+        table[parts[0]] = parse_features(parts[2], parts[1], path, lineno, keep)
+    return table
+
+
+def _rows(path: str, header: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, its ','-separated fields) of each non-empty line; the field count is the one
+    `header` names, else a ConvertError naming the file and line."""
     if not os.path.isfile(path):
         raise ConvertError(f"{path}: file not found (get Ali-CCP from https://tianchi.aliyun.com/dataset/408)")
-    table: dict[str, dict[str, list[int]]] = {}
+    ncols = header.count(",") + 1
     with open(path, encoding="utf8", newline="") as f:
         for lineno, line in enumerate(f, 1):
             line = line.rstrip("\r\n")
             if not line:
                 continue
             parts = line.split(",")
-            if len(parts) != 3:
-                raise ConvertError(f"{path}: line {lineno}: expected 3 fields separated by ',' "
-                                   f"(common_feature_index,feature_num,feature_list), got {len(parts)}")
-            if parts[0] in table:
-                raise ConvertError(f"{path}: line {lineno}: common_feature_index {parts[0]!r} appears twice")
-            table[parts[0]] = parse_features(parts[2], parts[1], path, lineno, keep)
-    return table
+            if len(parts) != ncols:
+                raise ConvertError(f"{path}: line {lineno}: expected {ncols} fields separated by ',' ({header}), "
+                                   f"got {len(parts)}")
+            yield lineno, parts
 
 
 class _Columns:
@@ -132,46 +141,36 @@ class _Columns:
 def read_skeleton(path: str, common_path: str, fields: list[str], list_fields: list[str]) -> _Columns:
     keep = set(fields) | set(list_fields) | {SCENARIO_FIELD}
     common = read_common(common_path, keep)
-    if not os.path.isfile(path):
-        raise ConvertError(f"{path}: file not found (get Ali-CCP from https://tianchi.aliyun.com/dataset/408)")
     cols = _Columns(fields, list_fields)
-    with open(path, encoding="utf8", newline="") as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line:
-                continue
-            parts = line.split(",")
-            if len(parts) != 6:
-                raise ConvertError(f"{path}: line {lineno}: expected 6 fields separated by ',' (sample_id,click,"
-                                   f"conversion,common_feature_index,feature_num,feature_list), got {len(parts)}")
-            labels = []
-            for t, v in zip(LABELS, parts[1:3]):
-                if v.strip() not in ("0", "1"):
-                    raise ConvertError(f"{path}: line {lineno}: label '{t}' is {v!r}, expected 0 or 1")
-                labels.append(int(v))
-            own = parse_features(parts[5], parts[4], path, lineno, keep)
-            shared = common.get(parts[3])
-            if shared is None:
-                raise ConvertError(f"{path}: line {lineno}: common_feature_index {parts[3]!r} is not in "
-                                   f"{common_path}")
-            feats = {k: shared.get(k, []) + own.get(k, []) for k in keep}
-            scen = feats[SCENARIO_FIELD]
-            if len(scen) != 1:
-                raise ConvertError(f"{path}: line {lineno}: expected one entry of the scenario field "
-                                   f"{SCENARIO_FIELD}, got {len(scen)}")
-            for fld in fields:
-                ids = feats[fld]
-                if len(ids) > 1:
-                    raise ConvertError(f"{path}: line {lineno}: field {fld} has {len(ids)} entries but is read as "
-                                       f"single-valued (give it in --list-fields)")
-                cols.scalar[fld].append(ids[0] if ids else MISSING)
-            for fld in list_fields:
-                vals, offs = cols.lists[fld]
-                vals.extend(feats[fld])
-                offs.append(len(vals))
-            for t, v in zip(LABELS, labels):
-                cols.labels[t].append(v)
-            cols.scenario.append(scen[0])
+    for lineno, parts in _rows(path, "sample_id,click,conversion,common_feature_index,feature_num,feature_list"):
+        labels = []
+        for t, v in zip(LABELS, parts[1:3]):
+            if v.strip() not in ("0", "1"):
+                raise ConvertError(f"{path}: line {lineno}: label '{t}' is {v!r}, expected 0 or 1")
+            labels.append(int(v))
+        own = parse_features(parts[5], parts[4], path, lineno, keep)
+        shared = common.get(parts[3])
+        if shared is None:
+            raise ConvertError(f"{path}: line {lineno}: common_feature_index {parts[3]!r} is not in "
+                               f"{common_path}")
+        feats = {k: shared.get(k, []) + own.get(k, []) for k in keep}
+        scen = feats[SCENARIO_FIELD]
+        if len(scen) != 1:
+            raise ConvertError(f"{path}: line {lineno}: expected one entry of the scenario field "
+                               f"{SCENARIO_FIELD}, got {len(scen)}")
+        for fld in fields:
+            ids = feats[fld]
+            if len(ids) > 1:
+                raise ConvertError(f"{path}: line {lineno}: field {fld} has {len(ids)} entries but is read as "
+                                   f"single-valued (give it in --list-fields)")
+            cols.scalar[fld].append(ids[0] if ids else MISSING)
+        for fld in list_fields:
+            vals, offs = cols.lists[fld]
+            vals.extend(feats[fld])
+            offs.append(len(vals))
+        for t, v in zip(LABELS, labels):
+            cols.labels[t].append(v)
+        cols.scenario.append(scen[0])
     return cols
 
 
