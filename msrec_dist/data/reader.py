@@ -4,7 +4,7 @@ Flow: `make_dataloader` checks every file's schema and row counts up front from 
 (`validate_files` → `FileIndex`), then wraps a `ParquetBatchDataset` in a
 `DataLoader(batch_size=None)`. Each worker turns its plan (lists of global row ranges, one
 list per batch) into `Batch`es: ranges → (file, row group) pieces → the row group is read
-with only the needed columns, validated and converted to numpy once (`_Chunk`, cached: the
+with only the needed columns, validated and converted to numpy once (`Chunk`, cached: the
 last one per worker) → pieces are sliced and concatenated → tensors.
 
 Global row order: files in the given (sorted) order, rows in file order. Split modes:
@@ -16,7 +16,7 @@ Global row order: files in the given (sorted) order, rows in file order. Split m
       loader already yielded (exact resume only with the same world size and workers;
       parts are rotated over workers so the resumed round-robin continues the old order).
 Shuffle (`reader.shuffle`, training only: make_dataloader's `epoch` given; eval, val and the scan
-read in file order): epoch e's global row order is a pure function of (run.seed, e) (`_Order`):
+read in file order): epoch e's global row order is a pure function of (run.seed, e) (`EpochOrder`):
 the row groups permuted, then each window of `reader.shuffle_buffer` consecutive rows of that
 order permuted (window j by its own seeded generator). The splits then cut that order instead of
 the file order: interleave: global batch k = positions [k*GB, (k+1)*GB) of the epoch's order,
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import dataclasses
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -43,14 +42,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from msrec_dist.batch import Batch
-from msrec_dist.data.hashing import hash_ids
-from msrec_dist.data.native import first_bad_id
+from msrec_dist.data.decode import Chunk, concat_chunks, decode, take_rows
+from msrec_dist.data.order import EpochOrder, Range, WindowSlices
 from msrec_dist.data.read_ahead import read_ahead
 from msrec_dist.data.schema import DataConfig, DataError, ReaderConfig, open_parquet, validate_file_schema
 from msrec_dist.runtime import allowed_cores
-
-Range = tuple[int, int]  # [start, end) global rows
-
 
 @dataclass
 class FileIndex:
@@ -89,124 +85,6 @@ def count_rows(files: list[str]) -> int:
     return sum(open_parquet(f).metadata.num_rows for f in files)
 
 
-@dataclass
-class _Chunk:
-    """One decoded, validated row group of n rows."""
-
-    offsets: list[np.ndarray]  # per sparse feature [n + 1] int64, offsets[0] == 0
-    lengths: list[np.ndarray]  # per sparse feature [n] int32 (the KJT's dtype), once per row group
-    values: list[np.ndarray]  # per sparse feature [nnz] int64
-    dense: np.ndarray  # [n, dense_width] float32: scalar dense features, then each vector's dim columns
-    labels: np.ndarray  # [n, T] float32
-    scenario: np.ndarray  # [n] int64
-
-
-def _fail(path: str, col: str, row: int, what: str) -> DataError:
-    return DataError(f"{path}: column '{col}' row {row}: {what}")
-
-
-def _column(table: pa.Table, name: str, path: str, row0: int) -> pa.Array:
-    col = table.column(name)
-    arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
-    if arr.null_count:
-        i = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0])
-        raise _fail(path, name, row0 + i, "null value")
-    return arr
-
-
-def _vector(table: pa.Table, name: str, dim: int, path: str, row0: int) -> np.ndarray:
-    """A vector feature's column (list or fixed_size_list of numbers) → [n, dim] float32; a null
-    row, a row of another length, or a null/NaN/inf element is a DataError naming its row."""
-    arr = _column(table, name, path, row0)  # null rows
-    n = len(arr)
-    if pa.types.is_fixed_size_list(arr.type):
-        child = arr.flatten()  # honours the slice offset; the schema check fixed list_size == dim
-    else:
-        off = arr.offsets.to_numpy().astype(np.int64)
-        child = arr.values.slice(int(off[0]), int(off[-1] - off[0]))
-        lengths = np.diff(off)
-        bad = lengths != dim
-        if bad.any():
-            i = int(bad.argmax())
-            raise _fail(path, name, row0 + i, f"vector of length {lengths[i]}, expected dim {dim}")
-    if child.null_count:
-        j = int(np.flatnonzero(child.is_null().to_numpy(zero_copy_only=False))[0])
-        raise _fail(path, name, row0 + j // dim, f"null inside the vector (element {j % dim})")
-    v = child.to_numpy(zero_copy_only=False)
-    with np.errstate(over="ignore"):
-        out = v.astype(np.float32)
-    bad = ~np.isfinite(out)  # after the cast: a float64 past float32's range is inf here
-    if bad.any():
-        j = int(bad.argmax())
-        raise _fail(path, name, row0 + j // dim, f"vector element {j % dim} is {v[j]}: NaN, infinite or "
-                    "outside float32's range")
-    return out.reshape(n, dim)
-
-
-def _decode(table: pa.Table, cfg: DataConfig, path: str, row0: int) -> _Chunk:
-    """Validate and convert a row group table; `row0` = file row of its first row. Hashed sparse
-    features (hash_buckets) become rows via data/hashing.py; the others' ids are range-checked."""
-    n = table.num_rows
-    sc_col = cfg.scenario.column
-    scenario = _column(table, sc_col, path, row0).to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    bad = (scenario < 0) | (scenario >= cfg.num_scenarios)
-    if bad.any():
-        i = int(bad.argmax())
-        raise _fail(path, sc_col, row0 + i, f"scenario {scenario[i]} outside 0..{cfg.num_scenarios - 1}")
-    labels = np.empty((n, len(cfg.tasks)), np.float32)
-    for t, task in enumerate(cfg.tasks):
-        v = _column(table, task.column, path, row0).to_numpy(zero_copy_only=False)
-        bad = (v != 0) & (v != 1)  # NaN too
-        if bad.any():
-            i = int(bad.argmax())
-            raise _fail(path, task.column, row0 + i, f"label {v[i]} is not 0 or 1")
-        labels[:, t] = v
-    dense = np.empty((n, cfg.dense_width), np.float32)
-    scalars = cfg.dense_scalars()
-    for d, feat in enumerate(scalars):
-        v = _column(table, feat.name, path, row0).to_numpy(zero_copy_only=False)
-        with np.errstate(over="ignore"):
-            dense[:, d] = v
-        bad = ~np.isfinite(dense[:, d])  # after the cast: a float64 past float32's range is inf here
-        if bad.any():
-            i = int(bad.argmax())
-            raise _fail(path, feat.name, row0 + i, f"dense value {v[i]} is NaN, infinite or outside float32's range")
-    col = len(scalars)
-    for feat in cfg.dense_vectors():  # after the scalars, in order (FeatureSpec.dense_width)
-        dense[:, col:col + feat.dim] = _vector(table, feat.name, feat.dim, path, row0)
-        col += feat.dim
-    offsets, values = [], []  # per feature, in KJT key order
-    for feat in cfg.kjt_features():
-        arr = _column(table, feat.name, path, row0)
-        is_list = pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type)
-        if is_list:
-            off = arr.offsets.to_numpy().astype(np.int64)  # [n + 1], honours the slice offset
-            child = arr.values.slice(int(off[0]), int(off[-1] - off[0]))
-            off -= off[0]
-            if child.null_count:
-                j = int(np.flatnonzero(child.is_null().to_numpy(zero_copy_only=False))[0])
-                i = int(np.searchsorted(off, j, side="right")) - 1
-                raise _fail(path, feat.name, row0 + i, f"null id inside the list (element {j - off[i]})")
-            ids = child
-        else:
-            ids = arr
-            off = np.arange(n + 1, dtype=np.int64)
-        if feat.hash_buckets is not None:
-            vals, j = hash_ids(ids, feat.hash_buckets), -1  # rows 0..N-1 by construction
-        else:
-            vals = ids.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-            j = first_bad_id(vals, feat.num_embeddings)  # C++ op when built (data/native.py)
-        if j >= 0:
-            i = int(np.searchsorted(off, j, side="right")) - 1
-            where = f" (element {j - off[i]} of the list)" if is_list else ""
-            raise _fail(path, feat.name, row0 + i,
-                        f"id {vals[j]}{where} outside 0..{feat.num_embeddings - 1} (table '{feat.table}')")
-        offsets.append(off)
-        values.append(vals)
-    lengths = [np.diff(off).astype(np.int32) for off in offsets]
-    return _Chunk(offsets, lengths, values, dense, labels, scenario)
-
-
 class _RowReader:
     """Reads global row ranges into a Batch; caches the open file and the last row group."""
 
@@ -216,14 +94,14 @@ class _RowReader:
         self.columns = cfg.columns()
         self.kjt_keys = cfg.kjt_keys  # once, not per batch
         self._file: tuple[int, object] | None = None  # (file index, ParquetFile)
-        self._chunk: tuple[int, int, _Chunk] | None = None  # (file index, row group, chunk)
+        self._chunk: tuple[int, int, Chunk] | None = None  # (file index, row group, chunk)
         self.rg_of = [(f, g) for f, s in enumerate(index.rg_starts) for g in range(len(s) - 1)]  # global id → (file, group)
         self.gstarts = _rg_starts(index)
         self.gstarts_list = self.gstarts.tolist()
-        self._kept: dict[int, _Chunk] = {}  # shuffled reads: decoded row groups of the current window
-        self._window: tuple[int, _Chunk] | None = None  # (j, window j gathered in its order)
+        self._kept: dict[int, Chunk] = {}  # shuffled reads: decoded row groups of the current window
+        self._window: tuple[int, Chunk] | None = None  # (j, window j gathered in its order)
 
-    def _get_chunk(self, f: int, g: int) -> _Chunk:
+    def _get_chunk(self, f: int, g: int) -> Chunk:
         if self._chunk is not None and self._chunk[:2] == (f, g):
             return self._chunk[2]
         path = self.index.files[f]
@@ -239,11 +117,11 @@ class _RowReader:
             table = self._file[1].read_row_group(g, columns=self.columns, use_threads=False)
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: cannot read row group {g}: {e}") from e
-        chunk = _decode(table, self.cfg, path, self.index.rg_starts[f][g])
+        chunk = decode(table, self.cfg, path, self.index.rg_starts[f][g])
         self._chunk = (f, g, chunk)
         return chunk
 
-    def _pieces(self, ranges: list[Range]) -> Iterator[tuple[_Chunk, int, int, int]]:
+    def _pieces(self, ranges: list[Range]) -> Iterator[tuple[Chunk, int, int, int]]:
         """(chunk, lo, hi, global row of lo) for each row-group piece of `ranges`."""
         for a, b in ranges:
             while a < b:
@@ -255,7 +133,7 @@ class _RowReader:
                 yield self._get_chunk(f, g), local - rgs[g], hi - rgs[g], a
                 a += hi - local
 
-    def _window_chunk(self, ranges: list[Range], perm: np.ndarray, keep: frozenset[int]) -> _Chunk:
+    def _window_chunk(self, ranges: list[Range], perm: np.ndarray, keep: frozenset[int]) -> Chunk:
         """A shuffle window in its order: the rows of `ranges` (the window before its permutation;
         their row groups decoded, those shared with the previous window kept) pooled, then
         gathered once by `perm`."""
@@ -270,9 +148,9 @@ class _RowReader:
                     self._kept[r] = self._get_chunk(*self.rg_of[r])
                 parts.append((self._kept[r], a - self.gstarts_list[r], e - self.gstarts_list[r]))
                 a = e
-        return _take(_concat(parts), perm)
+        return take_rows(concat_chunks(parts), perm)
 
-    def _row_pieces(self, batch: _Rows) -> Iterator[tuple[_Chunk, int, int, np.ndarray]]:
+    def _row_pieces(self, batch: WindowSlices) -> Iterator[tuple[Chunk, int, int, np.ndarray]]:
         """(window chunk, lo, hi, global rows of lo:hi) per shuffle window the batch lies in."""
         for j, rows, ranges, perm, keep, lo, hi in batch.parts:
             if self._window is None or self._window[0] != j:
@@ -280,13 +158,13 @@ class _RowReader:
                 self._window = (j, self._window_chunk(ranges, perm, keep))
             yield self._window[1], lo, hi, rows[lo:hi]
 
-    def read(self, ranges: list[Range] | _Rows) -> Batch:
+    def read(self, ranges: list[Range] | WindowSlices) -> Batch:
         # Runs once per batch, in the read-ahead thread beside the train step or inline between
         # steps (read_ahead_in_thread), on the trainer's cores either way, so it copies each
         # array once: the KJT's values and lengths into one buffer each; dense, labels and
         # scenario are views of the decoded row group when the batch lies in one (the usual
         # case: batches are row-group aligned), else one concatenation.
-        pieces = list(self._row_pieces(ranges) if isinstance(ranges, _Rows) else self._pieces(ranges))
+        pieces = list(self._row_pieces(ranges) if isinstance(ranges, WindowSlices) else self._pieces(ranges))
         nk = len(self.kjt_keys)
         sparse = KeyedJaggedTensor(
             keys=self.kjt_keys,
@@ -327,119 +205,6 @@ def _rg_starts(index: FileIndex) -> np.ndarray:
                     np.int64)
 
 
-def _take(c: _Chunk, idx: np.ndarray) -> _Chunk:
-    """Rows `idx` of a decoded row group, as a chunk of len(idx) rows (a shuffled batch's gather):
-    the jagged features by their offsets, every other field by row. np.take, not v[idx]: 100x
-    faster on the 2-d dense array (numpy 2, 65536 x 4 float32: 0.26 ms vs 25 ms), 2x on 1-d."""
-    lengths = [np.take(ln, idx) for ln in c.lengths]
-    offsets, values = [], []
-    for off, val, ln, old in zip(c.offsets, c.values, lengths, c.lengths):
-        if len(val) == len(old) and (len(old) == 0 or old.min() == 1):  # one id per row: a plain gather
-            values.append(np.take(val, idx))
-            offsets.append(np.arange(len(idx) + 1, dtype=np.int64))
-            continue
-        new = np.zeros(len(idx) + 1, np.int64)
-        np.cumsum(ln, out=new[1:])
-        at = np.repeat(np.take(off, idx) - new[:-1], ln)
-        at += np.arange(new[-1])
-        values.append(np.take(val, at))
-        offsets.append(new)
-    rest = {f.name: [np.take(a, idx, axis=0) for a in v] if isinstance(v, list) else np.take(v, idx, axis=0)
-            for f in dataclasses.fields(c) if f.name not in ("offsets", "lengths", "values")
-            for v in [getattr(c, f.name)]}
-    return _Chunk(offsets=offsets, lengths=lengths, values=values, **rest)
-
-
-def _concat(parts: list[tuple[_Chunk, int, int]]) -> _Chunk:
-    """Rows lo:hi of each chunk, as one chunk (a shuffle window's pool)."""
-    if len(parts) == 1 and parts[0][1] == 0 and parts[0][2] == len(parts[0][0].scenario):
-        return parts[0][0]
-    chunks = [_slice(c, lo, hi) for c, lo, hi in parts]
-    offsets = []
-    for k in range(len(chunks[0].offsets)):
-        base = np.cumsum([0] + [len(c.values[k]) for c in chunks])
-        offsets.append(np.concatenate([c.offsets[k][:-1] + b for c, b in zip(chunks, base)] + [base[-1:]]))
-    fields = {f.name: [getattr(c, f.name) for c in chunks] for f in dataclasses.fields(chunks[0]) if f.name != "offsets"}
-    return _Chunk(offsets=offsets, **{name: [np.concatenate(p) for p in zip(*parts)] if isinstance(parts[0], list)
-                                      else np.concatenate(parts) for name, parts in fields.items()})
-
-
-def _slice(c: _Chunk, lo: int, hi: int) -> _Chunk:
-    """Rows lo:hi of a chunk (views; the offsets rebased, a copy)."""
-    offsets = [off[lo:hi + 1] - off[lo] for off in c.offsets]
-    values = [v[off[lo]:off[hi]] for v, off in zip(c.values, c.offsets)]
-    rest = {f.name: [a[lo:hi] for a in v] if isinstance(v, list) else v[lo:hi]
-            for f in dataclasses.fields(c) if f.name not in ("offsets", "values")
-            for v in [getattr(c, f.name)]}
-    return _Chunk(offsets=offsets, values=values, **rest)
-
-
-@dataclass
-class _Rows:
-    """A shuffled batch: per shuffle window it lies in (one, or two where it straddles a boundary):
-    (j, the window's rows in order, its row ranges before the permutation, the permutation, the
-    row groups overlapping the window, lo, hi): rows[lo:hi]."""
-
-    parts: list[tuple[int, np.ndarray, list[Range], np.ndarray, frozenset[int], int, int]]
-
-
-class _Order:
-    """One epoch's row order over whole row groups (global ids into `gstarts`).
-
-    Unshuffled (key None): the row groups as given. Shuffled: the row groups permuted by a generator
-    seeded with [*key, 0], then each window of `window` consecutive rows of that order permuted by one
-    seeded with [*key, 1 + j] (window j; window <= 1: row groups only). Every position is a pure
-    function of (key, window, row groups): any rank or worker reads any slice of it, and a resumed
-    loader the rest of it."""
-
-    def __init__(self, rgs: list[int], gstarts: np.ndarray, key: tuple[int, ...] | None, window: int):
-        if key is not None:
-            rgs = [rgs[i] for i in np.random.default_rng([*key, 0]).permutation(len(rgs))]
-        self.rgs, self.gstarts, self.key = rgs, gstarts, key
-        self.window = window if key is not None and window > 1 else 0
-        self.cum = [0]  # position of each row group's first row in the order, then the total
-        for r in rgs:
-            self.cum.append(self.cum[-1] + int(gstarts[r + 1] - gstarts[r]))
-        self.total = self.cum[-1]
-        self._win: tuple | None = None  # (j, rows of window j in order, its ranges before the permutation, permutation)
-
-    def ranges(self, a: int, b: int) -> list[Range]:
-        """Positions [a, b) as global row ranges, in order (adjacent ones merged)."""
-        out: list[Range] = []
-        i = bisect.bisect_right(self.cum, a) - 1
-        while a < b:
-            s = int(self.gstarts[self.rgs[i]]) + a - self.cum[i]
-            e = s + min(b, self.cum[i + 1]) - a
-            if out and out[-1][1] == s:
-                out[-1] = (out[-1][0], e)
-            else:
-                out.append((s, e))
-            a, i = a + e - s, i + 1
-        return out
-
-    def _window_rows(self, j: int) -> tuple:
-        """(j, window j's rows in order, its row ranges before the permutation, the permutation)."""
-        if self._win is None or self._win[0] != j:
-            lo = j * self.window
-            ranges = self.ranges(lo, min(lo + self.window, self.total))
-            rows = np.concatenate([np.arange(s, e, dtype=np.int64) for s, e in ranges])
-            perm = np.random.default_rng([*self.key, 1 + j]).permutation(len(rows))
-            self._win = (j, rows[perm], ranges, perm)
-        return self._win
-
-    def batch(self, a: int, b: int) -> list[Range] | _Rows:
-        """Positions [a, b): row ranges in order, or with shuffle windows the windows' slices."""
-        if not self.window:
-            return self.ranges(a, b)
-        w, parts = self.window, []
-        for j in range(a // w, (b - 1) // w + 1):
-            lo, hi = j * w, min((j + 1) * w, self.total)
-            keep = frozenset(self.rgs[bisect.bisect_right(self.cum, lo) - 1:bisect.bisect_left(self.cum, hi)])
-            _, rows, ranges, perm = self._window_rows(j)
-            parts.append((j, rows, ranges, perm, keep, max(a, lo) - lo, min(b, hi) - lo))
-        return _Rows(parts)
-
-
 class ParquetBatchDataset(IterableDataset):
     """Yields this rank's `Batch`es; see the module docstring for the split modes and the shuffle."""
 
@@ -456,12 +221,12 @@ class ParquetBatchDataset(IterableDataset):
         self.shuffled = reader.shuffle and epoch is not None  # training only
         self.gstarts = _rg_starts(index)
 
-    def _order(self, rgs: list[int], part: int) -> _Order:
+    def _order(self, rgs: list[int], part: int) -> EpochOrder:
         """The epoch's order of `rgs`; `part` 0 = the whole data (interleave), 1 + p = files-mode part p."""
         key = (self.seed % 2**63, self.epoch, part) if self.shuffled else None
-        return _Order(rgs, self.gstarts, key, self.reader.shuffle_buffer)
+        return EpochOrder(rgs, self.gstarts, key, self.reader.shuffle_buffer)
 
-    def _interleave(self, w: int) -> Iterator[list[Range] | _Rows]:
+    def _interleave(self, w: int) -> Iterator[list[Range] | WindowSlices]:
         b, n = self.reader.batch_size, self.index.total
         gb = b * self.world_size
         order = self._order(list(range(len(self.gstarts) - 1)), 0)
@@ -470,7 +235,7 @@ class ParquetBatchDataset(IterableDataset):
             if a < n:
                 yield order.batch(a, min(a + b, n))
 
-    def _part(self, w: int) -> _Order:
+    def _part(self, w: int) -> EpochOrder:
         """The epoch's order of files-mode part rank*W + w (its files' row groups)."""
         parts, p = self.world_size * self.num_workers, self.rank * self.num_workers + w
         first = np.cumsum([0] + [len(s) - 1 for s in self.index.rg_starts]).tolist()  # per file: first global row group
@@ -481,7 +246,7 @@ class ParquetBatchDataset(IterableDataset):
         counts = [math.ceil(self._part(w).total / self.reader.batch_size) for w in range(self.num_workers)]
         return counts, *_round_robin_taken(counts, self.start_batch)
 
-    def plan(self, w: int) -> Iterator[list[Range] | _Rows]:
+    def plan(self, w: int) -> Iterator[list[Range] | WindowSlices]:
         """What worker `w` reads, one item per batch: global row ranges, or a shuffled batch's rows."""
         if self.reader.split == "interleave":
             yield from self._interleave(w)
