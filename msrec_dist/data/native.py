@@ -6,8 +6,14 @@ with it. Hand-written because no numpy/torch op returns the first out-of-range i
 pass: numpy needs two comparisons, an OR and an argmax, each a full pass with a temporary.
 The C++ op `torch.ops.msrec.check_ids` (csrc/check_ids.cpp) stops at the first bad id.
 
-The op is used where the extension `msrec_dist._C` loaded (msrec_dist.kernels.native: HAVE_CSRC,
-and CSRC_ERROR for why not), else the numpy fallback. Both paths return the same index
+`gather_jagged_rows(values, offsets, idx)`: rows `idx` of jagged int64 columns laid end to end
+(a shuffle window's row groups; a list feature's gather). Hand-written because numpy must
+concatenate the parts and then take four full passes with temporaries (repeat, arange, add,
+take), and neither torch nor fbgemm has an int64 jagged gather on CPU;
+`torch.ops.msrec.gather_jagged_rows` (csrc/gather_jagged_rows.cpp) copies each selected row once.
+
+The ops are used where the extension `msrec_dist._C` loaded (msrec_dist.kernels.native: HAVE_CSRC,
+and CSRC_ERROR for why not), else the numpy fallback. Both paths return the same results
 (tests/csrc/test_build.py).
 """
 from __future__ import annotations
@@ -17,7 +23,7 @@ import warnings
 import numpy as np
 import torch
 
-from msrec_dist.kernels.native import HAVE_CSRC  # loads msrec_dist._C: torch.ops.msrec.check_ids
+from msrec_dist.kernels.native import HAVE_CSRC  # loads msrec_dist._C: torch.ops.msrec.*
 
 _CPP_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 
@@ -42,3 +48,36 @@ def first_bad_id(values: np.ndarray, num_embeddings: int) -> int:
     with warnings.catch_warnings():  # from_numpy warns on read-only arrays; the op only reads
         warnings.simplefilter("ignore", UserWarning)
         return torch.ops.msrec.check_ids(torch.from_numpy(values), num_embeddings)
+
+
+
+def _tensors(arrays):
+    with warnings.catch_warnings():  # from_numpy warns on read-only arrays; the ops only read them
+        warnings.simplefilter("ignore", UserWarning)
+        return [torch.from_numpy(np.ascontiguousarray(a)) for a in arrays]
+
+
+def gather_jagged_rows_numpy(values: list[np.ndarray], offsets: list[np.ndarray],
+                             idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """numpy fallback of `gather_jagged_rows`: the parts concatenated, then four passes."""
+    vals = np.concatenate([v[o[0]:o[-1]] for v, o in zip(values, offsets)])
+    lengths = np.concatenate([np.diff(o) for o in offsets])
+    off = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=off[1:])
+    lengths = np.take(lengths, idx)
+    new = np.zeros(len(idx) + 1, np.int64)
+    np.cumsum(lengths, out=new[1:])
+    at = np.repeat(np.take(off, idx) - new[:-1], lengths)  # each output id's source
+    at += np.arange(new[-1])
+    return np.take(vals, at), new
+
+
+def gather_jagged_rows(values: list[np.ndarray], offsets: list[np.ndarray],
+                       idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows `idx` of jagged int64 columns laid end to end, part p's row r being
+    values[p][offsets[p][r]:offsets[p][r + 1]]: (the rows' ids in idx's order, their offsets
+    [len(idx) + 1] from 0)."""
+    if not HAVE_CSRC or not all(a.dtype == np.int64 and a.dtype.isnative for a in [*values, *offsets, idx]):
+        return gather_jagged_rows_numpy(values, offsets, idx)
+    v, o = torch.ops.msrec.gather_jagged_rows(_tensors(values), _tensors(offsets), *_tensors([idx]))
+    return v.numpy(), o.numpy()

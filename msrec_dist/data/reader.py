@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from msrec_dist.batch import Batch
-from msrec_dist.data.decode import Chunk, concat_chunks, decode, take_rows
+from msrec_dist.data.decode import Chunk, decode, take_window
 from msrec_dist.data.order import EpochOrder, Range, WindowSlices
 from msrec_dist.data.read_ahead import read_ahead
 from msrec_dist.data.schema import DataConfig, DataError, ReaderConfig, open_parquet, validate_file_schema
@@ -85,6 +85,9 @@ def count_rows(files: list[str]) -> int:
     return sum(open_parquet(f).metadata.num_rows for f in files)
 
 
+_OPEN_FILES = 8  # ParquetFiles a row reader keeps open
+
+
 class _RowReader:
     """Reads global row ranges into a Batch; caches the open file and the last row group."""
 
@@ -93,7 +96,9 @@ class _RowReader:
         self.starts = index.starts
         self.columns = cfg.columns()
         self.kjt_keys = cfg.kjt_keys  # once, not per batch
-        self._file: tuple[int, object] | None = None  # (file index, ParquetFile)
+        # Open files by index, the last few: a shuffle window spans row groups of several files,
+        # and reopening one (footer read, schema check) per row group cost 5% of a shuffled read.
+        self._files: dict[int, object] = {}
         self._chunk: tuple[int, int, Chunk] | None = None  # (file index, row group, chunk)
         self.rg_of = [(f, g) for f, s in enumerate(index.rg_starts) for g in range(len(s) - 1)]  # global id → (file, group)
         self.gstarts = _rg_starts(index)
@@ -105,16 +110,18 @@ class _RowReader:
         if self._chunk is not None and self._chunk[:2] == (f, g):
             return self._chunk[2]
         path = self.index.files[f]
-        if self._file is None or self._file[0] != f:
+        if f not in self._files:
             pf = open_parquet(path)
             validate_file_schema(path, self.cfg, pf.schema_arrow)
-            self._file = (f, pf)
+            if len(self._files) >= _OPEN_FILES:
+                del self._files[next(iter(self._files))]  # the oldest opened
+            self._files[f] = pf
         try:
             # One decode thread: the reader runs beside the train step, whose threads hold the
             # cores; arrow's pool on top of them made a row group slower, not faster (16384 rows
             # of the benchmarks' synthetic data on this project's 2-core machine: 4.4 ms with the
             # pool, 2.9 ms on one thread, 2.5 ms with the column chunks pre-buffered too).
-            table = self._file[1].read_row_group(g, columns=self.columns, use_threads=False)
+            table = self._files[f].read_row_group(g, columns=self.columns, use_threads=False)
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{path}: cannot read row group {g}: {e}") from e
         chunk = decode(table, self.cfg, path, self.index.rg_starts[f][g])
@@ -135,8 +142,8 @@ class _RowReader:
 
     def _window_chunk(self, ranges: list[Range], perm: np.ndarray, keep: frozenset[int]) -> Chunk:
         """A shuffle window in its order: the rows of `ranges` (the window before its permutation;
-        their row groups decoded, those shared with the previous window kept) pooled, then
-        gathered once by `perm`."""
+        their row groups decoded, those shared with the previous window kept) gathered once by
+        `perm` straight from the row groups."""
         for r in [r for r in self._kept if r not in keep]:
             del self._kept[r]
         parts = []
@@ -148,7 +155,7 @@ class _RowReader:
                     self._kept[r] = self._get_chunk(*self.rg_of[r])
                 parts.append((self._kept[r], a - self.gstarts_list[r], e - self.gstarts_list[r]))
                 a = e
-        return take_rows(concat_chunks(parts), perm)
+        return take_window(parts, perm)
 
     def _row_pieces(self, batch: WindowSlices) -> Iterator[tuple[Chunk, int, int, np.ndarray]]:
         """(window chunk, lo, hi, global rows of lo:hi) per shuffle window the batch lies in."""

@@ -5,8 +5,8 @@ test_setup_builds_extension / test_built_op: `MSREC_BUILD_CSRC=1 python setup.py
 copy of setup.py + csrc/ in a tmp dir (about a minute on 2 cores; nothing is written to the
 repo), then a fresh subprocess loads the built .so as `msrec_dist._C` (its module init runs the
 op registrations) and checks torch.ops.msrec.check_ids next to the Python-registered msrec ops.
-test_first_bad_id_parity: data/native.first_bad_id's C++ path vs its numpy fallback; needs the
-extension built into the venv (`make setup` does it), skipped otherwise.
+test_first_bad_id_parity / test_gather_parity: data/native's C++ paths vs their numpy
+fallbacks; need the extension built into the venv (`make setup` does it), skipped otherwise.
 """
 from __future__ import annotations
 
@@ -130,13 +130,18 @@ def test_built_op(built_so):
     assert proc.returncode == 0 and "OK" in proc.stdout, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
 
 
-def test_first_bad_id_parity():
-    from msrec_dist.data import native
+def _need_csrc():
     from msrec_dist.kernels.native import CSRC_ERROR, HAVE_CSRC
 
     if not HAVE_CSRC:
         pytest.skip("msrec_dist._C is not built in this environment (`MSREC_BUILD_CSRC=1 pip install "
                     f"--no-build-isolation -e .` or `make setup` builds it): {CSRC_ERROR}")
+
+
+def test_first_bad_id_parity():
+    from msrec_dist.data import native
+
+    _need_csrc()
     g = np.random.default_rng(1)
     checked = 0
     for dtype in (np.int32, np.int64):
@@ -157,3 +162,41 @@ def test_first_bad_id_parity():
     assert native.first_bad_id(np.array([0, 1, 2], ">i8"), 3) == -1
     assert native.first_bad_id(np.array([1, -2, 3], ">i8"), 3) == 1
     assert checked > 1000
+
+
+def _parts(g, n_parts, max_rows, max_len):
+    """Jagged int64 parts as a reader's row-group pieces: each part's values with some ids before
+    and after its rows, and its offsets [rows + 1] absolute into them."""
+    values, offsets = [], []
+    for _ in range(n_parts):
+        rows = int(g.integers(0, max_rows + 1))
+        lengths = g.integers(0, max_len + 1, rows)
+        pad = int(g.integers(0, 3))
+        off = np.full(rows + 1, pad, np.int64)
+        off[1:] += np.cumsum(lengths)
+        v = g.integers(0, 10**9, int(off[-1]) + pad)
+        v.flags.writeable = False  # arrow's zero-copy arrays are read-only
+        values.append(v)
+        offsets.append(off)
+    return values, offsets
+
+
+def test_gather_parity():
+    import torch
+
+    from msrec_dist.data import native
+
+    _need_csrc()
+    g = np.random.default_rng(2)
+    for trial in range(60):
+        n_parts, max_len = int(g.integers(1, 6)), [0, 1, 3, 20][trial % 4]
+        values, offsets = _parts(g, n_parts, [0, 1, 50, 3000][trial % 4 if trial < 40 else 2], max_len)
+        n = sum(len(o) - 1 for o in offsets)
+        for idx in (g.permutation(n), g.integers(0, max(n, 1), 2 * n) if n else np.zeros(0, np.int64)):
+            idx = idx.astype(np.int64)
+            got, want = native.gather_jagged_rows(values, offsets, idx), native.gather_jagged_rows_numpy(values, offsets, idx)
+            assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1]), trial
+            rows = [v[o[r]:o[r + 1]] for v, o in zip(values, offsets) for r in range(len(o) - 1)]  # the definition
+            assert np.array_equal(got[0], np.concatenate([rows[i] for i in idx] or [np.zeros(0, np.int64)]))
+    with pytest.raises(RuntimeError, match="outside 0..2"):
+        torch.ops.msrec.gather_jagged_rows([torch.arange(3)], [torch.arange(4)], torch.tensor([0, 3]))
