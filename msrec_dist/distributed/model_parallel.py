@@ -46,7 +46,7 @@ from msrec_dist.distributed.replicated import REPLICATED_OPTIMIZERS, ReplicatedT
 from msrec_dist.distributed.sharding import (build_topology, device_type, model_parallel_grad_scale, plan_sharding,
                                      replicated_tables)
 from msrec_dist.features import FeatureSpec
-from msrec_dist.model.zoo import MultiScenarioModel, MultiTaskTrainModule
+from msrec_dist.model.zoo import MultiTaskTrainModule, build_model
 
 SPARSE_OPTIMIZERS = {
     "rowwise_adagrad": RowWiseAdagrad,
@@ -107,8 +107,8 @@ def build_train_module(cfg: ExperimentConfig, data: FeatureSpec, world_size: int
     world of several ranks the partitioned norm sums its statistics over them (all_reduce_sum:
     shared memory or gloo, as the loop's sums; its backward sums the gradients)."""
     torch.manual_seed(cfg.run.seed)
-    model = MultiScenarioModel(cfg.model, data, rank_sum=all_reduce_sum if world_size > 1 else None,
-                               embedding_device=torch.device("meta"))
+    model = build_model(cfg.model, data, rank_sum=all_reduce_sum if world_size > 1 else None,
+                        embedding_device=torch.device("meta"))
     return MultiTaskTrainModule(model, cfg.train.task_weights)
 
 

@@ -7,6 +7,7 @@
         .experts   ExpertsConfig    (CGC/PLE levels; MMoE = 1 level)
         .mixing    MixingConfig     (balanced scenario/task mixing)
         .tower     TowerConfig      (one MLP per task)
+        .arch      msrec | m3oe | pepnet: which network (.m3oe M3oEConfig, .pepnet PEPNetConfig)
 
 Next to the model so that the model imports no experiment config (msrec_dist/config.py imports
 this one into ExperimentConfig). Plain dataclasses: no torch.
@@ -80,8 +81,34 @@ class TowerConfig:
 
 
 @dataclass
+class M3oEConfig:
+    """M3oE (Zhang et al., SIGIR 2024): shared, domain and task experts over the embedded fields,
+    fused per (domain, task), with the two-level balance; msrec_dist/model/m3oe.py."""
+    expert_hidden: list[int] = field(default_factory=lambda: [256, 128])
+    shared_experts: int = 4
+    domain_experts: int = 1  # per domain (scenario)
+    task_experts: int = 1  # per task
+
+
+@dataclass
+class PEPNetConfig:
+    """PEPNet (Chang et al., KDD 2023): EPNet scales the embedding by a gate on the scenario's
+    features; PPNet scales each tower layer by a gate on the personal (user / item) features;
+    msrec_dist/model/pepnet.py."""
+    epnet: bool = True
+    ppnet: bool = True
+    gate_hidden: int = 64
+    # sparse features whose embeddings feed the PPNet gates (e.g. user and item ids); [] = all sparse
+    personal_features: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ModelConfig:
     name: str = "msrec"
+    # the network: msrec = MultiScenarioModel, whose blocks below make msrec and its baselines
+    # (shared_bottom, mmoe, ple, star); m3oe and pepnet are their own networks over the same
+    # FieldEmbedding and towers (their blocks: .m3oe, .pepnet)
+    arch: Literal["msrec", "m3oe", "pepnet"] = "msrec"
     kernels: Kernel = "auto"
     scenario_field: bool = True  # feed the scenario id as one more embedded field
     # the first linear layer over the field stack folds the dense and scenario fields into its
@@ -93,3 +120,5 @@ class ModelConfig:
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     mixing: MixingConfig = field(default_factory=MixingConfig)
     tower: TowerConfig = field(default_factory=TowerConfig)
+    m3oe: M3oEConfig = field(default_factory=M3oEConfig)
+    pepnet: PEPNetConfig = field(default_factory=PEPNetConfig)

@@ -9,6 +9,8 @@
 
 Configs in configs/ pick the blocks: msrec = everything, shared_bottom = MLP trunk + towers,
 mmoe = 1 CGC level of shared experts, ple = CGC levels, star = STAR trunk + towers.
+`build_model` picks the network by `model.arch`: this one, or M3oE (model/m3oe.py) or PEPNet
+(model/pepnet.py), the published multi-domain models compared against it.
 
 The model is built from its config (msrec_dist/model/config.py) and the feature specs
 (msrec_dist/features.py); it knows no data files and no process group. What a world of several
@@ -117,6 +119,21 @@ class MultiScenarioModel(nn.Module):
         return logits
 
 
+def build_model(cfg: ModelConfig, features: FeatureSpec, rank_sum: Optional[SumFn] = None,
+                embedding_device: torch.device | None = None) -> nn.Module:
+    """The network `cfg.arch` names. Every one has `.embedding` (a FieldEmbedding: the sharding
+    finds its EBC there), `.num_tasks`, `.num_scenarios`, and forward(batch) → logits [B, T]."""
+    if cfg.arch == "m3oe":
+        from msrec_dist.model.m3oe import M3oE
+
+        return M3oE(cfg, features, embedding_device=embedding_device)
+    if cfg.arch == "pepnet":
+        from msrec_dist.model.pepnet import PEPNet
+
+        return PEPNet(cfg, features, embedding_device=embedding_device)
+    return MultiScenarioModel(cfg, features, rank_sum=rank_sum, embedding_device=embedding_device)
+
+
 class MultiTaskTrainModule(nn.Module):
     """Owns the loss: weighted sum over tasks of the mean binary cross-entropy.
 
@@ -124,7 +141,7 @@ class MultiTaskTrainModule(nn.Module):
     torchrec's train pipelines. An empty local batch (a rank whose data ran out) gives loss 0.
     """
 
-    def __init__(self, model: MultiScenarioModel, task_weights: list[float]) -> None:
+    def __init__(self, model: nn.Module, task_weights: list[float]) -> None:
         super().__init__()
         self.model = model
         weights = task_weights or [1.0] * model.num_tasks
