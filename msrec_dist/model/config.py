@@ -92,14 +92,23 @@ class M3oEConfig:
 
 @dataclass
 class PEPNetConfig:
-    """PEPNet (Chang et al., KDD 2023): EPNet scales the embedding by a gate on the scenario's
-    features; PPNet scales each tower layer by a gate on the personal (user / item) features;
-    msrec_dist/model/pepnet.py."""
+    """PEPNet (Chang et al., KDD 2023): EPNet scales the embedding fields by a gate on the
+    scenario (and `domain_features`); PPNet scales each tower layer by a gate on the personal
+    (user / item) features; msrec_dist/model/pepnet.py."""
     epnet: bool = True
-    ppnet: bool = True
-    gate_hidden: int = 64
+    ppnet: bool = True  # needs model.tower.hidden: it scales the towers' hidden layers
+    gate_hidden: int = 64  # width of each Gate NU's hidden layer
+    gamma: float = 2.0  # gate = gamma * sigmoid(.), in (0, gamma); the paper's 2 centres it on 1
+    epnet_gate: Literal["field", "element"] = "field"  # one EPNet gate per field, or per embedding element
+    # sparse features whose embeddings join the scenario one-hot as the EPNet gate's domain input
+    domain_features: list[str] = field(default_factory=list)
     # sparse features whose embeddings feed the PPNet gates (e.g. user and item ids); [] = all sparse
     personal_features: list[str] = field(default_factory=list)
+
+    def validate(self, where: str) -> None:
+        if self.gate_hidden < 1 or self.gamma <= 0:
+            raise ConfigError(f"{where}: gate_hidden must be >= 1 and gamma > 0, "
+                              f"got {self.gate_hidden}, {self.gamma}")
 
 
 @dataclass
