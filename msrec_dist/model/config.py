@@ -82,12 +82,27 @@ class TowerConfig:
 
 @dataclass
 class M3oEConfig:
-    """M3oE (Zhang et al., SIGIR 2024): shared, domain and task experts over the embedded fields,
-    fused per (domain, task), with the two-level balance; msrec_dist/model/m3oe.py."""
-    expert_hidden: list[int] = field(default_factory=lambda: [256, 128])
-    shared_experts: int = 4
-    domain_experts: int = 1  # per domain (scenario)
-    task_experts: int = 1  # per task
+    """M3oE (Zhang et al., SIGIR 2024), msrec_dist/model/m3oe.py: a STAR-style domain bottom,
+    then shared experts (one softmax gate per (domain, task)), one expert per domain and one per
+    task, fused with the two-level balance, and one tower per (domain, task). Defaults: the
+    authors' code (github.com/Applied-Machine-Learning-Lab/M3oE, examples/run_movielens.py)."""
+    # star layer width, then the widths of its Linear+LayerNorm+ReLU layers; a skip branch maps
+    # the fields to the last width ([] = no bottom: the experts read the flattened fields)
+    bottom: list[int] = field(default_factory=lambda: [512, 256])
+    expert_hidden: list[int] = field(default_factory=lambda: [64])  # every expert: Linear+LayerNorm+ReLU per width
+    shared_experts: int = 4  # the authors' expert_num
+    # the learned weights are sigmoid(logit); these are the initial logits (authors: all 1 → 0.73)
+    domain_fusion_init: float = 1.0  # weight of the domain module in the fused output (exp_d)
+    task_fusion_init: float = 1.0  # weight of the task module (exp_t)
+    domain_balance_init: float = 1.0  # α: own domain expert α, each other (1 − α)/(S − 1) (bal_d)
+    task_balance_init: float = 1.0  # β: the same over the task experts (bal_t)
+    # the shared-expert gates read the bottom detached (no gradient into it), as the authors' code
+    detach_gates: bool = True
+
+    def validate(self, where: str) -> None:
+        if self.shared_experts < 1 or not self.expert_hidden or min(self.expert_hidden + self.bottom, default=1) < 1:
+            raise ConfigError(f"{where}: m3oe needs shared_experts >= 1, a non-empty expert_hidden and "
+                              f"positive widths, got {self.shared_experts}, {self.expert_hidden}, {self.bottom}")
 
 
 @dataclass
