@@ -1,5 +1,6 @@
 # Two commands on a fresh machine (Python 3.11, no GPU):
-#   make demo   set up .venv, generate the demo data, train + evaluate msrec, print the table
+#   make demo   set up .venv, generate the demo data, train + evaluate msrec, print the table and
+#               write the run report (runs/msrec/report.html)
 #   make test   set up .venv, run the linters (ruff, import-linter) and the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -30,6 +31,8 @@ demo-data: $(DEMO_DATA)
 demo: $(VENV)/.installed $(DEMO_DATA)
 	# --overwrite: a second demo moves the first one's runs/msrec aside (runs/msrec.replaced-<time>)
 	$(PY) msrec_dist/train.py --config configs/msrec.yaml --overwrite
+	# the run report (plots + report.html in the run directory); it prints the page's path
+	$(PY) -m msrec_dist.report runs/msrec
 
 ruff: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
