@@ -190,3 +190,36 @@ def test_recording_a_training_forward_leaves_the_gradients_alone(model_data, bat
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0, msg=n)
+
+
+def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Rank r records batch r of BATCHES; summary(2) writes the all-reduced means."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        module = train_module("ple", make_data_config()).eval()
+        with GateRecorder(module, SCENARIOS, TASKS) as rec, torch.no_grad():
+            module(make_batch(**BATCHES[rank]))
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(rec.summary(world_size=2), f)
+    finally:
+        dist.destroy_process_group()
+
+
+BATCHES = [dict(seed=1), dict(scenario=[2, 2, 1, 0], seed=2)]
+
+
+@pytest.mark.dist
+def test_summary_sums_over_ranks(tmp_path, model_data):
+    """2 gloo ranks, one batch each: every rank's summary is one process's over both batches."""
+    import torch.multiprocessing as mp
+    mp.spawn(_rank_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    expected = record(train_module("ple", model_data).eval(), *(make_batch(**b) for b in BATCHES))
+    for rank in range(2):
+        with open(tmp_path / f"rank{rank}.json") as f:
+            got = json.load(f)
+        assert got["gates"].keys() == expected["gates"].keys()
+        for level, entry in expected["gates"].items():
+            assert got["gates"][level]["rows"] == entry["rows"]
+            torch.testing.assert_close(torch.tensor(got["gates"][level]["weights"]), torch.tensor(entry["weights"]),
+                                       rtol=1e-6, atol=1e-7)
