@@ -81,7 +81,8 @@ def throughput(steps: Sequence[int], samples_per_s: Series, path: str) -> str:
     if finite.size:
         ax.axhline(float(np.median(finite)), color="grey", ls=":", lw=1, label=f"median {np.median(finite):,.0f}")
         ax.legend(fontsize=8)
-    ax.set(title="training throughput (all ranks)", xlabel="step", ylabel="samples/s", ylim=(0, None))
+    top = float(finite.max()) * 1.15 if finite.size and finite.max() > 0 else 1.0  # headroom over the line
+    ax.set(title="training throughput (all ranks)", xlabel="step", ylabel="samples/s", ylim=(0, top))
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
