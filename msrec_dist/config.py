@@ -24,9 +24,29 @@ from msrec_dist.model.config import (AttentionConfig, BottomConfig, ExpertsConfi
 from msrec_dist.typed_yaml import ConfigError, apply_overrides, from_dict, load_yaml
 
 # The model's configs live next to the model (msrec_dist/model/config.py); re-exported here.
-__all__ = ["AttentionConfig", "BottomConfig", "ExperimentConfig", "ExpertsConfig", "Kernel", "MixingConfig",
+__all__ = ["AttentionConfig", "BottomConfig", "EarlyStopConfig", "ExperimentConfig", "ExpertsConfig", "Kernel", "MixingConfig",
            "ModelConfig", "ReaderConfig", "RunConfig", "ShardingConfig", "StarConfig", "TableConstraint",
            "TowerConfig", "TrainConfig", "load_experiment"]
+
+
+@dataclass
+class EarlyStopConfig:
+    """Stop when the val metric has not improved for `patience` evaluations (0: never stop early).
+
+    metric: mean_auc (the mean AUC over the scenario × task cells), logloss (their mean logloss,
+    lower is better), or one cell: <scenario>/<task> (its AUC) or <scenario>/<task>/logloss;
+    <scenario> may be `overall`. The same metric picks the best checkpoint."""
+    metric: str = "mean_auc"
+    patience: int = 0
+    min_delta: float = 0.0  # an improvement smaller than this does not count
+
+    def validate(self, where: str) -> None:
+        parts = self.metric.split("/")
+        if not (self.metric in ("mean_auc", "logloss") or len(parts) == 2 or (len(parts) == 3 and parts[2] == "logloss")):
+            raise ConfigError(f"{where}.metric: expected mean_auc, logloss, <scenario>/<task> or "
+                              f"<scenario>/<task>/logloss, got {self.metric!r}")
+        if self.patience < 0 or self.min_delta < 0:
+            raise ConfigError(f"{where}: patience and min_delta must be >= 0")
 
 
 @dataclass
@@ -61,6 +81,13 @@ class TrainConfig:
     # a NaN/inf forward loss on any rank (checked before backward, every rank alike): stop = raise
     # NonFiniteLoss, no checkpoint after it; skip_batch = no backward or optimizer step for that batch
     nan_policy: Literal["stop", "skip_batch"] = "stop"
+    # evaluation on the val split during training (model selection): every N steps, or at each
+    # epoch's end ('epoch'), and at the end of training; 0 = never. Without a val split: never.
+    eval_every: int | Literal["epoch"] = "epoch"
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    # with val evaluations: checkpoints/best keeps the best weights by early_stop.metric, and the
+    # eval split is scored with them; false: with the last weights
+    keep_best: bool = True
     checkpoint_every: int = 0  # steps; 0 = only at the end
     keep_checkpoints: int = 2
     log_every: int = 50
@@ -93,6 +120,9 @@ class RunConfig:
     tensorboard: bool = True
     progress: bool = True
     record_rows: bool = False  # write the global row ids each rank trained on (rows_rank<r>.txt)
+    # the eval split's predictions (probabilities, labels, scenario) in eval_predictions.npz, for
+    # the report's ROC curves and thresholds
+    eval_predictions: bool = True
 
 
 @dataclass

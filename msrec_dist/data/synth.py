@@ -2,7 +2,7 @@
 
 Flow: seed → `_World` (latent tables shared by train and eval: id popularity, segments,
 categories, affinities, item factors, coefficients) → `_sample` rows (vectorised numpy) →
-Parquet shards `DIR/train/part-*.parquet`, `DIR/eval/part-*.parquet` → `DIR/data.yaml`.
+Parquet shards `DIR/train/part-*.parquet`, `DIR/val/...`, `DIR/eval/...` → `DIR/data.yaml`.
 
 Click logit = scenario bias + shared part (dense d0, d1; segment×category affinity; user and
 item id bias; history match = <item factor, mean history item factor>) + m_s * (d2 coef *
@@ -11,10 +11,10 @@ d2 + category effect c_s), where m_s scales c_s/d2 per scenario and is -1 in the
 is low-cardinality (50 categories, one dense feature) so that the smallest scenario's ~8% of
 rows suffice to learn it.
 convert = click * Bernoulli(sigmoid(conv bias + conv_shared * shared + d3 coef * d3 +
-scenario effect)); eval files carry the true p_click, p_convert (`oracle_auc` scores them).
+scenario effect)); val and eval files carry the true p_click, p_convert (`oracle_auc` scores them).
 
 CLI: python -m msrec_dist.data.synth --out DIR --rows N --shards K --seed S [--scenarios 3]
-     [--eval-rows M] [--users U] [--items I]
+     [--eval-rows M] [--val-rows V (default M; 0: no val split)] [--users U] [--items I]
 """
 from __future__ import annotations
 
@@ -164,11 +164,12 @@ def _write_shards(cols: dict, out_dir: str, shards: int, row_group_size: int) ->
         pq.write_table(part, os.path.join(out_dir, f"part-{k:05d}.parquet"), row_group_size=row_group_size)
 
 
-def data_yaml(scenarios: int, users: int, items: int, spec: SynthSpec) -> dict:
+def data_yaml(scenarios: int, users: int, items: int, spec: SynthSpec, val: bool = True) -> dict:
     """The data config (as a dict) describing the generated files."""
     d = spec.embedding_dim
     return {
         "train": "train/*.parquet",
+        **({"val": "val/*.parquet"} if val else {}),
         "eval": "eval/*.parquet",
         "scenario": {"column": "scenario", "names": scenario_names(scenarios)},
         "tasks": [{"name": "click", "column": "click"}, {"name": "convert", "column": "convert"}],
@@ -185,20 +186,24 @@ def data_yaml(scenarios: int, users: int, items: int, spec: SynthSpec) -> dict:
 
 
 def generate(out_dir: str, rows: int, shards: int, seed: int, scenarios: int = 3, eval_rows: int | None = None,
-             users: int = 10_000, items: int = 5_000, spec: SynthSpec = SynthSpec()) -> str:
-    """Write train/eval shards and data.yaml under `out_dir`; return the data.yaml path."""
+             users: int = 10_000, items: int = 5_000, spec: SynthSpec = SynthSpec(), val_rows: int | None = None) -> str:
+    """Write train/val/eval shards and data.yaml under `out_dir`; return the data.yaml path.
+    val_rows: None = as many as eval, 0 = no val split. The train and eval rows of a seed do not
+    depend on val_rows (each split draws from its own child of the seed)."""
     if rows < shards or shards < 1:
         raise ValueError(f"need rows >= shards >= 1, got rows={rows} shards={shards}")
     eval_rows = max(rows // 10, 1) if eval_rows is None else eval_rows
-    eval_shards = max(1, min(shards, eval_rows // 50_000 + 1))
-    world_rng, train_rng, eval_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+    val_rows = eval_rows if val_rows is None else val_rows
+    world_rng, train_rng, eval_rng, val_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4))
     world = _World(world_rng, scenarios, users, items, spec)
     _write_shards(world.sample(train_rng, rows, False), os.path.join(out_dir, "train"), shards, spec.row_group_size)
-    _write_shards(world.sample(eval_rng, eval_rows, True), os.path.join(out_dir, "eval"), eval_shards,
-                  spec.row_group_size)
+    for name, rng, n in (("eval", eval_rng, eval_rows), ("val", val_rng, val_rows)):
+        if n > 0:  # the true probabilities too: oracle_auc scores either split
+            _write_shards(world.sample(rng, n, True), os.path.join(out_dir, name), max(1, min(shards, n // 50_000 + 1)),
+                          spec.row_group_size)
     path = os.path.join(out_dir, "data.yaml")
     with open(path, "w") as f:
-        yaml.safe_dump(data_yaml(scenarios, users, items, spec), f, sort_keys=False)
+        yaml.safe_dump(data_yaml(scenarios, users, items, spec, val=val_rows > 0), f, sort_keys=False)
     return path
 
 
@@ -223,10 +228,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--scenarios", type=int, default=3)
     ap.add_argument("--eval-rows", type=int, default=None)
+    ap.add_argument("--val-rows", type=int, default=None, help="rows of the val split (default: as many as eval; 0: none)")
     ap.add_argument("--users", type=int, default=10_000)
     ap.add_argument("--items", type=int, default=5_000)
     a = ap.parse_args(argv)
-    path = generate(a.out, a.rows, a.shards, a.seed, a.scenarios, a.eval_rows, a.users, a.items)
+    path = generate(a.out, a.rows, a.shards, a.seed, a.scenarios, a.eval_rows, a.users, a.items, val_rows=a.val_rows)
     print(path)
 
 

@@ -7,6 +7,8 @@
              rng.rank<r>}
     step_N/progress.json: {"progress": Progress (in rows), "data": what the rows are (files,
                           sizes, row counts)}, written by rank 0 into .tmp_step_N
+    <run.dir>/checkpoints/best/            the best weights on val (model only, DCP) + best.json
+                                           ({step, metric, score, val}); replaced atomically
 
 Every file and the directory are fsynced before the rename that publishes step_N, the parent after
 it. A kill during a save leaves only a .tmp_ directory, which `latest_checkpoint` never returns.
@@ -38,6 +40,7 @@ class Progress:
     epoch: int = 0  # epoch in progress
     rows_in_epoch: int = 0  # rows of that epoch already trained on (all ranks)
     samples: int = 0  # samples trained on so far, all ranks together
+    selection: dict | None = None  # model selection's state (training/selection.py BestTracker.state())
 
     def start_batch(self, global_batch: int) -> int:
         """The global batch (of `global_batch` rows) to restart the epoch at: the saved row position,
@@ -160,3 +163,50 @@ def restore_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) ->
     for group, lr in zip(scheduler.optimizer.param_groups, lrs):
         group["lr"] = lr
     scheduler._last_lr = lrs
+
+
+BEST_DIR, BEST_FILE = "best", "best.json"
+
+
+def save_best(root: str, state: TrainState, ctx: DistContext, info: dict) -> str:
+    """Write the model's weights (no optimizer) to root/best with `info` in best.json, replacing
+    the previous best only once the new one is complete: .tmp_best is written and fsynced, the old
+    best is renamed to .old_best, the new one into place, then the old one removed (a kill in
+    between leaves .old_best, which best_checkpoint falls back to)."""
+    final, tmp, old = (os.path.join(root, n) for n in (BEST_DIR, f".tmp_{BEST_DIR}", f".old_{BEST_DIR}"))
+    if ctx.is_main:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save({"model": state.model.state_dict()}, checkpoint_id=tmp)
+    dist.barrier()
+    if ctx.is_main:
+        with open(os.path.join(tmp, BEST_FILE), "w") as f:
+            json.dump(info, f, indent=1)
+        fsync_tree(tmp)
+        if os.path.isdir(final):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync(root)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def best_checkpoint(root: str) -> tuple[str, dict] | None:
+    """(path, best.json) of the best weights under root, or None (no collective)."""
+    for name in (BEST_DIR, f".old_{BEST_DIR}"):
+        path = os.path.join(root, name)
+        if os.path.exists(os.path.join(path, BEST_FILE)) and os.path.exists(os.path.join(path, ".metadata")):
+            with open(os.path.join(path, BEST_FILE)) as f:
+                return path, json.load(f)
+    return None
+
+
+def load_weights(path: str, state: TrainState) -> None:
+    """Load the model weights of a checkpoint (step_N or best), resharding as needed; the
+    optimizers and the schedule stay as they are."""
+    full = {"model": state.model.state_dict()}
+    dcp.load(full, checkpoint_id=path)
+    state.model.load_state_dict(full["model"])

@@ -123,10 +123,15 @@ class PipelinedTrainer(Trainer):
             pipeline.detach()  # restore the modules' own forward (evaluation, checkpoints, next epoch)
 
 
-def build_trainer(state: TrainState, data: DataConfig, ctx: DistContext, train: TrainConfig) -> Trainer:
-    """The plain loop, or the pipelined one where train.pipeline asks for it ('sparse_dist'; 'auto':
-    on CUDA when the embedding goes through DMP, which the pipeline needs)."""
-    pipelined = train.pipeline == "sparse_dist" or (
+def is_pipelined(state: TrainState, ctx: DistContext, train: TrainConfig) -> bool:
+    """Whether this run trains through the pipeline: train.pipeline 'sparse_dist', or 'auto' on CUDA
+    when the embedding goes through DMP, which the pipeline needs."""
+    return train.pipeline == "sparse_dist" or (
         train.pipeline == "auto" and ctx.device.type == "cuda" and not state.local_lookup)
-    return (PipelinedTrainer if pipelined else Trainer)(state, data, ctx, train.grad_clip, train.nan_policy)
+
+
+def build_trainer(state: TrainState, data: DataConfig, ctx: DistContext, train: TrainConfig) -> Trainer:
+    """The plain loop, or the pipelined one (is_pipelined)."""
+    cls = PipelinedTrainer if is_pipelined(state, ctx, train) else Trainer
+    return cls(state, data, ctx, train.grad_clip, train.nan_policy)
 

@@ -8,7 +8,10 @@
       ──build_trainer (training/loop.py: plain or pipelined, chosen once)──►
       ──epochs of trainer.train_epoch (tqdm, TensorBoard loss, checkpoints every N steps and at
         the end; an exception writes {"event": "stopped"} to train_log.jsonl and stderr)──►
-      ──evaluate on the eval split──► <run.dir>/final_metrics.json (+ TensorBoard AUCs)
+        with a val split, evaluations on it every train.eval_every steps or epoch and at the end
+        (selection.py: the score, the best so far in checkpoints/best, early stopping)──►
+      ──evaluate the best weights (or the last) on the eval split──► <run.dir>/final_metrics.json
+        (+ the selection, TensorBoard AUCs), eval_predictions.npz
 
 `run(cfg, ctx)` is what `msrec_dist/train.py` calls and what tests call without a subprocess.
 """
@@ -27,16 +30,17 @@ from msrec_dist.config import ExperimentConfig
 from msrec_dist.data.reader import make_dataloader, validate_files
 from msrec_dist.data.scan import scan_splits
 from msrec_dist.data.schema import load_data_config
-from msrec_dist.distributed.checkpoint import (Progress, latest_checkpoint, load_checkpoint, read_progress,
-                                               save_checkpoint)
+from msrec_dist.distributed.checkpoint import (Progress, best_checkpoint, latest_checkpoint, load_checkpoint,
+                                               load_weights, read_progress, save_best, save_checkpoint)
 from msrec_dist.distributed.context import DistContext
 from msrec_dist.distributed.model_parallel import build_train_state
 from msrec_dist.distributed.sharding import describe_plan, save_plan
 from msrec_dist.metrics.evaluator import format_table
 from msrec_dist.training.evaluate import evaluate
-from msrec_dist.training.loop import build_trainer
+from msrec_dist.training.loop import build_trainer, is_pipelined
 from msrec_dist.training.run_dir import check_data, data_identity, prepare, truncate_log
-from msrec_dist.typed_yaml import to_dict
+from msrec_dist.training.selection import BestTracker, check_metric, score
+from msrec_dist.typed_yaml import ConfigError, to_dict
 
 
 def _writer(cfg: ExperimentConfig, ctx: DistContext, resumed_step: int | None):
@@ -95,6 +99,9 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
     cfg.data = os.path.abspath(cfg.data)
     data = load_data_config(cfg.data)
     validate_files(data, data.eval + data.val)
+    eval_every = cfg.train.eval_every if data.val else 0  # no val split: no selection
+    stop_cfg = cfg.train.early_stop
+    check_metric(stop_cfg.metric, data.scenario.names, data.task_names)
     scan_splits(data, cfg.reader.scan, ctx.rank, ctx.world_size)  # every value of every split, before any step
     ckpt_root = os.path.join(cfg.run.dir, "checkpoints")
     resume_from = prepare(cfg.run.dir, resume, overwrite, ctx)
@@ -112,11 +119,25 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
     total_steps = pos.step + (left if pos.epoch < cfg.train.epochs else 0)
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
+    tracker = BestTracker(stop_cfg.metric, stop_cfg.patience, stop_cfg.min_delta)
+    if pos.selection:  # resumed: go on counting (an early-stopped run trains no further)
+        for key, value in pos.selection.items():
+            setattr(tracker, key, value)
+        if tracker.stopped:
+            total_steps = pos.step
     os.makedirs(cfg.run.dir, exist_ok=True)
     state = build_train_state(cfg, data, ctx, total_steps)
+    if isinstance(eval_every, int) and eval_every > 0 and is_pipelined(state, ctx, cfg.train):
+        # the pipeline holds batches in flight inside the model's forward; evaluating between its
+        # steps would run the model outside it
+        raise ConfigError(f"train.eval_every={eval_every} (steps) needs the plain loop: set train.pipeline=plain, "
+                          "or evaluate at epoch ends (train.eval_every=epoch)")
     if resume_from is not None:
         pos = load_checkpoint(resume_from, state, ctx)
         pos.rows_in_epoch = start_batch * global_batch
+        on_disk = best_checkpoint(ckpt_root)  # a best saved after the checkpoint resumed from stays best
+        if on_disk is not None and on_disk[1]["metric"] == tracker.metric:
+            tracker.adopt(on_disk[1]["step"], on_disk[1]["score"])
         if ctx.is_main:
             print(f"resumed from {resume_from} at step {pos.step}", flush=True)
     if ctx.is_main:
@@ -136,10 +157,42 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
     train_log = open(os.path.join(cfg.run.dir, "train_log.jsonl"), "a") if ctx.is_main else None
     rows_log = open(os.path.join(cfg.run.dir, f"rows_rank{ctx.rank}.txt"), "a") if cfg.run.record_rows else None
     samples_before, local_samples = pos.samples, 0  # all ranks' samples up to the checkpoint; this rank's since
+    clock = {"val_s": 0.0, "last_log": time.perf_counter(), "last_log_step": pos.step, "val_since_log": 0.0,
+             "last_val_step": -1, "stop": False}
 
     def save() -> None:
         pos.samples = samples_before + global_sum(local_samples, ctx)
+        pos.selection = tracker.state()
         save_checkpoint(ckpt_root, state, pos, ctx, cfg.train.keep_checkpoints, identity)
+
+    def validate() -> None:
+        """Evaluate on val at this step: log it, keep the best weights, decide on stopping."""
+        t0 = time.perf_counter()
+        val_loader = make_dataloader(data, data.val, cfg.reader, ctx.rank, ctx.world_size, device_type=ctx.device.type)
+        metrics = evaluate(state, val_loader, data, ctx)
+        value = score(metrics, tracker.metric)
+        is_best, clock["stop"] = tracker.update(pos.step, value)
+        clock["last_val_step"] = pos.step
+        if is_best and cfg.train.keep_best:
+            save_best(ckpt_root, state, ctx, {"step": pos.step, "epoch": pos.epoch, "metric": tracker.metric,
+                                              "score": value, "val": metrics})
+        if train_log is not None:
+            train_log.write(json.dumps({"step": pos.step, "epoch": pos.epoch, "val": metrics, "metric": tracker.metric,
+                                        "score": value, "best": is_best}) + "\n")
+            if clock["stop"]:
+                train_log.write(json.dumps({"event": "early_stop", "step": pos.step, "best_step": tracker.best_step,
+                                            "best_score": tracker.best_score, "patience": tracker.patience}) + "\n")
+            train_log.flush()
+        if writer is not None:
+            add_cells(writer, "val_auc", metrics, pos.step)
+            if value is not None:
+                writer.add_scalar(f"val/{tracker.metric}", value, pos.step)
+        if ctx.is_main and clock["stop"]:
+            print(f"early stop at step {pos.step}: {tracker.metric} has not improved for {tracker.patience} "
+                  f"evaluations (best {tracker.best_score} at step {tracker.best_step})", flush=True)
+        spent = time.perf_counter() - t0
+        clock["val_s"] += spent
+        clock["val_since_log"] += spent
 
     def on_step(_: int, loss: torch.Tensor, batch) -> bool:
         nonlocal local_samples
@@ -152,16 +205,23 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
         if pos.step % cfg.train.log_every == 0 or pos.step == total_steps:
             value = global_mean(loss, ctx)  # host sync, only on logging steps
             bar.set_postfix(loss=f"{value:.4f}")
+            now = time.perf_counter()  # samples/s of training alone: the val evaluations' time left out
+            rate = ((pos.step - clock["last_log_step"]) * global_batch
+                    / max(now - clock["last_log"] - clock["val_since_log"], 1e-9))
+            clock.update(last_log=now, last_log_step=pos.step, val_since_log=0.0)
             if train_log is not None:
                 # strict JSON: a non-finite loss (train.nan_policy=skip_batch) is written as null
-                train_log.write(json.dumps({"step": pos.step, "loss": value if math.isfinite(value) else None}) + "\n")
+                train_log.write(json.dumps({"step": pos.step, "loss": value if math.isfinite(value) else None,
+                                            "samples_per_s": rate}) + "\n")
                 train_log.flush()
             if writer is not None:
                 writer.add_scalar("train/loss", value, pos.step)
                 writer.add_scalar("train/dense_lr", state.scheduler.get_last_lr()[0], pos.step)
+        if isinstance(eval_every, int) and eval_every > 0 and pos.step % eval_every == 0:
+            validate()
         if cfg.train.checkpoint_every and pos.step % cfg.train.checkpoint_every == 0:
             save()
-        return pos.step < total_steps
+        return pos.step < total_steps and not clock["stop"]
 
     trainer = build_trainer(state, data, ctx, cfg.train)
     start = time.perf_counter()
@@ -171,11 +231,20 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
                                      start_batch=pos.rows_in_epoch // global_batch, device_type=ctx.device.type,
                                      epoch=pos.epoch, seed=cfg.run.seed)  # the epoch's order (reader.shuffle)
             trainer.train_epoch(loader, on_step)
+            if clock["stop"]:
+                break  # early stop: the epoch stays where it is
             if pos.step < total_steps or pos.rows_in_epoch >= steps_per_epoch * global_batch:
                 pos.epoch, pos.rows_in_epoch = pos.epoch + 1, 0
-        wall = time.perf_counter() - start
-        if (latest_checkpoint(ckpt_root) or "").rsplit("_", 1)[-1] != str(pos.step):
-            save()  # always a model at the end (train.checkpoint_every=0: only there)
+                if eval_every == "epoch" and pos.step < total_steps:
+                    validate()
+                    if clock["stop"]:
+                        break
+        if eval_every and clock["last_val_step"] != pos.step and not tracker.stopped and (
+                pos.step > 0 or tracker.best_step < 0):
+            validate()  # the last weights are a candidate too
+        wall = time.perf_counter() - start - clock["val_s"]
+        if (latest_checkpoint(ckpt_root) or "").rsplit("_", 1)[-1] != str(pos.step) or clock["val_s"]:
+            save()  # always a model at the end (train.checkpoint_every=0: only there), with the selection
     except BaseException as e:
         stopped(cfg, ctx, pos.step, latest_checkpoint(ckpt_root), e, train_log)
         raise
@@ -185,11 +254,25 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
             if log is not None:
                 log.close()
     trained = global_sum(local_samples, ctx)  # samples trained in this process, all ranks
+    selection = None
+    best = best_checkpoint(ckpt_root) if eval_every and cfg.train.keep_best else None
+    if best is not None:
+        load_weights(best[0], state)  # the eval split is scored with the weights chosen on val
+        selection = {k: best[1][k] for k in ("metric", "step", "score", "val")}
+    elif eval_every and tracker.best_step >= 0:
+        selection = {"metric": tracker.metric, "step": tracker.best_step, "score": tracker.best_score, "val": None}
     eval_loader = make_dataloader(data, data.eval, cfg.reader, ctx.rank, ctx.world_size, device_type=ctx.device.type)
-    metrics = evaluate(state, eval_loader, data, ctx)
+    predictions: list = []
+    metrics = evaluate(state, eval_loader, data, ctx, predictions if cfg.run.eval_predictions else None)
+    if cfg.run.eval_predictions:
+        write_predictions(os.path.join(cfg.run.dir, "eval_predictions.npz"), predictions, data, ctx)
     result = {
         "model": cfg.model.name,
         "steps": pos.step,
+        "evaluated_step": selection["step"] if best is not None else pos.step,  # the weights eval was scored with
+        "selection": selection,  # null without a val split (train.eval_every 0 or no val: files)
+        "early_stopped": tracker.stopped,
+        "val_s": clock["val_s"],  # time spent evaluating on val during training (not in wall_s)
         "train_samples": samples_before + trained,  # all ranks, resumed parts included
         "wall_s": wall,  # this process's training time
         "train_samples_per_s": trained / wall if wall > 0 else 0.0,  # this process's samples / wall_s
@@ -201,13 +284,41 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
     if ctx.is_main:
         write_json_atomic(os.path.join(cfg.run.dir, "final_metrics.json"), result)
         if writer is not None:
-            for scen, tasks in metrics["per_scenario"].items():
-                for task, cell in tasks.items():
-                    if cell["auc"] is not None:  # None: undefined (one class or no rows)
-                        writer.add_scalar(f"eval_auc/{scen}/{task}", cell["auc"], pos.step)
+            add_cells(writer, "eval_auc", metrics, pos.step)
             writer.close()
         print(format_table(metrics), flush=True)
     return result
+
+
+def add_cells(writer, prefix: str, metrics: dict, step: int) -> None:
+    """Each scenario × task AUC as a TensorBoard scalar <prefix>/<scenario>/<task>."""
+    for scen, tasks in metrics["per_scenario"].items():
+        for task, cell in tasks.items():
+            if cell["auc"] is not None:  # None: undefined (one class or no rows)
+                writer.add_scalar(f"{prefix}/{scen}/{task}", cell["auc"], step)
+
+
+def write_predictions(path: str, predictions: list, data, ctx: DistContext) -> None:
+    """Every rank's eval predictions into one .npz on rank 0: scores [N, T] (probabilities),
+    labels [N, T], scenario [N], task_names, scenario_names. Rows in rank order, each rank's in
+    its read order."""
+    import numpy as np
+
+    local = tuple(torch.cat(parts).numpy() if parts else None for parts in zip(*predictions)) or (None, None, None)
+    parts = [local]
+    if ctx.world_size > 1:
+        parts = [None] * ctx.world_size
+        torch.distributed.all_gather_object(parts, local)
+    if not ctx.is_main:
+        return
+    kept = [p for p in parts if p[0] is not None]
+    T = len(data.task_names)
+    scores, labels, scenario = ((np.concatenate([p[i] for p in kept]) if kept else np.zeros((0, T) if i < 2 else 0))
+                                for i in range(3))
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, scores=scores.astype(np.float32), labels=labels.astype(np.float32), scenario=scenario.astype(np.int64),
+             task_names=np.array(data.task_names), scenario_names=np.array(data.scenario.names))
+    os.replace(tmp, path)
 
 
 def stopped(cfg: ExperimentConfig, ctx: DistContext, step: int, checkpoint: str | None, error: BaseException,

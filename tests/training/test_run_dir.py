@@ -31,8 +31,9 @@ def run(data, run_dir, *sets, **kw):
 
 
 def log_entries(run_dir) -> list[dict]:
+    """The loss lines and events (the val evaluations' lines left out)."""
     with open(os.path.join(run_dir, "train_log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [e for e in map(json.loads, f) if "val" not in e]
 
 
 def snapshot(run_dir) -> dict:
@@ -69,7 +70,7 @@ def test_overwrite_moves_the_old_run_aside(data, tmp_path):
     aside = [p for p in os.listdir(tmp_path) if p.startswith("r.replaced-")]
     assert len(aside) == 1
     assert [e["step"] for e in log_entries(run_dir)] == [1, 2, 3, 4]
-    assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_4"]
+    assert sorted(os.listdir(run_dir / "checkpoints")) == ["best", "step_4"]  # best: the val evaluation at the end
     assert [e["step"] for e in log_entries(tmp_path / aside[0])] == [1, 2, 3]
 
 
