@@ -11,7 +11,8 @@
         with a val split, evaluations on it every train.eval_every steps or epoch and at the end
         (selection.py: the score, the best so far in checkpoints/best, early stopping)──►
       ──evaluate the best weights (or the last) on the eval split──► <run.dir>/final_metrics.json
-        (+ the selection, TensorBoard AUCs), eval_predictions.npz
+        (+ the selection, TensorBoard AUCs), eval_predictions.npz, model_weights.json (the CGC
+        gates' mean weights per scenario and the mixing weights on the eval rows: inspect.py)
 
 `run(cfg, ctx)` is what `msrec_dist/train.py` calls and what tests call without a subprocess.
 """
@@ -37,6 +38,7 @@ from msrec_dist.distributed.model_parallel import build_train_state
 from msrec_dist.distributed.sharding import describe_plan, save_plan
 from msrec_dist.metrics.evaluator import format_table
 from msrec_dist.training.evaluate import evaluate
+from msrec_dist.training.inspect import GateRecorder
 from msrec_dist.training.loop import build_trainer, is_pipelined
 from msrec_dist.training.run_dir import check_data, data_identity, prepare, truncate_log
 from msrec_dist.training.selection import BestTracker, check_metric, score
@@ -263,7 +265,9 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
         selection = {"metric": tracker.metric, "step": tracker.best_step, "score": tracker.best_score, "val": None}
     eval_loader = make_dataloader(data, data.eval, cfg.reader, ctx.rank, ctx.world_size, device_type=ctx.device.type)
     predictions: list = []
-    metrics = evaluate(state, eval_loader, data, ctx, predictions if cfg.run.eval_predictions else None)
+    with GateRecorder(state.model, data.scenario.names, data.task_names) as gates:  # the report's heatmaps
+        metrics = evaluate(state, eval_loader, data, ctx, predictions if cfg.run.eval_predictions else None)
+    weights = gates.summary(ctx.world_size)
     if cfg.run.eval_predictions:
         write_predictions(os.path.join(cfg.run.dir, "eval_predictions.npz"), predictions, data, ctx)
     result = {
@@ -283,6 +287,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
     }
     if ctx.is_main:
         write_json_atomic(os.path.join(cfg.run.dir, "final_metrics.json"), result)
+        write_json_atomic(os.path.join(cfg.run.dir, "model_weights.json"), weights)
         if writer is not None:
             add_cells(writer, "eval_auc", metrics, pos.step)
             writer.close()
