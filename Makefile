@@ -62,7 +62,7 @@ test-all: $(VENV)/.installed
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 
 compare: $(VENV)/.installed $(DEMO_DATA)
-	$(PY) -m benchmarks.compare --data $(DEMO_DATA) --seeds 0 1 2
+	$(PY) -m benchmarks.compare --data $(or $(DATA),$(DEMO_DATA)) --seeds 0 1 2
 
 clean:
 	rm -rf runs build *.egg-info msrec_dist/_C*.so .ruff_cache .import_linter_cache

@@ -138,6 +138,8 @@ class ModelConfig:
     # the first linear layer over the field stack folds the dense and scenario fields into its
     # weight (msrec_dist/model/fields.py): same function, fewer FLOPs; off = build the stack
     fold_fields: bool = True
+    # dropout on the trunk's output [B, H] and on the towers' input [T, B, h] (0: none)
+    dropout: float = 0.0
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     star: StarConfig = field(default_factory=StarConfig)
     bottom: BottomConfig = field(default_factory=BottomConfig)

@@ -81,6 +81,8 @@ class MultiScenarioModel(nn.Module):
                                          cfg.mixing.own_weight_init, cfg.mixing.scale_init)
             expert_dim = cfg.mixing.hidden
         self.towers = StackedMLP(num_tasks, expert_dim, list(cfg.tower.hidden) + [1], final_activation=False)
+        # identity when 0: no module, so configs without dropout keep their graph and speed
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
         # the blocks that read the scenario one-hot (plain MLP/PLE/MMoE models skip building it)
         self.uses_onehot = star.enabled or self.mixing is not None or (
             self.experts is not None and ex.scenario_gates)
@@ -105,6 +107,8 @@ class MultiScenarioModel(nn.Module):
             onehot = x.onehot if isinstance(x, FieldParts) and x.onehot is not None else \
                 scenario_onehot(batch.scenario, self.num_scenarios, batch.dense.dtype)
         h = self.trunk(x, onehot) if isinstance(self.trunk, StarTrunk) else self.trunk(x)  # [B, H]
+        if self.dropout is not None:
+            h = self.dropout(h)
         if self.experts is not None:
             task_in = self.experts(h, onehot)  # [T, B, h]
             if self.expert_residual:
@@ -113,6 +117,8 @@ class MultiScenarioModel(nn.Module):
             task_in = h.unsqueeze(0).expand(self.num_tasks, -1, -1)  # [T, B, H]
         if self.mixing is not None:
             task_in = task_in + self.mixing(h, onehot)  # [T, B, h]
+        if self.dropout is not None:
+            task_in = self.dropout(task_in)
         logits = self.towers(task_in).squeeze(2).t()  # [B, T]
         if self.aux is not None:
             logits = logits + self.aux(batch.scenario, fields)

@@ -138,3 +138,20 @@ def test_fold_fields_gives_the_same_model(path, model_data, batch4):
     torch.testing.assert_close(module.logits, unfolded.logits, rtol=1e-5, atol=1e-6)
     for (n, p), (_, q) in zip(module.named_parameters(), unfolded.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{n}: {m}")
+
+
+def test_dropout_trains_noisy_and_evaluates_deterministic(model_data, batch4):
+    """model.dropout: on in training (two forwards differ), off in eval (equal to the model without
+    it, same weights)."""
+    cfg = load_experiment(CONFIGS[NAMES.index("msrec")], data="unused-data.yaml", overrides=("model.dropout=0.5",))
+    torch.manual_seed(0)
+    module = MultiTaskTrainModule(build_model(cfg.model, model_data), [])
+    plain_cfg = load_experiment(CONFIGS[NAMES.index("msrec")], data="unused-data.yaml")
+    torch.manual_seed(0)
+    plain = MultiTaskTrainModule(build_model(plain_cfg.model, model_data), [])
+    module.train()
+    assert not torch.equal(module(batch4)[1][1], module(batch4)[1][1])
+    plain.load_state_dict(module.state_dict())  # the partitioned norm's running stats too
+    module.eval()
+    plain.eval()
+    torch.testing.assert_close(module(batch4)[1][1], plain(batch4)[1][1], rtol=0, atol=0)
