@@ -81,6 +81,10 @@ class TrainConfig:
     # a NaN/inf forward loss on any rank (checked before backward, every rank alike): stop = raise
     # NonFiniteLoss, no checkpoint after it; skip_batch = no backward or optimizer step for that batch
     nan_policy: Literal["stop", "skip_batch"] = "stop"
+    # in training, each id of a feature with an oov_id (data config) is replaced by that row with
+    # this probability, so the row ids unseen in train map to learns (training/oov_dropout.py)
+    oov_dropout: float = 0.0
+    oov_dropout_features: list[str] = field(default_factory=list)  # [] = every feature with an oov_id
     # evaluation on the val split during training (model selection): every N steps, or at each
     # epoch's end ('epoch'), and at the end of training; 0 = never. Without a val split: never.
     eval_every: int | Literal["epoch"] = "epoch"

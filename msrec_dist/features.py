@@ -41,6 +41,8 @@ class SparseFeature:
     dim: int = 0  # required
     pooling: Literal["sum", "mean"] = "sum"
     hash_buckets: Optional[int] = None  # N: hash the raw ids into N rows (data/hashing.py)
+    # the row that ids unseen in train map to (the converters write 0); train.oov_dropout trains it
+    oov_id: Optional[int] = None
 
     def validate(self, where: str) -> None:
         if self.hash_buckets is not None:
@@ -55,6 +57,8 @@ class SparseFeature:
                               f"got {self.num_embeddings or 'none'}")
         if self.dim <= 0:
             raise ConfigError(f"{_at(where, 'dim')}: required, must be > 0, got {self.dim}")
+        if self.oov_id is not None and not 0 <= self.oov_id < self.num_embeddings:
+            raise ConfigError(f"{_at(where, 'oov_id')}: {self.oov_id} outside 0..{self.num_embeddings - 1}")
 
 
 @dataclass

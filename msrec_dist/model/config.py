@@ -78,6 +78,9 @@ class MixingConfig:
 @dataclass
 class TowerConfig:
     hidden: list[int] = field(default_factory=lambda: [32])
+    # one tower per (scenario, task), each row read by its scenario's (as M3oE's towers), instead
+    # of one per task shared by the scenarios
+    per_scenario: bool = False
 
 
 @dataclass

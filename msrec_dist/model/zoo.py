@@ -80,12 +80,14 @@ class MultiScenarioModel(nn.Module):
             self.mixing = BalancedMixing(trunk_dim, cfg.mixing.hidden, features.num_scenarios, num_tasks,
                                          cfg.mixing.own_weight_init, cfg.mixing.scale_init)
             expert_dim = cfg.mixing.hidden
-        self.towers = StackedMLP(num_tasks, expert_dim, list(cfg.tower.hidden) + [1], final_activation=False)
+        self.tower_scenarios = features.num_scenarios if cfg.tower.per_scenario else 1
+        self.towers = StackedMLP(self.tower_scenarios * num_tasks, expert_dim, list(cfg.tower.hidden) + [1],
+                                 final_activation=False)
         # identity when 0: no module, so configs without dropout keep their graph and speed
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
         # the blocks that read the scenario one-hot (plain MLP/PLE/MMoE models skip building it)
         self.uses_onehot = star.enabled or self.mixing is not None or (
-            self.experts is not None and ex.scenario_gates)
+            self.experts is not None and ex.scenario_gates) or cfg.tower.per_scenario
         # the first layer folds the dense and scenario fields into its weight (model/fields.py)
         # where it is linear and the only reader of the field stack: the bottom MLP's first
         # Linear, or (no bottom) the first CGC level's experts and gates
@@ -119,7 +121,12 @@ class MultiScenarioModel(nn.Module):
             task_in = task_in + self.mixing(h, onehot)  # [T, B, h]
         if self.dropout is not None:
             task_in = self.dropout(task_in)
-        logits = self.towers(task_in).squeeze(2).t()  # [B, T]
+        if self.tower_scenarios > 1:  # every (scenario, task) tower on every row, each row's own picked
+            S, T = self.tower_scenarios, self.num_tasks
+            out = self.towers(task_in.repeat(S, 1, 1)).view(S, T, -1)  # [S, T, B]
+            logits = (out * onehot.t().unsqueeze(1)).sum(0).t()  # [B, T]
+        else:
+            logits = self.towers(task_in).squeeze(2).t()  # [B, T]
         if self.aux is not None:
             logits = logits + self.aux(batch.scenario, fields)
         return logits

@@ -33,6 +33,7 @@ from msrec_dist.data.schema import DataConfig
 from msrec_dist.distributed.context import DistContext
 from msrec_dist.distributed.model_parallel import TrainState
 from msrec_dist.training.agreement import agreed_batches
+from msrec_dist.training.oov_dropout import OOVDropout
 from msrec_dist.training.step import DenseStep, LossGuard, NonFiniteLoss, train_step
 
 OnStep = Callable[[int, torch.Tensor, Batch], bool]  # (step in this epoch, loss, batch) → go on?
@@ -42,10 +43,11 @@ class Trainer:
     """The plain loop: one train_step per agreed batch, the loss rescaled to the global batch."""
 
     def __init__(self, state: TrainState, data: DataConfig, ctx: DistContext, grad_clip: float,
-                 nan_policy: str = "stop") -> None:
+                 nan_policy: str = "stop", augment: Callable[[Batch], Batch] | None = None) -> None:
         self.state, self.data, self.ctx = state, data, ctx
         self.dense_step = DenseStep(state, grad_clip)  # binds the dense gradients to one buffer, once
         self.guard = LossGuard(nan_policy, ctx.rank, ctx.world_size, state.scheduler)
+        self.augment = augment or (lambda batch: batch)  # on the host batch, before the step (OOVDropout)
 
     def step(self, batch: Batch, global_rows: int) -> torch.Tensor:
         """One optimizer step on this rank's part of a global batch of `global_rows` rows; returns
@@ -59,7 +61,7 @@ class Trainer:
         for batch, global_rows in agreed_batches(loader, self.data, self.ctx):
             steps += 1
             try:
-                loss = self.step(batch, global_rows)
+                loss = self.step(self.augment(batch), global_rows)
             except NonFiniteLoss as e:
                 e.step_in_epoch = steps
                 raise
@@ -101,6 +103,7 @@ class PipelinedTrainer(Trainer):
 
         def feed() -> Iterator[Batch]:
             for batch, _ in agreed_batches(loader, self.data, self.ctx):
+                batch = self.augment(batch)
                 fetched.append(batch)
                 yield batch
 
@@ -133,5 +136,6 @@ def is_pipelined(state: TrainState, ctx: DistContext, train: TrainConfig) -> boo
 def build_trainer(state: TrainState, data: DataConfig, ctx: DistContext, train: TrainConfig) -> Trainer:
     """The plain loop, or the pipelined one (is_pipelined)."""
     cls = PipelinedTrainer if is_pipelined(state, ctx, train) else Trainer
-    return cls(state, data, ctx, train.grad_clip, train.nan_policy)
+    augment = OOVDropout(data, train.oov_dropout, train.oov_dropout_features) if train.oov_dropout > 0 else None
+    return cls(state, data, ctx, train.grad_clip, train.nan_policy, augment)
 

@@ -155,3 +155,22 @@ def test_dropout_trains_noisy_and_evaluates_deterministic(model_data, batch4):
     module.eval()
     plain.eval()
     torch.testing.assert_close(module(batch4)[1][1], plain(batch4)[1][1], rtol=0, atol=0)
+
+
+def test_per_scenario_towers_read_each_row_by_its_scenario(model_data):
+    """model.tower.per_scenario: a batch of scenario-1 rows trains only scenario 1's towers, and
+    the FX trace gives the eager logits."""
+    cfg = load_experiment(CONFIGS[NAMES.index("msrec")], data="unused-data.yaml",
+                          overrides=("model.tower.per_scenario=true",))
+    torch.manual_seed(0)
+    module = MultiTaskTrainModule(build_model(cfg.model, model_data), [])
+    batch = make_batch(scenario=[1, 1, 1, 1], seed=2)
+    loss, (_, logits, _) = module(batch)
+    loss.backward()
+    towers = module.model.towers
+    assert towers.layers[0].weight.size(0) == 3 * T  # S * T towers, scenario-major
+    for k in range(3 * T):
+        touched = bool(towers.layers[0].weight.grad[k].abs().sum() > 0)
+        assert touched == (k // T == 1), k
+    traced = symbolic_trace(module)
+    torch.testing.assert_close(traced(batch)[1][1], logits, rtol=1e-6, atol=1e-6)

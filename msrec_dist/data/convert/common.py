@@ -228,7 +228,8 @@ def data_yaml(spec: DatasetSpec, sizes: dict[str, int]) -> dict:
     """The data config dict; sizes: table → num_embeddings (n + 1)."""
     sparse = []
     for f in spec.sparse:
-        entry = {"name": f.name, "table": f.table_name, "num_embeddings": int(sizes[f.table_name]), "dim": spec.dim}
+        entry = {"name": f.name, "table": f.table_name, "num_embeddings": int(sizes[f.table_name]), "dim": spec.dim,
+                 "oov_id": OOV_INDEX}
         if f.pooling != "sum":
             entry["pooling"] = f.pooling
         sparse.append(entry)
