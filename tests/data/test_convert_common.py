@@ -42,8 +42,9 @@ def test_write_dataset_shared_table_and_oov(tmp_path):
                        source="somewhere", protocol="- how", source_files=["raw.txt"])
     path = write_dataset({"train": tr, "val": ev, "eval": ev}, spec, str(tmp_path))
     cfg = yaml.safe_load(open(path))
-    assert cfg["sparse"] == [{"name": "item", "table": "item", "num_embeddings": 4, "dim": 4},
-                             {"name": "hist", "table": "item", "num_embeddings": 4, "dim": 4, "pooling": "mean"}]
+    assert cfg["sparse"] == [{"name": "item", "table": "item", "num_embeddings": 4, "dim": 4, "oov_id": 0},
+                             {"name": "hist", "table": "item", "num_embeddings": 4, "dim": 4, "oov_id": 0,
+                              "pooling": "mean"}]
     assert pq.read_table(tmp_path / "vocab" / "item.parquet").to_pydict() == {"raw": [3, 5, 7], "index": [1, 2, 3]}
     e = pq.read_table(tmp_path / "eval").to_pydict()
     assert e["item"] == [0] and e["hist"] == [[3, 0]]
