@@ -3,7 +3,8 @@
     python -m benchmarks.compare --data DATA.yaml [--seeds 0 1 2] [--models msrec ple ...]
                                  [--set train.epochs=2] [--runs DIR] [--out benchmarks/results/compare]
 
-Trains each config in configs/ (msrec, its baselines shared_bottom, mmoe, ple, star, and the
+Trains each config in configs/ (msrec, msrec_full with every block on, the baselines shared_bottom,
+mmoe, ple, star, and the
 published m3oe and pepnet) in this process (a world of one; each run goes through
 DistributedModelParallel like any other) with the same budget. Where the data has a val split,
 every run evaluates on it (train.eval_every, the configs' default: each epoch) and the eval split
@@ -39,7 +40,7 @@ from msrec_dist.data.synth import oracle_auc  # noqa: E402
 from msrec_dist.distributed.context import init_distributed  # noqa: E402
 from msrec_dist.training.runner import run  # noqa: E402
 
-MODELS = ["msrec", "shared_bottom", "mmoe", "ple", "star", "m3oe", "pepnet"]
+MODELS = ["msrec", "msrec_full", "shared_bottom", "mmoe", "ple", "star", "m3oe", "pepnet"]
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 

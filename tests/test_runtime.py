@@ -18,7 +18,7 @@ def run_py(code: str, env_extra: dict | None = None) -> str:
 
 def test_config_loads_without_torch():
     code = ("import sys; from msrec_dist.config import load_experiment; "
-            "cfg = load_experiment('configs/msrec.yaml', None, ()); "
+            "cfg = load_experiment('configs/msrec_full.yaml', None, ()); "
             "print(cfg.reader.num_workers, 'torch' in sys.modules)")
     workers, torch_loaded = run_py(code).split()
     assert torch_loaded == "False"

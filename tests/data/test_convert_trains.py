@@ -22,7 +22,7 @@ def train_3_steps(data: str, tmp_path) -> None:
     from tests.distributed.launch import REPO, TINY_MODEL
 
     run_dir = tmp_path / "run"
-    cfg = load_experiment(os.path.join(REPO, "configs/msrec.yaml"), data,
+    cfg = load_experiment(os.path.join(REPO, "configs/msrec_full.yaml"), data,
                           tuple(TINY_MODEL) + ("reader.batch_size=4", f"run.dir={run_dir}", "train.max_steps=3"))
     runner.run(cfg, init_distributed())
     with open(run_dir / "train_log.jsonl") as f:

@@ -262,7 +262,7 @@ def test_unhashed_features_keep_the_range_check(tmp_path):
 # --- end to end -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model", ["msrec", "ple"])  # msrec: attention over the field stack; ple: the folded first layer
+@pytest.mark.parametrize("model", ["msrec_full", "ple"])  # msrec_full: attention over the field stack; ple: the folded first layer
 def test_a_tiny_run_trains_on_hashed_ids_vectors_and_a_val_split(tmp_path, model):
     from msrec_dist.config import load_experiment
     from msrec_dist.distributed.context import init_distributed

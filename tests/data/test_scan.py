@@ -45,7 +45,7 @@ def _run(data: str, run_dir, *sets: str):
     from msrec_dist.distributed.context import init_distributed
     from msrec_dist.training.runner import run
 
-    cfg = load_experiment("configs/msrec.yaml", data, tuple(TINY_MODEL) + (f"run.dir={run_dir}",) + sets)
+    cfg = load_experiment("configs/msrec_full.yaml", data, tuple(TINY_MODEL) + (f"run.dir={run_dir}",) + sets)
     return run(cfg, init_distributed())
 
 

@@ -15,7 +15,7 @@ TINY_MODEL = [
 ]
 
 
-def command(nproc: int, data: str, run_dir: str, sets: list[str], config: str = "configs/msrec.yaml",
+def command(nproc: int, data: str, run_dir: str, sets: list[str], config: str = "configs/msrec_full.yaml",
             resume: bool = False) -> list[str]:
     args = ["--config", config, "--data", data, "--set", f"run.dir={run_dir}"]
     for s in TINY_MODEL + sets:

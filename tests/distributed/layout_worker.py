@@ -38,7 +38,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("checkpoint")
     p.add_argument("out")
-    p.add_argument("--config", default="configs/msrec.yaml")
+    p.add_argument("--config", default="configs/msrec_full.yaml")
     p.add_argument("--data", required=True)
     p.add_argument("--set", dest="overrides", nargs="*", default=[])
     args = p.parse_args()

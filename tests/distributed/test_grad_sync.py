@@ -45,7 +45,7 @@ def _worker(rank: int, data_yaml: str, init_file: str, out_dir: str, sync: str, 
         counted(agreement, "agreement")
         counted(grad_sync, "gradients")
 
-        cfg = load_experiment("configs/msrec.yaml", data_yaml, tuple(TINY_MODEL) + (
+        cfg = load_experiment("configs/msrec_full.yaml", data_yaml, tuple(TINY_MODEL) + (
             f"run.dir={out_dir}/run", "reader.batch_size=64", f"train.grad_sync={sync}",
             f"train.host_reduce={host_reduce}"))
         data = load_data_config(cfg.data)

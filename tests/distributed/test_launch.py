@@ -23,7 +23,7 @@ def test_torchx_local_cwd_two_ranks(synth_data, tmp_path):
     assert torchx, "torchx is installed with the project's requirements"
     run_dir = tmp_path / "run"
     cmd = [torchx, "run", "-s", "local_cwd", "dist.ddp", "-j", "1x2", "--script", "msrec_dist/train.py", "--",
-           "--config", "configs/msrec.yaml", "--data", synth_data,
+           "--config", "configs/msrec_full.yaml", "--data", synth_data,
            "--set", f"run.dir={run_dir}", "train.max_steps=5", *TINY_MODEL]
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
@@ -49,7 +49,7 @@ def test_ranks_without_launcher_one_stops_the_other_fails_in_time(synth_data, tm
     timeout_s = 2
     run_dir = tmp_path / "run"
     port = str(free_port())
-    args = ["--config", "configs/msrec.yaml", "--data", synth_data, "--set", f"run.dir={run_dir}",
+    args = ["--config", "configs/msrec_full.yaml", "--data", synth_data, "--set", f"run.dir={run_dir}",
             f"train.collective_timeout_s={timeout_s}", "train.host_reduce=shm", "train.epochs=1000",
             "reader.batch_size=64", *TINY_MODEL]
     procs, logs = [], []

@@ -25,7 +25,7 @@ from tests.distributed.launch import TINY_MODEL
 
 
 def _state(synth_data, tmp_path, *overrides):
-    cfg = load_experiment("configs/msrec.yaml", synth_data,
+    cfg = load_experiment("configs/msrec_full.yaml", synth_data,
                           tuple(TINY_MODEL) + (f"run.dir={tmp_path}", "reader.batch_size=64") + overrides)
     data = load_data_config(cfg.data)
     return cfg, data, build_train_state(cfg, data, init_distributed(), total_steps=100)
@@ -101,7 +101,7 @@ def _two_rank_worker(rank: int, data_yaml: str, init_file: str, out_dir: str) ->
         ctx = init_distributed()
 
         def state(*overrides):
-            cfg = load_experiment("configs/msrec.yaml", data_yaml, tuple(TINY_MODEL) + (
+            cfg = load_experiment("configs/msrec_full.yaml", data_yaml, tuple(TINY_MODEL) + (
                 f"run.dir={out_dir}/run", "reader.batch_size=32") + overrides)
             data = load_data_config(cfg.data)
             return cfg, data, build_train_state(cfg, data, ctx, total_steps=100)

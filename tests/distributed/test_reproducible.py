@@ -8,7 +8,7 @@ from tests.distributed.launch import TINY_MODEL, auc_cells
 def test_same_seed_same_metrics(synth_data, tmp_path):
     results = []
     for i in range(2):
-        cfg = load_experiment("configs/msrec.yaml", synth_data,
+        cfg = load_experiment("configs/msrec_full.yaml", synth_data,
                               tuple(TINY_MODEL) + (f"run.dir={tmp_path / str(i)}", "train.max_steps=15"))
         results.append(run(cfg, init_distributed()))
     assert auc_cells(results[0]) == auc_cells(results[1])

@@ -52,7 +52,7 @@ data = make_data_config()
 batches = [make_batch(seed=s) for s in range(3)]
 out = {}
 for kernel in ("reference", "triton"):
-    cfg = load_experiment("configs/msrec.yaml", data="unused", overrides=tiny + [f"model.kernels={kernel}"])
+    cfg = load_experiment("configs/msrec_full.yaml", data="unused", overrides=tiny + [f"model.kernels={kernel}"])
     torch.manual_seed(0)
     module = MultiTaskTrainModule(MultiScenarioModel(cfg.model, data), [])
     opt = torch.optim.SGD(module.parameters(), lr=0.1)

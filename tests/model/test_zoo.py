@@ -28,7 +28,7 @@ def _train_module(path: str, data, seed: int = 0) -> MultiTaskTrainModule:
 
 
 def test_every_model_config_is_tested():
-    assert {"msrec", "shared_bottom", "mmoe", "ple", "star"} <= set(NAMES)
+    assert {"msrec", "msrec_full", "shared_bottom", "mmoe", "ple", "star", "m3oe", "pepnet"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=NAMES)
@@ -54,7 +54,10 @@ def test_forward_backward_reaches_every_parameter(path, model_data, batch4):
 def test_config_blocks_are_switched(model_data):
     """Each config builds the blocks it names (so the other tests cover what they claim)."""
     built = {name: _train_module(path, model_data).model for name, path in zip(NAMES, CONFIGS)}
-    msrec = built["msrec"]
+    chosen = built["msrec"]  # the blocks chosen on val: STAR with the aux net over all fields
+    assert isinstance(chosen.trunk, StarTrunk) and chosen.aux is not None and chosen.aux.concat
+    assert chosen.attention is None and chosen.experts is None and chosen.mixing is None
+    msrec = built["msrec_full"]
     assert msrec.attention is not None and isinstance(msrec.trunk, StarTrunk)
     assert msrec.aux is not None and msrec.experts is not None and msrec.mixing is not None
     assert len(msrec.experts.levels) == 2
@@ -143,10 +146,10 @@ def test_fold_fields_gives_the_same_model(path, model_data, batch4):
 def test_dropout_trains_noisy_and_evaluates_deterministic(model_data, batch4):
     """model.dropout: on in training (two forwards differ), off in eval (equal to the model without
     it, same weights)."""
-    cfg = load_experiment(CONFIGS[NAMES.index("msrec")], data="unused-data.yaml", overrides=("model.dropout=0.5",))
+    cfg = load_experiment(CONFIGS[NAMES.index("msrec_full")], data="unused-data.yaml", overrides=("model.dropout=0.5",))
     torch.manual_seed(0)
     module = MultiTaskTrainModule(build_model(cfg.model, model_data), [])
-    plain_cfg = load_experiment(CONFIGS[NAMES.index("msrec")], data="unused-data.yaml")
+    plain_cfg = load_experiment(CONFIGS[NAMES.index("msrec_full")], data="unused-data.yaml")
     torch.manual_seed(0)
     plain = MultiTaskTrainModule(build_model(plain_cfg.model, model_data), [])
     module.train()
@@ -160,7 +163,7 @@ def test_dropout_trains_noisy_and_evaluates_deterministic(model_data, batch4):
 def test_per_scenario_towers_read_each_row_by_its_scenario(model_data):
     """model.tower.per_scenario: a batch of scenario-1 rows trains only scenario 1's towers, and
     the FX trace gives the eager logits."""
-    cfg = load_experiment(CONFIGS[NAMES.index("msrec")], data="unused-data.yaml",
+    cfg = load_experiment(CONFIGS[NAMES.index("msrec_full")], data="unused-data.yaml",
                           overrides=("model.tower.per_scenario=true",))
     torch.manual_seed(0)
     module = MultiTaskTrainModule(build_model(cfg.model, model_data), [])

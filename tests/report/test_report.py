@@ -18,7 +18,7 @@ from tests.report.checks import check_report
 def test_report_of_a_short_real_run(tmp_path, capsys):
     data = generate(str(tmp_path / "data"), rows=1_536, shards=2, seed=3, eval_rows=600, users=300, items=200)
     run_dir = tmp_path / "msrec"
-    cfg = load_experiment(os.path.join(REPO, "configs/msrec.yaml"), data, tuple(TINY_MODEL) + (
+    cfg = load_experiment(os.path.join(REPO, "configs/msrec_full.yaml"), data, tuple(TINY_MODEL) + (
         "reader.batch_size=128", "train.max_steps=12", "train.eval_every=4", "train.log_every=2",
         f"run.dir={run_dir}"))
     runner.run(cfg, init_distributed())

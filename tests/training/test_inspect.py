@@ -80,9 +80,9 @@ def record(module, *batches) -> dict:
     return rec.summary(1)
 
 
-@pytest.mark.parametrize("name,overrides", [("ple", ()), ("msrec", ()),
+@pytest.mark.parametrize("name,overrides", [("ple", ()), ("msrec_full", ()),
                                             ("ple", ("model.experts.scenario_gates=true",))],
-                         ids=["ple", "msrec", "ple_scenario_gates"])
+                         ids=["ple", "msrec_full", "ple_scenario_gates"])
 def test_gate_means_match_a_hand_computation(name, overrides, model_data, batch4):
     module = train_module(name, model_data, *overrides).eval()
     levels = module.model.experts.levels
@@ -111,7 +111,7 @@ def test_gate_means_match_a_hand_computation(name, overrides, model_data, batch4
         assert (w[1] - w[2]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("name", ["ple", "msrec"])
+@pytest.mark.parametrize("name", ["ple", "msrec_full"])
 def test_recomputed_weights_reproduce_each_level_output(name, model_data, batch4):
     """Σ_e w[g, b, e] · ReLU(expert_e(x))[b] is the level's output: the recorder's softmax is the forward's."""
     module = train_module(name, model_data).eval()
@@ -151,7 +151,7 @@ def test_a_scenario_without_rows_has_no_weights(model_data):
 
 
 def test_mixing_weights_are_the_parameters(model_data, batch4):
-    module = train_module("msrec", model_data).eval()
+    module = train_module("msrec_full", model_data).eval()
     mixing = module.model.mixing
     with torch.no_grad():
         mixing.scenario_theta.copy_(torch.tensor([0.0, 1.0, -2.0]))

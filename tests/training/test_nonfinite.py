@@ -137,7 +137,7 @@ def _run(synth_data, run_dir, *sets):
     from msrec_dist.training.runner import run
     from tests.distributed.launch import TINY_MODEL
 
-    cfg = load_experiment("configs/msrec.yaml", synth_data, tuple(TINY_MODEL) + (
+    cfg = load_experiment("configs/msrec_full.yaml", synth_data, tuple(TINY_MODEL) + (
         f"run.dir={run_dir}", "train.max_steps=10", "train.dense_lr=1000", "train.warmup_steps=0",
         "reader.batch_size=256", "train.checkpoint_every=1", "train.keep_checkpoints=10", *sets))
     return run(cfg, init_distributed())

@@ -22,7 +22,7 @@ def data(tmp_path_factory) -> str:
 
 
 def cfg_for(data: str, run_dir, *sets: str):
-    return load_experiment(os.path.join(REPO, "configs/msrec.yaml"), data,
+    return load_experiment(os.path.join(REPO, "configs/msrec_full.yaml"), data,
                            tuple(TINY_MODEL) + ("reader.batch_size=128", f"run.dir={run_dir}") + sets)
 
 

@@ -53,9 +53,9 @@ def test_tracker_patience_direction_and_min_delta():
 
 def test_early_stop_config_is_checked():
     with pytest.raises(ConfigError, match="metric"):
-        load_experiment(os.path.join(REPO, "configs/msrec.yaml"), "d.yaml", ("train.early_stop.metric=a/b/c",))
+        load_experiment(os.path.join(REPO, "configs/msrec_full.yaml"), "d.yaml", ("train.early_stop.metric=a/b/c",))
     with pytest.raises(ConfigError, match="patience"):
-        load_experiment(os.path.join(REPO, "configs/msrec.yaml"), "d.yaml", ("train.early_stop.patience=-1",))
+        load_experiment(os.path.join(REPO, "configs/msrec_full.yaml"), "d.yaml", ("train.early_stop.patience=-1",))
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def data(tmp_path_factory) -> str:
 
 
 def run(data, run_dir, *sets, **kw):
-    cfg = load_experiment(os.path.join(REPO, "configs/msrec.yaml"), data,
+    cfg = load_experiment(os.path.join(REPO, "configs/msrec_full.yaml"), data,
                           tuple(TINY_MODEL) + ("reader.batch_size=128", f"run.dir={run_dir}", "run.progress=false")
                           + sets)
     return runner.run(cfg, init_distributed(), **kw)
