@@ -4,8 +4,7 @@
                                  [--set train.epochs=2] [--runs DIR] [--out benchmarks/results/compare]
 
 Trains each config in configs/ (msrec, msrec_full with every block on, the baselines shared_bottom,
-mmoe, ple, star, and the
-published m3oe and pepnet) in this process (a world of one; each run goes through
+mmoe, ple, star, and the published m3oe and pepnet) in this process (a world of one; each run goes through
 DistributedModelParallel like any other) with the same budget. Where the data has a val split,
 every run evaluates on it (train.eval_every, the configs' default: each epoch) and the eval split
 is scored with its best weights on val (checkpoints/best): the eval split chooses nothing. Writes
