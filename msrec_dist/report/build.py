@@ -171,14 +171,22 @@ def roc_section(run: Run, canvas: Canvas) -> Section:
     return section
 
 
-def gates_section(run: Run, canvas: Canvas) -> Section:
-    section = Section("Gate weights of the CGC levels (eval split)")
+def _weights_part(run: Run, section: Section, key: str, what: str) -> dict | None:
+    """model_weights.json's `key` entry, or None with the section marked not available."""
     if run.weights is None:
         section.missing = _unavailable(run, "model_weights.json", default="no model_weights.json")
-        return section
-    gates = run.weights.get("gates") or {}
-    if not gates:
-        section.missing = f"not available: the model ({run.model or 'unknown'}) has no CGC gates"
+        return None
+    part = run.weights.get(key)
+    if not part:
+        section.missing = f"not available: the model ({run.model or 'unknown'}) has no {what}"
+        return None
+    return part
+
+
+def gates_section(run: Run, canvas: Canvas) -> Section:
+    section = Section("Gate weights of the CGC levels (eval split)")
+    gates = _weights_part(run, section, "gates", "CGC gates")
+    if gates is None:
         return section
     scenarios = run.weights.get("scenario_names") or run.scenario_names()
     for level, entry in gates.items():
@@ -196,12 +204,8 @@ def gates_section(run: Run, canvas: Canvas) -> Section:
 
 def mixing_section(run: Run, canvas: Canvas) -> Section:
     section = Section("Balanced mixing weights")
-    if run.weights is None:
-        section.missing = _unavailable(run, "model_weights.json", default="no model_weights.json")
-        return section
-    mixing = run.weights.get("mixing")
-    if not mixing:
-        section.missing = f"not available: the model ({run.model or 'unknown'}) has no balanced mixing"
+    mixing = _weights_part(run, section, "mixing", "balanced mixing")
+    if mixing is None:
         return section
     scenarios = run.weights.get("scenario_names") or run.scenario_names()
     tasks = run.weights.get("task_names") or run.task_names()
