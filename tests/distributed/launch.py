@@ -90,8 +90,9 @@ def metrics(run_dir: str) -> dict:
 
 
 def losses(run_dir: str) -> list[float]:
+    """The loss lines' values (the val evaluations' lines and events left out)."""
     with open(os.path.join(run_dir, "train_log.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
+        return [e["loss"] for e in map(json.loads, f) if "loss" in e]
 
 
 def auc_cells(m: dict) -> dict[str, float]:

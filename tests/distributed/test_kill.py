@@ -46,7 +46,7 @@ def test_random_sigkills_then_resume_match_an_uninterrupted_run(tmp_path):
     assert proc.returncode == 0, errors(proc)
     assert losses(killed) == losses(full)  # each step once, the same values
     with open(os.path.join(killed, "train_log.jsonl")) as f:
-        assert [json.loads(line)["step"] for line in f] == list(range(1, STEPS + 1))
+        assert [e["step"] for e in map(json.loads, f) if "loss" in e] == list(range(1, STEPS + 1))
     assert metrics(killed)["steps"] == STEPS
     assert auc_cells(metrics(killed)) == auc_cells(metrics(full))
     assert metrics(killed)["train_samples"] == metrics(full)["train_samples"]
