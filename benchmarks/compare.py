@@ -27,12 +27,12 @@ import os  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 
 import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.perf_common import git_commit  # noqa: E402
 from msrec_dist.config import load_experiment  # noqa: E402
 from msrec_dist.data.schema import load_data_config  # noqa: E402
 from msrec_dist.data.synth import oracle_auc  # noqa: E402
@@ -140,14 +140,6 @@ def markdown(results: dict, oracle: dict | None, seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=CONFIG_DIR).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", required=True)
@@ -166,10 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m benchmarks.compare " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)
     with open(f"{a.out}.json", "w") as f:
-        json.dump({"machine": machine, "commit": commit(), "data": a.data, "seeds": a.seeds, "overrides": a.overrides,
+        json.dump({"machine": machine, "commit": git_commit(), "data": a.data, "seeds": a.seeds, "overrides": a.overrides,
                    "oracle": oracle, "summary": summary(results), "runs": results}, f, indent=2)
     with open(f"{a.out}.md", "w") as f:
-        f.write(f"Machine: {machine}; commit {commit()}\n\nCommand: `{command}`\n\n{table}\n")
+        f.write(f"Machine: {machine}; commit {git_commit()}\n\nCommand: `{command}`\n\n{table}\n")
     print(table)
 
 

@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -35,6 +36,15 @@ CONFIGS = os.path.join(REPO, "configs")
 RESULTS = os.path.join(REPO, "benchmarks", "results")
 MODELS = ["msrec", "ple", "star", "mmoe", "shared_bottom"]
 QUIET = ("run.progress=false", "run.tensorboard=false")
+
+
+def git_commit() -> str:
+    """The short commit of this checkout, for the results files ("unknown" outside git)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def machine() -> dict:

@@ -283,14 +283,6 @@ def evaluate(points: list[dict], a) -> dict:
     }
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
 def mib(b: float) -> str:
     return f"{b / 2**20:,.0f}"
 
@@ -362,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
 
     m = P.machine()
     m["label"] = MACHINE
-    res.update(machine=m, commit=git_commit(), date=time.strftime("%Y-%m-%d"),
+    res.update(machine=m, commit=P.git_commit(), date=time.strftime("%Y-%m-%d"),
                command=" ".join(["python -m benchmarks.scale", *(argv if argv is not None else sys.argv[1:])]),
                note="other jobs shared the 2 CPU cores during the run")
     out_dir = a.out_dir or P.RESULTS
