@@ -13,6 +13,7 @@ import yaml
 from msrec_dist.data.convert import aliccp
 from msrec_dist.data.convert.__main__ import main as cli
 from msrec_dist.data.convert.common import ConvertError
+from tests.data.convert_errors import convert_error
 
 
 def feats(pairs) -> str:
@@ -120,9 +121,7 @@ def test_random_val_and_list_field_option_cli(tmp_path):
 ])
 def test_malformed_line_names_file_and_line(tmp_path, name, bad, line, what):
     src = write(tmp_path / "raw", {name: bad})
-    with pytest.raises(ConvertError) as err:
-        aliccp.convert(src, str(tmp_path / "out"))
-    msg = str(err.value)
+    msg = convert_error(aliccp.convert, src, str(tmp_path / "out"))
     assert f"{name}: line {line}:" in msg and what in msg
 
 

@@ -13,6 +13,7 @@ import yaml
 from msrec_dist.data.convert import aliexpress
 from msrec_dist.data.convert.__main__ import main as cli
 from msrec_dist.data.convert.common import ConvertError
+from tests.data.convert_errors import convert_error
 
 HEADER = "search_id,categorical_1,categorical_2,numerical_1,numerical_2,click,conversion"
 
@@ -96,9 +97,7 @@ def test_random_val_and_default_countries(tmp_path):
 ])
 def test_malformed_line_names_file_and_line(tmp_path, where, bad, line, what):
     src = write(tmp_path / "raw", {where: bad})
-    with pytest.raises(ConvertError) as err:
-        aliexpress.convert(src, str(tmp_path / "out"), countries=["NL", "ES"])
-    msg = str(err.value)
+    msg = convert_error(aliexpress.convert, src, str(tmp_path / "out"), countries=["NL", "ES"])
     cc, split = where.split("/")
     assert f"AliExpress_{cc}/{split}.csv: line {line}:" in msg and what in msg
 

@@ -13,6 +13,7 @@ import yaml
 from msrec_dist.data.convert import kuairand
 from msrec_dist.data.convert.__main__ import main as cli
 from msrec_dist.data.convert.common import ConvertError
+from tests.data.convert_errors import convert_error
 
 LOG_HEADER = ("user_id,video_id,date,hourmin,time_ms,is_click,is_like,is_follow,is_comment,is_forward,is_hate,"
               "long_view,play_time_ms,duration_ms,profile_stay_time,comment_stay_time,is_profile_enter,is_rand,tab")
@@ -113,9 +114,7 @@ def test_tabs_subset_and_random_split_cli(tmp_path):
 ])
 def test_malformed_line_names_file_and_line(tmp_path, name, bad, line, what):
     src = write(tmp_path / "raw", {name: bad})
-    with pytest.raises(ConvertError) as err:
-        kuairand.convert(src, str(tmp_path / "out"))
-    msg = str(err.value)
+    msg = convert_error(kuairand.convert, src, str(tmp_path / "out"))
     assert f"{name}: line {line}:" in msg and what in msg
 
 

@@ -13,6 +13,7 @@ import yaml
 from msrec_dist.data.convert import movielens
 from msrec_dist.data.convert.__main__ import main as cli
 from msrec_dist.data.convert.common import ConvertError
+from tests.data.convert_errors import convert_error
 
 # users: id → age; user 9 rates only at the latest timestamps (eval only → OOV row)
 AGES = {1: 20, 2: 30, 3: 40, 4: 24, 5: 35, 9: 60}
@@ -156,9 +157,7 @@ def test_ml1m_detected_thresholds_and_random_split(tmp_path):
 ])
 def test_malformed_line_names_file_and_line(tmp_path, fmt, bad, line, what):
     src = write_100k(tmp_path / "raw", bad) if fmt == "ml-100k" else write_1m(tmp_path / "raw", bad)
-    with pytest.raises(ConvertError) as err:
-        movielens.convert(src, str(tmp_path / "out"))
-    msg = str(err.value)
+    msg = convert_error(movielens.convert, src, str(tmp_path / "out"))
     assert ("u.data" if fmt == "ml-100k" else "ratings.dat") in msg and f"line {line}:" in msg and what in msg
 
 
