@@ -9,6 +9,7 @@ rowwise_adagrad_dense_ (msrec_dist/distributed/replicated.py) and shm_all_reduce
     HAVE_CSRC   whether the extension loaded
     CSRC_ERROR  why not (None where it loaded): not built, or built against another torch
     has_op      whether an op of it is registered (an older build lacks the newer ops)
+    extension_path  the loaded .so (an exported program that calls the ops ships a copy of it)
 
 The extension is loaded by name (importlib), not by a Python import of msrec_dist: kernels/
 imports nothing else of msrec_dist (the import-linter contract in pyproject.toml).
@@ -36,3 +37,11 @@ HAVE_CSRC: bool = CSRC_ERROR is None
 def has_op(name: str) -> bool:
     """Whether torch.ops.msrec.<name> was registered by the extension (False where it is not built)."""
     return HAVE_CSRC and hasattr(torch.ops.msrec, name)
+
+
+def extension_path() -> str:
+    """The file of the loaded extension; torch.ops.load_library(path) registers its ops in a
+    process that does not import msrec_dist."""
+    if not HAVE_CSRC:
+        raise RuntimeError(f"the C++ extension msrec_dist._C is not loaded: {CSRC_ERROR}")
+    return importlib.import_module("msrec_dist._C").__file__
