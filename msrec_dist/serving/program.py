@@ -14,7 +14,7 @@ EmbeddingBagCollection, which is dropped (its weights live in the tables module)
 runs the same forward code as training and evaluation, kernels included: where the C++ kernels
 ran (model.kernels auto/cpp on CPU), the program calls the registered ops torch.ops.msrec.*.
 
-The batch and each values_f length are dynamic dimensions (torch.export.Dim.DYNAMIC).
+The batch (from 1) and each values_f length (from 0) are dynamic dimensions.
 """
 from __future__ import annotations
 
@@ -56,9 +56,9 @@ class ServingModule(nn.Module):
         num = self.num_sparse
         values, lengths = list(inputs[0:2 * num:2]), list(inputs[1:2 * num:2])
         dense, scenario = inputs[2 * num], inputs[2 * num + 1]  # [B, W], [B]
-        flat_lengths = torch.cat(lengths)  # [F_s * B], feature-major as the KJT's
-        pooled = self.tables(values, flat_lengths)  # [B, F_s * D]
-        batch = Batch(sparse=PooledSparse(pooled, flat_lengths), dense=dense,  # type: ignore[arg-type]
+        by_feature = torch.stack(lengths)  # [F_s, B]
+        pooled = self.tables(values, by_feature)  # [B, F_s * D]
+        batch = Batch(sparse=PooledSparse(pooled, by_feature.reshape(-1)), dense=dense,  # type: ignore[arg-type]
                       labels=dense.new_zeros(dense.size(0), self.num_tasks), scenario=scenario, rows=scenario)
         return torch.sigmoid(self.model(batch))  # [B, T]
 
@@ -93,11 +93,17 @@ def example_inputs(features: FeatureSpec, batch_size: int = 4) -> tuple[torch.Te
 
 
 def export_program(module: ServingModule, features: FeatureSpec) -> torch.export.ExportedProgram:
-    """torch.export of the module, the batch and every values length dynamic."""
-    dyn = torch.export.Dim.DYNAMIC
-    shapes = []
-    for _ in features.kjt_keys:
-        shapes += [{0: dyn}, {0: dyn}]
-    shapes += [{0: dyn}, {0: dyn}]
+    """torch.export of the module: one batch dimension shared by the lengths, dense and scenario
+    inputs (any size from 1), and each feature's values length (any size, 0 included)."""
+    batch = torch.export.Dim("batch", min=1)
+    shapes: list[dict] = []
+    for name in features.kjt_keys:
+        shapes += [{0: torch.export.Dim(f"n_{_symbol(name)}", min=0)}, {0: batch}]
+    shapes += [{0: batch}, {0: batch}]
     with torch.no_grad():
         return torch.export.export(module, example_inputs(features), dynamic_shapes=(tuple(shapes),), strict=False)
+
+
+def _symbol(name: str) -> str:
+    """A feature name as a Python identifier (torch.export's Dim names must be)."""
+    return "".join(c if c.isalnum() else "_" for c in name)

@@ -1,7 +1,7 @@
 """The embedding tables of an exported model: sum-pooled lookups from plain tensors, fp32 or int8.
 
     values  per sparse feature f (KJT key order) [N_f] int64 ids, rows of the feature's table
-    lengths [F_s * B] int64, feature-major (the KJT's layout): bag sizes
+    lengths [F_s, B] int64: bag sizes (flattened, the KJT's feature-major layout)
     ──lookup──► pooled [B, F_s * D], the features in KJT key order (what FieldEmbedding's pooled
                 lookup returns)
 
@@ -66,10 +66,11 @@ class Fp32Tables(_Tables):
     def forward(self, values: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
         self.check_ids(values)
         ids = torch.cat([v + base if base else v for v, base in zip(values, self.bases)])  # [N]
-        pooled = F.embedding_bag(ids, self.weight, bag_offsets(lengths), mode="sum",
+        num_features, batch = lengths.shape
+        pooled = F.embedding_bag(ids, self.weight, bag_offsets(lengths.reshape(-1)), mode="sum",
                                  include_last_offset=True)  # [F_s * B, D]
-        num_features = len(values)
-        return pooled.view(num_features, -1, self.dim).transpose(0, 1).reshape(-1, num_features * self.dim)
+        # sizes from the [F_s, B] lengths, not inferred (-1): the export then keeps any batch size, 1 too
+        return pooled.view(num_features, batch, self.dim).transpose(0, 1).reshape(batch, num_features * self.dim)
 
 
 class Int8Tables(_Tables):
@@ -120,7 +121,7 @@ class Int8Tables(_Tables):
             dev_weights=self.weights_host, uvm_weights=self.empty_uvm, weights_placements=self.weights_placements,
             weights_offsets=self.weights_offsets, weights_tys=self.weights_tys, D_offsets=self.D_offsets,
             total_D=self.total_d, max_int2_D=0, max_int4_D=0, max_int8_D=self.max_int8_d, max_float16_D=0,
-            max_float32_D=0, indices=torch.cat(values), offsets=bag_offsets(lengths), pooling_mode=0,
+            max_float32_D=0, indices=torch.cat(values), offsets=bag_offsets(lengths.reshape(-1)), pooling_mode=0,
             indice_weights=None, output_dtype=0, lxu_cache_weights=self.empty_cache,
             lxu_cache_locations=self.empty_locations, row_alignment=self.row_alignment, max_float8_D=0,
             fp8_exponent_bits=-1, fp8_exponent_bias=-1)  # [B, F_s * D] fp32 (output_dtype 0)

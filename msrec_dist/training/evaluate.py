@@ -17,14 +17,15 @@ from msrec_dist.training.agreement import agreed_batches
 @torch.no_grad()
 def evaluate(state: TrainState, loader, data: DataConfig, ctx: DistContext, predictions: list | None = None) -> dict:
     """Global per scenario × task metrics over the loader's split (every rank gets the same dict).
-    `predictions`: a list to append this rank's (probabilities [B, T], labels [B, T], scenario [B])
-    to, per batch (CPU tensors)."""
+    `predictions`: a list to append this rank's (probabilities [B, T], labels [B, T], scenario [B],
+    rows [B]) to, per batch (CPU tensors)."""
     metrics = ScenarioTaskMetrics(data.scenario.names, data.task_names).to(ctx.device)
     state.model.eval()
     for batch, _ in agreed_batches(loader, data, ctx):
         _, (_, logits, labels) = state.model(batch)
         metrics.update(logits, labels, batch.scenario)
         if predictions is not None and batch.size:
-            predictions.append((torch.sigmoid(logits.float()).cpu(), labels.cpu(), batch.scenario.cpu()))
+            predictions.append((torch.sigmoid(logits.float()).cpu(), labels.cpu(), batch.scenario.cpu(),
+                                batch.rows.cpu()))
     state.model.train()
     return metrics.compute()

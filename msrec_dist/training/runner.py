@@ -305,11 +305,12 @@ def add_cells(writer, prefix: str, metrics: dict, step: int) -> None:
 
 def write_predictions(path: str, predictions: list, data, ctx: DistContext) -> None:
     """Every rank's eval predictions into one .npz on rank 0: scores [N, T] (probabilities),
-    labels [N, T], scenario [N], task_names, scenario_names. Rows in rank order, each rank's in
-    its read order."""
+    labels [N, T], scenario [N], rows [N] (each row's position in the split's sorted files: the
+    `row` of python -m msrec_dist.predict), task_names, scenario_names. Rows in rank order, each
+    rank's in its read order."""
     import numpy as np
 
-    local = tuple(torch.cat(parts).numpy() if parts else None for parts in zip(*predictions)) or (None, None, None)
+    local = tuple(torch.cat(parts).numpy() if parts else None for parts in zip(*predictions)) or (None,) * 4
     parts = [local]
     if ctx.world_size > 1:
         parts = [None] * ctx.world_size
@@ -318,11 +319,12 @@ def write_predictions(path: str, predictions: list, data, ctx: DistContext) -> N
         return
     kept = [p for p in parts if p[0] is not None]
     T = len(data.task_names)
-    scores, labels, scenario = ((np.concatenate([p[i] for p in kept]) if kept else np.zeros((0, T) if i < 2 else 0))
-                                for i in range(3))
+    scores, labels, scenario, rows = ((np.concatenate([p[i] for p in kept]) if kept else np.zeros((0, T) if i < 2 else 0))
+                                      for i in range(4))
     tmp = f"{path}.tmp.npz"
     np.savez(tmp, scores=scores.astype(np.float32), labels=labels.astype(np.float32), scenario=scenario.astype(np.int64),
-             task_names=np.array(data.task_names), scenario_names=np.array(data.scenario.names))
+             rows=rows.astype(np.int64), task_names=np.array(data.task_names),
+             scenario_names=np.array(data.scenario.names))
     os.replace(tmp, path)
 
 

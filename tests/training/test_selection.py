@@ -144,6 +144,7 @@ def test_eval_predictions_file(data, tmp_path):
     out = run(data, tmp_path / "r", "train.max_steps=3")
     p = np.load(tmp_path / "r" / "eval_predictions.npz")
     assert p["scores"].shape == p["labels"].shape == (500, 2) and p["scenario"].shape == (500,)
+    assert sorted(p["rows"].tolist()) == list(range(500))  # every eval row once, by its position
     assert ((p["scores"] > 0) & (p["scores"] < 1)).all()
     assert list(p["task_names"]) == ["click", "convert"] and len(p["scenario_names"]) == 3
     assert sum(c["click"]["n"] for c in out["per_scenario"].values()) == 500
