@@ -1,12 +1,14 @@
 """Export a trained run for serving: a torch.export program and its manifest.
 
     python -m msrec_dist.export RUN_DIR --out DIR [--checkpoint best|latest|step_N] [--quantize int8]
-                                [--kernels auto|cpp|reference] [--overwrite]
+                                [--kernels auto|cpp|reference] [--no-compile] [--overwrite]
 
 Writes DIR/model.pt2 (inputs: per sparse feature its ids and bag lengths, the dense columns, the
 scenario ids; output: one probability per task, any batch size), DIR/manifest.json (features,
 order, tasks, scenarios, tables and how raw ids become rows, versions, the checkpoint step) and,
-where the program calls the C++ kernels, DIR/msrec_ops.so. Logic: msrec_dist/serving/export.py.
+where the program calls the C++ kernels, DIR/msrec_ops.so; unless --no-compile, also
+DIR/model.aoti.pt2, the same program compiled by AOTInductor for this CPU (predict prefers it).
+Logic: msrec_dist/serving/export.py.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=["int8"], help="embedding tables row-wise int8 (fbgemm's kernels)")
     p.add_argument("--kernels", choices=["auto", "cpp", "reference"],
                    help="override model.kernels: reference gives a program of torch ops only")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="skip model.aoti.pt2 (AOTInductor, compiled for this CPU: faster, ~15-25 s to build)")
     p.add_argument("--overwrite", action="store_true", help="move a non-empty DIR aside (DIR.replaced-<time>) first")
     return p.parse_args(argv)
 
@@ -36,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from msrec_dist.typed_yaml import ConfigError
 
     try:
-        manifest = export_run(args.run_dir, args.out, args.checkpoint, args.quantize, args.kernels, args.overwrite)
+        manifest = export_run(args.run_dir, args.out, args.checkpoint, args.quantize, args.kernels, args.overwrite,
+                              args.compile)
     except (ConfigError, DataError) as e:
         print(f"msrec-export: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -23,6 +23,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="Parquet file (one rank) or directory of part files (several)")
     p.add_argument("--metrics", action="store_true", help="also the per scenario x task AUC/logloss table")
     p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--program", default="auto", choices=["auto", "aoti", "export"],
+                   help="model.aoti.pt2 (compiled; auto: where present and loadable) or model.pt2")
     p.add_argument("--overwrite", action="store_true", help="move an existing --out aside (<out>.replaced-<time>) first")
     return p.parse_args(argv)
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         rank = init_distributed().rank
     try:
         result = predict(args.model, args.data, args.split, args.out, args.metrics, args.batch_size,
-                         args.overwrite, rank, world_size)
+                         args.overwrite, rank, world_size, program_kind=args.program)
     except (ConfigError, DataError) as e:
         print(f"msrec-predict: rank {rank}: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -133,6 +133,12 @@ class PartitionedNorm(nn.Module):
         beta = self.shared_beta + onehot @ self.scenario_beta  # [B, N]
         return (x - row_mean) * row_inv_std * gamma + beta
 
+    def scenario_eval(self, x: torch.Tensor, s: int) -> torch.Tensor:
+        """Eval normalisation of rows that all belong to scenario s: x [n, N] → [n, N]."""
+        inv_std = torch.rsqrt(self.running_var[s] + self.eps)  # [N]
+        return (x - self.running_mean[s]) * inv_std * (self.shared_gamma * self.scenario_gamma[s]) + (
+            self.shared_beta + self.scenario_beta[s])
+
 
 class StarLinear(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, num_scenarios: int) -> None:
@@ -149,9 +155,20 @@ class StarLinear(nn.Module):
         y = (per_scenario * onehot.unsqueeze(2)).sum(1)  # [B, out]
         return y + self.shared_bias + onehot @ self.scenario_bias
 
+    def scenario_forward(self, x: torch.Tensor, s: int) -> torch.Tensor:
+        """The layer for rows that all belong to scenario s: x [n, in] → [n, out]."""
+        return torch.addmm(self.shared_bias + self.scenario_bias[s], x, self.shared_weight * self.scenario_weight[s])
+
 
 class StarTrunk(nn.Module):
-    """Partitioned norm (optional) followed by star FC layers with ReLU; [B, N] → [B, H]."""
+    """Partitioned norm (optional) followed by star FC layers with ReLU; [B, N] → [B, H].
+
+    `group_by_scenario` (eval only; set by the serving export, msrec_dist/serving/program.py):
+    the rows are grouped by scenario and each group runs through its own scenario's weights,
+    instead of every row through all S scenarios' weights with the others masked out: S times
+    fewer FLOPs, the same values up to float summation order. The group sizes are data: a host
+    sync per batch (torch.export keeps them as unbacked sizes), which is why training and the
+    training run's own evaluation keep the masked form."""
 
     def __init__(self, in_dim: int, hidden: list[int], num_scenarios: int, partitioned_norm: bool,
                  momentum: float, rank_sum: Optional[SumFn] = None) -> None:
@@ -162,13 +179,33 @@ class StarTrunk(nn.Module):
         dims = [in_dim] + list(hidden)
         self.layers = nn.ModuleList(StarLinear(a, b, num_scenarios) for a, b in zip(dims[:-1], dims[1:]))
         self.out_dim = dims[-1]
+        self.group_by_scenario = False
 
     def forward(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        if self.group_by_scenario and not self.training:
+            return self.grouped_forward(x, onehot)
         if self.norm is not None:
             x = self.norm(x, onehot)
         for layer in self.layers:
             x = layer(x, onehot).relu_()  # in place on a fresh sum: one tensor fewer
         return x
+
+    def grouped_forward(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        """Eval forward with the rows grouped by scenario (see the class docstring)."""
+        order = torch.argsort(onehot.argmax(1), stable=True)  # [B]: rows of scenario 0 first, then 1, ...
+        sizes = onehot.sum(0).long().tolist()  # rows per scenario
+        for n in sizes:
+            torch._check_is_size(n)
+        torch._check(sum(sizes) == x.size(0))
+        groups = []
+        for s, part in enumerate(torch.split(x.index_select(0, order), sizes)):  # part [n_s, N]
+            if self.norm is not None:
+                part = self.norm.scenario_eval(part, s)
+            for layer in self.layers:
+                part = layer.scenario_forward(part, s).relu_()
+            groups.append(part)
+        grouped = torch.cat(groups)  # [B, H], in `order`
+        return grouped.index_select(0, torch.argsort(order))  # back to the batch's row order
 
 
 class AuxiliaryNet(nn.Module):

@@ -8,7 +8,8 @@
         probs     [B, T] float32 one probability per task
     tables (serving/tables.py: fp32 or int8) ──► pooled [B, F_s·D] ──the trained network──► logits
 
-The network is the training model itself, unsharded and in eval mode: its FieldEmbedding reads the
+The network is the training model itself, unsharded and in eval mode (the STAR trunk with its rows
+grouped by scenario, model/star.py StarTrunk.group_by_scenario): its FieldEmbedding reads the
 pooled fields through a pooled lookup (FieldEmbedding.use_pooled_lookup) instead of the
 EmbeddingBagCollection, which is dropped (its weights live in the tables module). So the export
 runs the same forward code as training and evaluation, kernels included: where the C++ kernels
@@ -23,6 +24,7 @@ from torch import nn
 
 from msrec_dist.batch import Batch
 from msrec_dist.features import FeatureSpec
+from msrec_dist.model.star import StarTrunk
 
 
 class PooledSparse:
@@ -47,6 +49,9 @@ class ServingModule(nn.Module):
         model.eval()
         model.embedding.ebc = None  # the tables module holds the weights now
         model.embedding.use_pooled_lookup(_read_pooled)
+        for block in model.modules():
+            if isinstance(block, StarTrunk):  # each row through its own scenario's weights only
+                block.group_by_scenario = True
         self.model = model
         self.tables = tables
         self.num_sparse = len(features.kjt_keys)

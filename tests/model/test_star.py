@@ -2,6 +2,7 @@
 per-scenario moments, the trunk eager vs FX-traced, the auxiliary net's shape."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.fx import symbolic_trace
 
@@ -231,3 +232,37 @@ def test_auxiliary_net_concat_input_sees_every_field():
     mean_aux = AuxiliaryNet(S, emb_dim=3, field_dim=4, hidden=[5], num_tasks=T)
     torch.testing.assert_close(mean_aux(torch.tensor([0, 1, 2, 0]), swapped),
                                mean_aux(torch.tensor([0, 1, 2, 0]), fields))
+
+
+@pytest.mark.parametrize("partitioned_norm", [True, False])
+def test_grouped_eval_equals_the_masked_form(partitioned_norm):
+    """group_by_scenario (the serving export's form): each row through its own scenario's weights
+    gives the masked form's values, a scenario without rows and a batch of one included."""
+    torch.manual_seed(0)
+    trunk = StarTrunk(12, [10, 6], 3, partitioned_norm, 0.1)
+    with torch.no_grad():
+        for layer in trunk.layers:
+            layer.scenario_weight.normal_(1.0, 0.3)
+            layer.scenario_bias.normal_()
+        if partitioned_norm:
+            trunk.norm.running_mean.normal_()
+            trunk.norm.running_var.uniform_(0.5, 2.0)
+            trunk.norm.scenario_gamma.normal_(1.0, 0.2)
+    trunk.eval()
+    for scenario in (torch.tensor([2, 0, 2, 1, 0, 2, 2]), torch.tensor([1, 1, 1]), torch.tensor([2])):
+        x = torch.randn(len(scenario), 12)
+        onehot = scenario_onehot(scenario, 3, torch.float32)
+        masked = trunk(x, onehot)
+        trunk.group_by_scenario = True
+        grouped = trunk(x, onehot)
+        trunk.group_by_scenario = False
+        torch.testing.assert_close(grouped, masked, rtol=1e-6, atol=1e-6)
+    if partitioned_norm:  # training keeps the masked form: batch statistics, not the running ones
+        trunk.train()
+        x = torch.randn(7, 12) * 3 + 1
+        onehot = scenario_onehot(torch.tensor([2, 0, 2, 1, 0, 2, 2]), 3, torch.float32)
+        masked = trunk(x, onehot)
+        trunk.group_by_scenario = True
+        torch.testing.assert_close(trunk(x, onehot), masked, rtol=0, atol=0)
+        trunk.eval()
+        assert not torch.allclose(trunk(x, onehot), masked, atol=1e-3)  # eval's statistics do differ

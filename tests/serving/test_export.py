@@ -51,6 +51,14 @@ def run_dir(data, tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="module")
+def exports(run_dir, tmp_path_factory) -> dict:
+    """The run's best weights exported with the compiled program too: fp32 and int8 tables."""
+    root = tmp_path_factory.mktemp("exports")
+    return {q: (str(root / str(q)), export_run(run_dir, root / str(q), "best", quantize=q, compile=True))
+            for q in (None, "int8")}
+
+
 def read_preds(path: str) -> pa.Table:
     return pq.read_table(path).sort_by("row")
 
@@ -65,16 +73,19 @@ def cells(metrics: dict) -> dict:
     return {(s, t): c for s, tasks in metrics["per_scenario"].items() for t, c in tasks.items()}
 
 
-def test_fp32_program_scores_like_the_run(run_dir, data, tmp_path):
-    manifest = export_run(run_dir, tmp_path / "m", "best")
+@pytest.mark.parametrize("program", ["export", "aoti"])
+def test_fp32_program_scores_like_the_run(run_dir, data, exports, tmp_path, program):
+    model_dir, manifest = exports[None]
     best = json.load(open(os.path.join(run_dir, "checkpoints", "best", "best.json")))
     final = json.load(open(os.path.join(run_dir, "final_metrics.json")))
     assert manifest["checkpoint"]["step"] == best["step"] == final["evaluated_step"]
     assert {"msrec.gate_combine_cpp.default", "msrec.field_attention_cpp.default"} <= set(manifest["ops"])
-    assert os.path.exists(tmp_path / "m" / "msrec_ops.so") and manifest["quantize"] is None
+    assert os.path.exists(os.path.join(model_dir, "msrec_ops.so")) and manifest["quantize"] is None
+    assert manifest["compiled"]["file"] == "model.aoti.pt2"
     assert manifest["feature_order"] == load_data_config(data).kjt_keys
     assert manifest["tasks"] == ["click", "convert"] and len(manifest["scenarios"]) == 3
-    result = predict(str(tmp_path / "m"), data, "eval", str(tmp_path / "p.parquet"), metrics=True, batch_size=700)
+    result = predict(model_dir, data, "eval", str(tmp_path / "p.parquet"), metrics=True, batch_size=700,
+                     program_kind=program)
     got, want = read_preds(str(tmp_path / "p.parquet")), eval_predictions(run_dir)
     assert result["rows"] == got.num_rows == 3_000
     assert (got["row"].to_numpy() == want["rows"]).all() and (got["scenario"].to_numpy() == want["scenario"]).all()
@@ -89,10 +100,10 @@ def test_fp32_program_scores_like_the_run(run_dir, data, tmp_path):
     assert cells(saved) == mine
 
 
-def test_int8_tables(run_dir, data, tmp_path):
-    fp32 = predict(str(_export(run_dir, tmp_path / "f")), data, "eval", str(tmp_path / "f.parquet"), metrics=True)
-    manifest = export_run(run_dir, tmp_path / "q", "best", quantize="int8")
-    q = predict(str(tmp_path / "q"), data, "eval", str(tmp_path / "q.parquet"), metrics=True)
+def test_int8_tables(data, exports, tmp_path):
+    fp32 = predict(exports[None][0], data, "eval", str(tmp_path / "f.parquet"), metrics=True)
+    model_dir, manifest = exports["int8"]
+    q = predict(model_dir, data, "eval", str(tmp_path / "q.parquet"), metrics=True)
     for key, cell in cells(fp32["metrics"]).items():
         assert abs(cells(q["metrics"])[key]["auc"] - cell["auc"]) <= 0.001, key
     sizes = manifest["table_bytes"]
@@ -116,12 +127,12 @@ def test_int8_is_3_5x_smaller_from_dim_32(data, tmp_path):
     wide = tmp_path / "data32.yaml"
     wide.write_text(yaml.safe_dump(cfg))
     train(str(wide), tmp_path / "r", "configs/msrec.yaml", "train.max_steps=10")
-    manifest = export_run(str(tmp_path / "r"), tmp_path / "q", "latest", quantize="int8")
+    manifest = export_run(str(tmp_path / "r"), tmp_path / "q", "latest", quantize="int8", compile=False)
     assert manifest["table_bytes"]["ratio"] >= 3.5
 
 
-def _export(run_dir: str, out) -> str:
-    export_run(run_dir, out, "best")
+def _export(run_dir: str, out, **kw) -> str:
+    export_run(run_dir, out, "best", compile=False, **kw)
     return str(out)
 
 
@@ -133,35 +144,37 @@ if man['quantize']:
     import fbgemm_gpu
 if any(op.startswith('msrec.') for op in man['ops']):
     torch.ops.load_library(d + '/msrec_ops.so')
-program = torch.export.load(d + '/model.pt2').module()
+programs = [torch.export.load(d + '/model.pt2').module(), torch._inductor.aoti_load_package(d + '/model.aoti.pt2')]
 inputs = torch.load(sys.argv[2])
 with torch.no_grad():
-    out = [program(*x) for x in inputs]
+    out = [[program(*x) for x in inputs] for program in programs]
 assert not [m for m in sys.modules if m.startswith('msrec_dist')], 'msrec_dist was imported'
 torch.save(out, sys.argv[3])
 """
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_fresh_process_without_msrec_dist_scores_any_batch(run_dir, tmp_path, quantize):
-    out = tmp_path / "m"
-    export_run(run_dir, out, "best", quantize=quantize)
+def test_fresh_process_without_msrec_dist_scores_any_batch(run_dir, exports, tmp_path, quantize):
+    """model.pt2 and model.aoti.pt2 in a process that imports torch (+ fbgemm_gpu for int8) and
+    loads the shipped ops library, never msrec_dist: batches of 1, 3 and 1000 rows."""
+    out = exports[quantize][0]
     features = load_features(load_experiment(os.path.join(run_dir, "config.json")).data)
     inputs = [example_inputs(features, b) for b in (1, 3, 1000)]  # dynamic batch, 1 included
     torch.save(inputs, tmp_path / "in.pt")
-    subprocess.run([sys.executable, "-c", FRESH, str(out), str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+    subprocess.run([sys.executable, "-c", FRESH, out, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
                    check=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
-    got = torch.load(tmp_path / "out.pt")
+    exported, compiled = torch.load(tmp_path / "out.pt")
     from msrec_dist.serving.predict import load_program, read_manifest
 
-    program = load_program(str(out), read_manifest(str(out)))
-    for x, y in zip(inputs, got):
+    program = load_program(out, read_manifest(out), "export")
+    for x, y, z in zip(inputs, exported, compiled):
         assert y.shape == (x[-1].shape[0], 2) and ((y > 0) & (y < 1)).all()
         torch.testing.assert_close(y, program(*x), rtol=0, atol=0)
+        torch.testing.assert_close(z, y, rtol=0, atol=1e-6)
 
 
 def test_id_beyond_the_exported_table_is_an_error(run_dir, data, tmp_path):
-    export_run(run_dir, tmp_path / "m", "best")
+    _export(run_dir, tmp_path / "m")
     cfg = yaml.safe_load(open(data))
     user = next(f for f in cfg["sparse"] if f["name"] == "user_id")
     rows = user["num_embeddings"]
@@ -190,10 +203,10 @@ def test_id_beyond_the_exported_table_is_an_error(run_dir, data, tmp_path):
 
 
 def test_unlabeled_files_and_existing_outputs(run_dir, data, tmp_path):
-    export_run(run_dir, tmp_path / "m", "best")
+    _export(run_dir, tmp_path / "m")
     with pytest.raises(ConfigError, match="not empty"):
-        export_run(run_dir, tmp_path / "m", "best")
-    export_run(run_dir, tmp_path / "m", "latest", overwrite=True)
+        _export(run_dir, tmp_path / "m")
+    export_run(run_dir, tmp_path / "m", "latest", overwrite=True, compile=False)
     assert [p for p in os.listdir(tmp_path) if p.startswith("m.replaced-")]  # the first export moved aside
     src = load_data_config(data).eval[0]
     os.makedirs(tmp_path / "new")
@@ -211,11 +224,11 @@ def test_unlabeled_files_and_existing_outputs(run_dir, data, tmp_path):
 
 def test_checkpoint_choices(run_dir, tmp_path):
     with pytest.raises(ConfigError, match="no complete checkpoint step_999"):
-        export_run(run_dir, tmp_path / "a", "step_999")
+        export_run(run_dir, tmp_path / "a", "step_999", compile=False)
     with pytest.raises(ConfigError, match="best, latest or step_N"):
-        export_run(run_dir, tmp_path / "b", "newest")
+        export_run(run_dir, tmp_path / "b", "newest", compile=False)
     steps = sorted(int(n.split("_")[1]) for n in os.listdir(os.path.join(run_dir, "checkpoints")) if n.startswith("step_"))
-    assert export_run(run_dir, tmp_path / "c", f"step_{steps[-1]}")["checkpoint"]["step"] == steps[-1]
+    assert export_run(run_dir, tmp_path / "c", f"step_{steps[-1]}", compile=False)["checkpoint"]["step"] == steps[-1]
 
 
 def test_two_rank_checkpoint_and_two_rank_predict(data, tmp_path):
@@ -230,7 +243,7 @@ def test_two_rank_checkpoint_and_two_rank_predict(data, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     plan = json.load(open(tmp_path / "r2" / "plan.json"))
     assert "table_wise" in json.dumps(plan)
-    export_run(str(tmp_path / "r2"), tmp_path / "m", "best")
+    _export(str(tmp_path / "r2"), tmp_path / "m")
     one = predict(str(tmp_path / "m"), data, "eval", str(tmp_path / "p1.parquet"), metrics=True)
     got, want = read_preds(str(tmp_path / "p1.parquet")), eval_predictions(str(tmp_path / "r2"))
     assert (got["row"].to_numpy() == want["rows"]).all()
