@@ -7,7 +7,8 @@
         .experts   ExpertsConfig    (CGC/PLE levels; MMoE = 1 level)
         .mixing    MixingConfig     (balanced scenario/task mixing)
         .tower     TowerConfig      (one MLP per task)
-        .arch      msrec | m3oe | pepnet: which network (.m3oe M3oEConfig, .pepnet PEPNetConfig)
+        .arch      msrec | m3oe | pepnet | sass: which network (.m3oe M3oEConfig, .pepnet
+                   PEPNetConfig, .sass SASSConfig)
 
 Next to the model so that the model imports no experiment config (msrec_dist/config.py imports
 this one into ExperimentConfig). Plain dataclasses: no torch.
@@ -130,12 +131,29 @@ class PEPNetConfig:
 
 
 @dataclass
+class SASSConfig:
+    """SASS (Zhang et al., CIKM 2022), msrec_dist/model/sass.py: scenario-adaptive transfer layers
+    (a shared and a per-scenario layer with an adaptive and an update gate each) and the user view
+    its scenario-contrastive pre-training (train.stage: pretrain) contrasts."""
+    hidden: list[int] = field(default_factory=lambda: [128, 64])  # widths of the transfer layers
+    user_id_feature: str = "user_id"  # the sparse feature whose id says which rows are the same user
+    user_fields: list[str] = field(default_factory=list)  # the user view's fields; [] = the user id alone
+    projection: list[int] = field(default_factory=lambda: [64, 32])  # the pre-training head's widths
+    temperature: float = 0.1  # InfoNCE's τ
+
+    def validate(self, where: str) -> None:
+        if not self.hidden or min(self.hidden) < 1 or not self.projection or self.temperature <= 0:
+            raise ConfigError(f"{where}: sass needs hidden and projection widths and temperature > 0, got "
+                              f"{self.hidden}, {self.projection}, {self.temperature}")
+
+
+@dataclass
 class ModelConfig:
     name: str = "msrec"
     # the network: msrec = MultiScenarioModel, whose blocks below make msrec and its baselines
     # (shared_bottom, mmoe, ple, star); m3oe and pepnet are their own networks over the same
     # FieldEmbedding and towers (their blocks: .m3oe, .pepnet)
-    arch: Literal["msrec", "m3oe", "pepnet"] = "msrec"
+    arch: Literal["msrec", "m3oe", "pepnet", "sass"] = "msrec"
     kernels: Kernel = "auto"
     scenario_field: bool = True  # feed the scenario id as one more embedded field
     # the first linear layer over the field stack folds the dense and scenario fields into its
@@ -151,3 +169,4 @@ class ModelConfig:
     tower: TowerConfig = field(default_factory=TowerConfig)
     m3oe: M3oEConfig = field(default_factory=M3oEConfig)
     pepnet: PEPNetConfig = field(default_factory=PEPNetConfig)
+    sass: SASSConfig = field(default_factory=SASSConfig)

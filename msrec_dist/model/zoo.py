@@ -10,7 +10,8 @@
 Configs in configs/ pick the blocks: msrec = everything, shared_bottom = MLP trunk + towers,
 mmoe = 1 CGC level of shared experts, ple = CGC levels, star = STAR trunk + towers.
 `build_model` picks the network by `model.arch`: this one, or M3oE (model/m3oe.py) or PEPNet
-(model/pepnet.py), the published multi-domain models compared against it.
+(model/pepnet.py), the published multi-domain models compared against it, or SASS (model/sass.py),
+the family's pre-trained transfer network.
 
 The model is built from its config (msrec_dist/model/config.py) and the feature specs
 (msrec_dist/features.py); it knows no data files and no process group. What a world of several
@@ -144,6 +145,10 @@ def build_model(cfg: ModelConfig, features: FeatureSpec, rank_sum: Optional[SumF
         from msrec_dist.model.pepnet import PEPNet
 
         return PEPNet(cfg, features, embedding_device=embedding_device)
+    if cfg.arch == "sass":
+        from msrec_dist.model.sass import SASS
+
+        return SASS(cfg, features, embedding_device=embedding_device)
     return MultiScenarioModel(cfg, features, rank_sum=rank_sum, embedding_device=embedding_device)
 
 

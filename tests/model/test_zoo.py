@@ -28,7 +28,7 @@ def _train_module(path: str, data, seed: int = 0) -> MultiTaskTrainModule:
 
 
 def test_every_model_config_is_tested():
-    assert {"msrec", "msrec_full", "shared_bottom", "mmoe", "ple", "star", "m3oe", "pepnet"} <= set(NAMES)
+    assert {"msrec", "msrec_full", "shared_bottom", "mmoe", "ple", "star", "m3oe", "pepnet", "sass"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=NAMES)
