@@ -15,6 +15,7 @@ scenario effect)); val and eval files carry the true p_click, p_convert (`oracle
 
 CLI: python -m msrec_dist.data.synth --out DIR --rows N --shards K --seed S [--scenarios 3]
      [--eval-rows M] [--val-rows V (default M; 0: no val split)] [--users U] [--items I]
+     [--small-scenario-share P (the last scenario's share of the train rows; val/eval keep theirs)]
 """
 from __future__ import annotations
 
@@ -37,6 +38,10 @@ class SynthSpec:
     num_categories: int = 50
     num_segments: int = 20
     scenario_props: list[float] | None = None  # None: 0.60/0.30/0.10 for 3, a similar profile otherwise
+    # the train split's share of the last scenario (the others keep their proportions), val and eval
+    # keep scenario_props': a scenario with very few training rows whose users (drawn from the one
+    # user population) also appear in the large scenarios, still measured on enough eval rows
+    small_scenario_share: float | None = None
     factor_dim: int = 4  # rank of the item factors behind the history match
     hist_max_len: int = 20  # history lengths uniform in 0..hist_max_len
     hist_pref_prob: float = 0.7  # share of history items from the user's preferred category
@@ -115,9 +120,21 @@ class _World:
         self.scen_mult = np.append(mult, spec.last_scenario_mult) if scenarios > 1 else np.ones(1)
         self.conv_scen = spec.conv_scenario_scale * rng.normal(size=scenarios)
 
-    def sample(self, rng: np.random.Generator, n: int, with_probs: bool) -> dict[str, np.ndarray | pa.Array]:
+    def train_props(self) -> np.ndarray:
+        """Scenario shares of the train split: p_scen, or with the last scenario's share set to
+        spec.small_scenario_share."""
+        share = self.spec.small_scenario_share
+        if share is None or self.S < 2:
+            return self.p_scen
+        if not 0 < share < 1:
+            raise ValueError(f"small_scenario_share must be in (0, 1), got {share}")
+        head = self.p_scen[:-1] / self.p_scen[:-1].sum() * (1 - share)
+        return np.append(head, share)
+
+    def sample(self, rng: np.random.Generator, n: int, with_probs: bool,
+               props: np.ndarray | None = None) -> dict[str, np.ndarray | pa.Array]:
         s = self.spec
-        scen = rng.choice(self.S, size=n, p=self.p_scen)
+        scen = rng.choice(self.S, size=n, p=self.p_scen if props is None else props)
         user = rng.choice(self.users, size=n, p=self.p_user)
         item = rng.choice(self.items, size=n, p=self.p_item)
         seg, cat = self.user_seg[user], self.item_cat[item]
@@ -196,7 +213,8 @@ def generate(out_dir: str, rows: int, shards: int, seed: int, scenarios: int = 3
     val_rows = eval_rows if val_rows is None else val_rows
     world_rng, train_rng, eval_rng, val_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(4))
     world = _World(world_rng, scenarios, users, items, spec)
-    _write_shards(world.sample(train_rng, rows, False), os.path.join(out_dir, "train"), shards, spec.row_group_size)
+    _write_shards(world.sample(train_rng, rows, False, world.train_props()), os.path.join(out_dir, "train"), shards,
+                  spec.row_group_size)
     for name, rng, n in (("eval", eval_rng, eval_rows), ("val", val_rng, val_rows)):
         if n > 0:  # the true probabilities too: oracle_auc scores either split
             _write_shards(world.sample(rng, n, True), os.path.join(out_dir, name), max(1, min(shards, n // 50_000 + 1)),
@@ -231,8 +249,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--val-rows", type=int, default=None, help="rows of the val split (default: as many as eval; 0: none)")
     ap.add_argument("--users", type=int, default=10_000)
     ap.add_argument("--items", type=int, default=5_000)
+    ap.add_argument("--small-scenario-share", type=float, default=None,
+                    help="the last scenario's share of the train rows (e.g. 0.01); val and eval keep the default shares")
     a = ap.parse_args(argv)
-    path = generate(a.out, a.rows, a.shards, a.seed, a.scenarios, a.eval_rows, a.users, a.items, val_rows=a.val_rows)
+    path = generate(a.out, a.rows, a.shards, a.seed, a.scenarios, a.eval_rows, a.users, a.items,
+                    SynthSpec(small_scenario_share=a.small_scenario_share), val_rows=a.val_rows)
     print(path)
 
 

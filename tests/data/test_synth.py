@@ -75,3 +75,17 @@ def test_cli(tmp_path, capsys):
     cfg = load_data_config(path)
     assert len(cfg.train) == 3 and cfg.num_scenarios == 4
     assert sum(pq.ParquetFile(f).metadata.num_rows for f in cfg.train) == 500
+
+
+def test_small_scenario_share_thins_the_train_split_only(tmp_path):
+    """--small-scenario-share: the last scenario keeps ~P of the train rows, its val/eval share
+    stays the default, and its train users also appear in the large scenarios."""
+    path = generate(str(tmp_path), rows=40_000, shards=2, seed=0, eval_rows=10_000, users=500, items=200,
+                    spec=SynthSpec(small_scenario_share=0.01))
+    base = os.path.dirname(path)
+    train = pq.read_table(os.path.join(base, "train"), columns=["scenario", "user_id"])
+    scen, user = train["scenario"].to_numpy(), train["user_id"].to_numpy()
+    assert 0.006 < (scen == 2).mean() < 0.014
+    assert 0.08 < (pq.read_table(os.path.join(base, "eval"), columns=["scenario"])["scenario"].to_numpy() == 2).mean() < 0.12
+    small_users = set(user[scen == 2].tolist())
+    assert len(small_users & set(user[scen != 2].tolist())) >= 0.9 * len(small_users)
