@@ -3,7 +3,7 @@
     FeatureSpec
       scenario  ScenarioSpec (column, names)     → S = num_scenarios
       tasks     [TaskSpec (name, label column)]  → T = len(task_names)
-      sparse    [SparseFeature (name, table, num_embeddings | hash_buckets, dim, pooling)]
+      sparse    [SparseFeature (name, table, num_embeddings | hash_buckets, dim, pooling, init)]
                   → tables(): one TableSpec per table, in order of first appearance
                   → kjt_keys: the features grouped by table (the KJT key order = sparse field order)
       dense     [DenseFeature (name, dim)]       scalars (no dim): N_d = len(dense_scalars());
@@ -14,6 +14,12 @@
 Hashed ids (`hash_buckets: N`): the raw column (int64 or string ids, scalar or list) is mapped to
 rows 0..N-1 by msrec_dist/data/hashing.py (a fixed seeded 64-bit hash, the same in every
 process), so there is no vocabulary to build and no id out of range; num_embeddings = N.
+
+Pretrained tables (`init: {path: vectors.npy | vectors.parquet, freeze: true | false}`): a table
+property, given on any one feature of the table (or on several, identically). The table's rows
+are loaded from the file at build time, in table row order (msrec_dist/distributed/pretrained.py,
+docs/pretrained_vectors.md); a frozen table gets no optimizer and no gradient. A relative path
+resolves against the data.yaml's directory (msrec_dist/data/schema.py load_data_config).
 
 msrec_dist/data/schema.py's DataConfig is a FeatureSpec plus the data files (data.yaml); the
 reader reads the columns named here, the model (msrec_dist/model) builds its tables and fields
@@ -31,6 +37,24 @@ def _at(where: str, key: str) -> str:
     return f"{where}.{key}" if where else key
 
 
+VECTOR_SUFFIXES = (".npy", ".parquet")
+
+
+@dataclass
+class TableInit:
+    """Pretrained rows for a table: a .npy float array [rows, dim] or a Parquet file (a `vector`
+    column, optionally an `index` column), in table row order; see docs/pretrained_vectors.md."""
+
+    path: str  # relative: against the data.yaml's directory (load_data_config makes it absolute)
+    freeze: bool = False  # true: no optimizer state, no gradient, the loaded rows stay bitwise as loaded
+
+    def validate(self, where: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{_at(where, 'path')}: required, the vectors file (.npy or .parquet)")
+        if not self.path.endswith(VECTOR_SUFFIXES):
+            raise ConfigError(f"{_at(where, 'path')}: {self.path!r} is neither .npy nor .parquet")
+
+
 @dataclass
 class SparseFeature:
     # column name; int64 (one id per row) or list<int64> (a bag of ids); with hash_buckets also
@@ -43,6 +67,8 @@ class SparseFeature:
     hash_buckets: Optional[int] = None  # N: hash the raw ids into N rows (data/hashing.py)
     # the row that ids unseen in train map to (the converters write 0); train.oov_dropout trains it
     oov_id: Optional[int] = None
+    # pretrained rows of this feature's table (a table property: the table's features that give it agree)
+    init: Optional[TableInit] = None
 
     def validate(self, where: str) -> None:
         if self.hash_buckets is not None:
@@ -97,6 +123,11 @@ class TableSpec:
     num_embeddings: int
     dim: int
     feature_names: list[str] = field(default_factory=list)
+    init: Optional[TableInit] = None  # pretrained rows (from whichever of its features gives it)
+
+    @property
+    def frozen(self) -> bool:
+        return self.init is not None and self.init.freeze
 
 
 @dataclass
@@ -127,6 +158,16 @@ class FeatureSpec:
                     f"{_at(where, f'sparse[{i}]')}: features '{g.name}' (sparse[{j}]) and '{f.name}' "
                     f"(sparse[{i}]) share table '{f.table}' but disagree: num_embeddings "
                     f"{g.num_embeddings} vs {f.num_embeddings}, dim {g.dim} vs {f.dim}")
+        inits: dict[str, tuple[int, SparseFeature]] = {}
+        for i, f in enumerate(self.sparse):
+            if f.init is None:
+                continue
+            j, g = inits.setdefault(f.table, (i, f))
+            if g.init != f.init:
+                raise ConfigError(
+                    f"{_at(where, f'sparse[{i}].init')}: features '{g.name}' (sparse[{j}]) and '{f.name}' "
+                    f"(sparse[{i}]) share table '{f.table}' but give different init: {g.init} vs {f.init} "
+                    "(init is a table property: give it on one feature of the table)")
 
     @property
     def num_scenarios(self) -> int:
@@ -180,4 +221,9 @@ class FeatureSpec:
         for f in self.sparse:
             spec = out.setdefault(f.table, TableSpec(f.table, f.num_embeddings, f.dim))
             spec.feature_names.append(f.name)
+            spec.init = spec.init or f.init
         return list(out.values())
+
+    def frozen_tables(self) -> set[str]:
+        """Names of the tables with `init.freeze`: loaded, never trained."""
+        return {t.name for t in self.tables() if t.frozen}

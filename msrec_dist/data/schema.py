@@ -58,7 +58,8 @@ def resolve_paths(patterns: str | list[str], base_dir: str, where: str) -> list[
 
 
 def load_data_config(path: str) -> DataConfig:
-    """Parse data.yaml strictly; train/eval/val globs resolve relative to the yaml's directory."""
+    """Parse data.yaml strictly; train/eval/val globs and the tables' `init.path` (pretrained
+    vectors) resolve relative to the yaml's directory."""
     raw = load_yaml(path)
     for key in ("train", "eval", "val"):
         if isinstance(raw.get(key), str):
@@ -71,6 +72,11 @@ def load_data_config(path: str) -> DataConfig:
     cfg.train = resolve_paths(cfg.train, base, f"{path}: train")
     cfg.eval = resolve_paths(cfg.eval, base, f"{path}: eval") if cfg.eval else []
     cfg.val = resolve_paths(cfg.val, base, f"{path}: val") if cfg.val else []
+    for f in cfg.sparse:
+        # checked when the table is built (distributed/pretrained.py), not here: a config read
+        # without training (export, predict) needs no vectors file
+        if f.init is not None:
+            f.init.path = os.path.abspath(os.path.join(base, os.path.expanduser(f.init.path)))
     return cfg
 
 

@@ -5,6 +5,9 @@
       ──apply_optimizer_in_backward(sparse optimizer, EBC params)──►
       ──plan_sharding──► ShardingPlan ──DistributedModelParallel──► DMP
       ──init_embeddings (deterministic per row block, independent of the sharding)──►
+      ──pretrained tables (data.yaml `init`): their rows from the vectors file, read before the
+        planner; frozen ones: no in-backward optimizer, kernels without gradient, left out of
+        every optimizer (distributed/pretrained.py)──►
     world of one, or every table replicated with grad_sync 'flat': the embedding pools through
         the sharded EBC's kernel (FieldEmbedding.use_pooled_lookup(KernelLookup),
         distributed/local_lookup.py); a CPU world of one replicates its small tables
@@ -42,6 +45,7 @@ from msrec_dist.distributed.context import DistContext
 from msrec_dist.distributed.dense_optim import FusedAdam
 from msrec_dist.distributed.grad_sync import FlatAllReduce, broadcast_from_rank0, resolve_grad_sync, unwrap_replicated_lookups
 from msrec_dist.distributed.local_lookup import find_kernel_lookup
+from msrec_dist.distributed.pretrained import freeze_kernels, load_vectors, read_table_vectors, without_frozen
 from msrec_dist.distributed.replicated import REPLICATED_OPTIMIZERS, ReplicatedTableOptimizer
 from msrec_dist.distributed.sharding import (build_topology, device_type, model_parallel_grad_scale, plan_sharding,
                                      replicated_tables)
@@ -86,6 +90,7 @@ class TrainState:
     replicated_optimizer: Optional[ReplicatedTableOptimizer] = None  # the data_parallel tables' (if any)
     grad_sync: Optional[FlatAllReduce] = None  # grad_sync 'flat' in a world > 1; None: DDP or a world of one
     host_reduce: bool = False  # the loop's sums over ranks go through shared memory (train.host_reduce)
+    frozen_tables: frozenset[str] = frozenset()  # loaded from vectors, never trained (data.yaml init.freeze)
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -154,11 +159,16 @@ def init_embeddings(dmp: DistributedModelParallel, data: FeatureSpec, seed: int)
 
 
 def build_train_state(cfg: ExperimentConfig, data: FeatureSpec, ctx: DistContext, total_steps: int) -> TrainState:
+    vectors = read_table_vectors(data)  # every rank reads its copy; a bad file fails before the planner
+    frozen = data.frozen_tables()
     module = build_train_module(cfg, data, ctx.world_size)
     t = cfg.train
     sparse_kwargs = {"lr": t.sparse_lr}
+    # Frozen tables get no in-backward optimizer: the sharder then puts them in batched kernels of
+    # their own (its grouping key holds the optimizer), which freeze_kernels takes the gradient off.
     apply_optimizer_in_backward(SPARSE_OPTIMIZERS[t.sparse_optimizer],
-                                module.model.embedding.ebc.parameters(), sparse_kwargs)
+                                [p for key, p in module.model.embedding.ebc.named_parameters()
+                                 if table_name("." + key) not in frozen], sparse_kwargs)
     topology = build_topology(ctx.world_size, ctx.local_world_size, device_type(ctx.device), cfg.sharding)
     plan = plan_sharding(module, topology, cfg.sharding, dist.group.WORLD,
                          replicate=t.sparse_optimizer in REPLICATED_OPTIMIZERS)
@@ -166,6 +176,9 @@ def build_train_state(cfg: ExperimentConfig, data: FeatureSpec, ctx: DistContext
     dmp = DistributedModelParallel(module, device=ctx.device, plan=plan,
                                    data_parallel_wrapper=DenseDataParallel(ddp=sync == "ddp"))
     init_embeddings(dmp, data, cfg.run.seed)
+    load_vectors(dmp.state_dict(), data.tables(), vectors)
+    del vectors
+    freeze_kernels(dmp, frozen)  # before the lookups are unwrapped: only trained weights are summed
     host_reduce = ctx.world_size > 1 and enable_host_reduce(t.host_reduce, dist.group.WORLD, t.collective_timeout_s)
     # torchrec's DDP comes off the replicated lookups where FlatAllReduce sums their gradients, and
     # in a world of one, where there is nothing to sum and it only costs
@@ -179,7 +192,9 @@ def build_train_state(cfg: ExperimentConfig, data: FeatureSpec, ctx: DistContext
     if (ctx.world_size == 1 or all_replicated) and cfg.train.pipeline != "sparse_dist":
         embedding.use_pooled_lookup(find_kernel_lookup(embedding.ebc, data.kjt_keys, replicated=all_replicated))
     embedding.set_grad_scales(model_parallel_grad_scale(ctx.world_size), replicated)
-    named_dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    # frozen replicated tables' weights (no requires_grad, no optimizer) are no dense parameters either
+    named_dense = {key: p for key, p in in_backward_optimizer_filter(dmp.named_parameters())
+                   if table_name(key) not in frozen}
     # the embedding tables left here are the replicated ones (the fused ones optimize in backward)
     table_of = {key: table_name(key) for key in sorted(named_dense) if table_name(key)}
     replicated_optimizer = (ReplicatedTableOptimizer({k: named_dense.pop(k) for k in table_of}, table_of,
@@ -192,11 +207,13 @@ def build_train_state(cfg: ExperimentConfig, data: FeatureSpec, ctx: DistContext
                                                                          weight_decay=t.weight_decay, fused=True))
     # The replicated tables' optimizer shares the fused one's "sparse" prefix and state layout, so
     # checkpoints name a table's optimizer state the same in either layout.
-    sparse = [("sparse", dmp.fused_optimizer)] + ([("sparse", replicated_optimizer)] if replicated_optimizer else [])
+    fused = without_frozen(dmp.fused_optimizer, frozen)  # the frozen kernels' optimizers never step
+    sparse = ([("sparse", fused)] if fused is not None else []) + (
+        [("sparse", replicated_optimizer)] if replicated_optimizer else [])
     optimizer = CombinedOptimizer(sparse + [("dense", dense)])
     scheduler = torch.optim.lr_scheduler.LambdaLR(dense._optimizer, lr_lambda(t, total_steps))
     if grad_sync is not None:  # every rank starts from rank 0's weights, as DDP would make it
         broadcast_from_rank0(list(named_dense.values()) + list(grad_sync.replicated_params), grad_sync.group)
     return TrainState(dmp, optimizer, dense, scheduler, list(named_dense.values()), plan,
                       local_lookup=embedding.pooled_lookup is not None, replicated_optimizer=replicated_optimizer,
-                      grad_sync=grad_sync, host_reduce=host_reduce)
+                      grad_sync=grad_sync, host_reduce=host_reduce, frozen_tables=frozenset(frozen))

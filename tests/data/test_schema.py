@@ -142,3 +142,45 @@ def test_data_config_is_the_shared_feature_spec_plus_files(layout):
     assert cfg.kjt_keys == ["user_id", "item_id", "hist_item_ids"] and cfg.num_scenarios == 3
     for name in ("SparseFeature", "DenseFeature", "TaskSpec", "ScenarioSpec", "TableSpec"):
         assert getattr(schema, name) is getattr(features, name)
+
+
+def test_table_init_resolves_against_the_yaml_dir_and_is_a_table_property(layout, tmp_path, monkeypatch):
+    """`init` (pretrained vectors) on one feature of a shared table is the table's; its relative
+    path resolves against the data.yaml's directory, whatever the working directory."""
+    from msrec_dist.features import TableInit
+
+    data = yaml.safe_load(EXAMPLE)
+    data["sparse"][2]["init"] = {"path": "vectors/item.npy", "freeze": True}  # hist_item_ids: table item
+    data["sparse"][0]["init"] = {"path": "~/user.parquet"}
+    monkeypatch.chdir(tmp_path)
+    cfg = load_data_config(os.path.relpath(_write(tmp_path / "cfg" / "init.yaml", data)))
+    user, item = cfg.tables()
+    assert item.init == TableInit(str(tmp_path / "cfg" / "vectors" / "item.npy"), freeze=True) and item.frozen
+    assert user.init == TableInit(os.path.expanduser("~/user.parquet"), freeze=False) and not user.frozen
+    assert cfg.frozen_tables() == {"item"}
+    assert load_data_config(layout).frozen_tables() == set()  # no init: no table loaded or frozen
+
+
+def test_table_init_given_twice_must_agree(layout, tmp_path):
+    data = yaml.safe_load(EXAMPLE)
+    data["sparse"][1]["init"] = {"path": "item.npy", "freeze": True}
+    data["sparse"][2]["init"] = {"path": "item.npy", "freeze": True}  # the same again: fine
+    assert load_data_config(_write(tmp_path / "cfg" / "data.yaml", data)).frozen_tables() == {"item"}
+    data["sparse"][2]["init"] = {"path": "item.npy"}  # freeze differs
+    with pytest.raises(ConfigError, match=r"data\.yaml: sparse\[2\]\.init: features 'item_id' \(sparse\[1\]\) and "
+                                          r"'hist_item_ids' \(sparse\[2\]\) share table 'item' but give different init"):
+        load_data_config(_write(tmp_path / "cfg" / "data.yaml", data))
+
+
+@pytest.mark.parametrize("init, expected", [
+    ({"path": "item.csv"}, r"sparse\[1\]\.init\.path: 'item\.csv' is neither \.npy nor \.parquet"),
+    ({"path": ""}, r"sparse\[1\]\.init\.path: required"),
+    ({"freeze": True}, r"sparse\[1\]\.init\.path: required key missing"),
+    ({"path": "item.npy", "freeze": "yes"}, r"sparse\[1\]\.init\.freeze: expected true/false"),
+    ({"path": "item.npy", "trainable": False}, r"sparse\[1\]\.init: unknown key.*trainable"),
+])
+def test_bad_table_init_names_the_key(layout, tmp_path, init, expected):
+    data = yaml.safe_load(EXAMPLE)
+    data["sparse"][1]["init"] = init
+    with pytest.raises(ConfigError, match=expected):
+        load_data_config(_write(tmp_path / "cfg" / "data.yaml", data))
