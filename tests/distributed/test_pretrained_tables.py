@@ -128,6 +128,9 @@ def test_frozen_table_stays_bitwise_and_has_no_gradient_nor_optimizer_state(data
                                                          "user": {"path": "vectors/user.npy"}})
     cfg, data, state = build(yaml_path, tmp_path / "run", *LAYOUTS[layout])
     assert state.frozen_tables == {"item"}
+    # the frozen table's kernel is a second batched kernel: the one-kernel local lookup steps
+    # aside and the embedding runs through DMP's path
+    assert not state.local_lookup
     before = weights(state)
     assert torch.equal(before["item"], torch.from_numpy(_vectors(ITEMS, 2)))
     train_steps(cfg, data, state, 6)
