@@ -2,12 +2,14 @@
 
     msrec-train --config configs/msrec.yaml [--data DATA.yaml] [--set key.sub=value ...]
                 [--resume [--resume-on-changed-data] | --overwrite]
+                [--init-from RUN_DIR[:best|latest|step_N] [--init-optimizer auto|keep|reset]]
     python msrec_dist/train.py --config configs/msrec.yaml ...   (the same, as a file)
     torchrun --nproc-per-node 2 msrec_dist/train.py --config configs/msrec.yaml
     torchx run -s local_cwd dist.ddp -j 1x2 --script msrec_dist/train.py -- --config configs/msrec.yaml
 
 Parses the config, starts the process group (world of one without a launcher), calls
-`msrec_dist.training.runner.run`; writes <run.dir>/final_metrics.json, plan.json, tensorboard/.
+`msrec_dist.training.runner.run`; writes <run.dir>/final_metrics.json, plan.json, tensorboard/
+(and init_from.json with --init-from: docs/transfer.md).
 """
 from __future__ import annotations
 
@@ -39,7 +41,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run in a run.dir that holds one: its contents are first moved aside to "
                         "<run.dir>.replaced-<time> (a fresh run refuses a non-empty run.dir without this)")
-    return p.parse_args(argv)
+    p.add_argument("--init-from", metavar="RUN_DIR[:best|latest|step_N]",
+                   help="start this new run from another run's checkpoint (fine-tuning, or warm-starting "
+                        "retraining on new data): every table and module of the same shape is loaded, at any "
+                        "world size; a table with more rows keeps its old rows; the rest starts fresh. "
+                        "Without a suffix: checkpoints/best where the run has one, else the newest step_N. "
+                        "Training then starts at step 0 with this run's own LR schedule; the loaded, fresh and "
+                        "mismatched parameters are printed and written to <run.dir>/init_from.json")
+    p.add_argument("--init-optimizer", choices=("auto", "keep", "reset"),
+                   help="with --init-from: keep the source's optimizer state (row-wise Adagrad sums, Adam moments) "
+                        "or reset it; auto (default): keep where the checkpoint holds it (step_N), reset for best")
+    args = p.parse_args(argv)
+    if args.init_from and args.resume:
+        p.error("--init-from starts a new run from another run's checkpoint; --resume continues this run from its "
+                "own (which holds what --init-from loaded): give one of them")
+    if args.init_optimizer and not args.init_from:
+        p.error("--init-optimizer goes with --init-from")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,14 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_experiment(args.config, args.data, tuple(args.overrides))
     prepare_process(cfg.reader.num_workers)  # OpenMP wait policy, malloc thresholds: before torch loads
     from msrec_dist.distributed.context import init_distributed, shutdown
+    from msrec_dist.distributed.warm_start import InitFromError
     from msrec_dist.training.run_dir import RunDirError
     from msrec_dist.training.runner import run
 
     ctx = init_distributed(timeout_s=cfg.train.collective_timeout_s)  # gloo's timeout too
     try:
         run(cfg, ctx, resume=args.resume, overwrite=args.overwrite,
-            resume_on_changed_data=args.resume_on_changed_data)
-    except RunDirError as e:
+            resume_on_changed_data=args.resume_on_changed_data, init_from=args.init_from,
+            init_optimizer=args.init_optimizer or "auto")
+    except (RunDirError, InitFromError) as e:
         if ctx.is_main:
             print(f"msrec-train: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -5,6 +5,8 @@
       ──run_dir.prepare──► fresh / --resume / --overwrite checked before anything is written
       ──build_train_state, load_checkpoint──► DMP + optimizers (plan printed; then plan.json and
                                               config.json written, run.dir and data absolute)
+        (--init-from instead of --resume: distributed/warm_start.init_from, its report printed and
+        written to init_from.json)
       ──build_trainer (training/loop.py: plain or pipelined, chosen once)──►
       ──epochs of trainer.train_epoch (tqdm, TensorBoard loss, checkpoints every N steps and at
         the end; an exception writes {"event": "stopped"} to train_log.jsonl and stderr)──►
@@ -31,6 +33,7 @@ from msrec_dist.config import ExperimentConfig
 from msrec_dist.data.reader import make_dataloader, validate_files
 from msrec_dist.data.scan import scan_splits
 from msrec_dist.data.schema import load_data_config
+from msrec_dist.distributed import warm_start
 from msrec_dist.distributed.checkpoint import (Progress, best_checkpoint, latest_checkpoint, load_checkpoint,
                                                load_weights, read_progress, save_best, save_checkpoint)
 from msrec_dist.distributed.context import DistContext
@@ -88,7 +91,7 @@ def global_sum(value: int, ctx: DistContext) -> int:
 
 
 def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite: bool = False,
-        resume_on_changed_data: bool = False) -> dict:
+        resume_on_changed_data: bool = False, init_from: str | None = None, init_optimizer: str = "auto") -> dict:
     """Train, evaluate, write the run directory; returns the final metrics dict (every rank).
 
     A fresh run refuses a run.dir that holds anything (RunDirError, nothing written) unless
@@ -96,8 +99,12 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
     newest complete checkpoint in <run.dir>/checkpoints: weights, optimizers, schedule, RNG and
     row position; from step 0 (said on stderr) where there is none and no finished run. A resume on
     other data (files, sizes, row counts) is refused unless `resume_on_changed_data`.
+    `init_from` (RUN_DIR[:best|latest|step_N], a fresh run only): start from the weights, and with
+    `init_optimizer` keep the optimizer state, that match in that checkpoint (distributed/warm_start.py;
+    the report goes to stdout and <run.dir>/init_from.json), then train from step 0.
     """
     cfg.run.dir = os.path.abspath(cfg.run.dir)  # once, here: config.json keeps absolute paths
+    source = warm_start.check_source(init_from, init_optimizer, cfg.run.dir, resume) if init_from else None
     cfg.data = os.path.abspath(cfg.data)
     data = load_data_config(cfg.data)
     validate_files(data, data.eval + data.val)
@@ -134,6 +141,7 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
         # steps would run the model outside it
         raise ConfigError(f"train.eval_every={eval_every} (steps) needs the plain loop: set train.pipeline=plain, "
                           "or evaluate at epoch ends (train.eval_every=epoch)")
+    transfer = warm_start.init_from(state, source, ctx, init_optimizer, data) if source else None
     if resume_from is not None:
         pos = load_checkpoint(resume_from, state, ctx)
         pos.rows_in_epoch = start_batch * global_batch
@@ -151,6 +159,9 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
         # only now, after the start or the checkpoint load succeeded
         save_plan(state.plan, os.path.join(cfg.run.dir, "plan.json"))
         write_json_atomic(os.path.join(cfg.run.dir, "config.json"), to_dict(cfg))
+        if transfer is not None:
+            print(warm_start.format_report(transfer), flush=True)
+            write_json_atomic(os.path.join(cfg.run.dir, "init_from.json"), transfer)
         if resume:
             truncate_log(os.path.join(cfg.run.dir, "train_log.jsonl"), pos.step)
     writer = _writer(cfg, ctx, pos.step if resume else None)
