@@ -51,6 +51,10 @@ class EarlyStopConfig:
 
 @dataclass
 class TrainConfig:
+    # supervised: the tasks' loss; pretrain: SASS's scenario-contrastive stage 1 (model.arch sass;
+    # msrec_dist/model/sass.py), no labels used, no val/eval metrics; its run is the --init-from
+    # source of the supervised stage 2
+    stage: Literal["supervised", "pretrain"] = "supervised"
     epochs: int = 1
     max_steps: int = 0  # 0 = no limit
     sparse_optimizer: Literal["rowwise_adagrad", "sgd", "adagrad", "adam"] = "rowwise_adagrad"

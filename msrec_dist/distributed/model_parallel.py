@@ -50,6 +50,7 @@ from msrec_dist.distributed.replicated import REPLICATED_OPTIMIZERS, ReplicatedT
 from msrec_dist.distributed.sharding import (build_topology, device_type, model_parallel_grad_scale, plan_sharding,
                                      replicated_tables)
 from msrec_dist.features import FeatureSpec
+from msrec_dist.model.sass import SASSPretrainModule
 from msrec_dist.model.zoo import MultiTaskTrainModule, build_model
 
 SPARSE_OPTIMIZERS = {
@@ -107,13 +108,16 @@ def lr_lambda(cfg: TrainConfig, total_steps: int):
     return factor
 
 
-def build_train_module(cfg: ExperimentConfig, data: FeatureSpec, world_size: int) -> MultiTaskTrainModule:
-    """The unsharded train module; dense weights from `cfg.run.seed`, EBC on the meta device. In a
-    world of several ranks the partitioned norm sums its statistics over them (all_reduce_sum:
-    shared memory or gloo, as the loop's sums; its backward sums the gradients)."""
+def build_train_module(cfg: ExperimentConfig, data: FeatureSpec, world_size: int) -> nn.Module:
+    """The unsharded train module (the tasks' loss, or with train.stage=pretrain SASS's contrastive
+    loss); dense weights from `cfg.run.seed`, EBC on the meta device. In a world of several ranks
+    the partitioned norm sums its statistics over them (all_reduce_sum: shared memory or gloo, as
+    the loop's sums; its backward sums the gradients)."""
     torch.manual_seed(cfg.run.seed)
     model = build_model(cfg.model, data, rank_sum=all_reduce_sum if world_size > 1 else None,
                         embedding_device=torch.device("meta"))
+    if cfg.train.stage == "pretrain":
+        return SASSPretrainModule(model, cfg.model.sass)
     return MultiTaskTrainModule(model, cfg.train.task_weights)
 
 

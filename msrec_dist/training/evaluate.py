@@ -1,4 +1,5 @@
-"""Evaluation: global per scenario × task metrics over a split, the same dict on every rank.
+"""Evaluation: global per scenario × task metrics over a split, the same dict on every rank (and
+the mean loss over a split, for the pre-training stage).
 
     agreed batches (agreement.py) ──model.eval() forward──► logits [B, tasks], labels [B, tasks]
       ──ScenarioTaskMetrics.update (by batch.scenario [B])──► compute(): synced over ranks
@@ -29,3 +30,18 @@ def evaluate(state: TrainState, loader, data: DataConfig, ctx: DistContext, pred
                                 batch.rows.cpu()))
     state.model.train()
     return metrics.compute()
+
+
+@torch.no_grad()
+def evaluate_loss(state: TrainState, loader, data: DataConfig, ctx: DistContext) -> float:
+    """The train module's loss averaged over the split's rows, all ranks (SASS's pre-training
+    stage, whose loss is its only measure)."""
+    total = torch.zeros(2, dtype=torch.float64)  # [Σ loss × rows, rows]
+    state.model.eval()
+    for batch, _ in agreed_batches(loader, data, ctx):
+        loss, _ = state.model(batch)
+        total += torch.tensor([float(loss) * batch.size, batch.size], dtype=torch.float64)
+    state.model.train()
+    if ctx.world_size > 1:
+        torch.distributed.all_reduce(total)
+    return float(total[0] / total[1].clamp(min=1))

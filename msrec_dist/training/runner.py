@@ -13,6 +13,7 @@
         with a val split, evaluations on it every train.eval_every steps or epoch and at the end
         (selection.py: the score, the best so far in checkpoints/best, early stopping)──►
       ──evaluate the best weights (or the last) on the eval split──► <run.dir>/final_metrics.json
+        (train.stage=pretrain: no val evaluations; the contrastive loss on the eval split)
         (+ the selection, TensorBoard AUCs), eval_predictions.npz, model_weights.json (the CGC
         gates' mean weights per scenario and the mixing weights on the eval rows: inspect.py)
 
@@ -40,7 +41,7 @@ from msrec_dist.distributed.context import DistContext
 from msrec_dist.distributed.model_parallel import build_train_state
 from msrec_dist.distributed.sharding import describe_plan, save_plan
 from msrec_dist.metrics.evaluator import format_table
-from msrec_dist.training.evaluate import evaluate
+from msrec_dist.training.evaluate import evaluate, evaluate_loss
 from msrec_dist.training.inspect import GateRecorder
 from msrec_dist.training.loop import build_trainer, is_pipelined
 from msrec_dist.training.run_dir import check_data, data_identity, prepare, truncate_log
@@ -108,7 +109,8 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
     cfg.data = os.path.abspath(cfg.data)
     data = load_data_config(cfg.data)
     validate_files(data, data.eval + data.val)
-    eval_every = cfg.train.eval_every if data.val else 0  # no val split: no selection
+    pretrain = cfg.train.stage == "pretrain"  # SASS's contrastive stage: no task metrics to select on
+    eval_every = cfg.train.eval_every if data.val and not pretrain else 0  # no val split: no selection
     stop_cfg = cfg.train.early_stop
     check_metric(stop_cfg.metric, data.scenario.names, data.task_names)
     scan_splits(data, cfg.reader.scan, ctx.rank, ctx.world_size)  # every value of every split, before any step
@@ -276,10 +278,13 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
         selection = {"metric": tracker.metric, "step": tracker.best_step, "score": tracker.best_score, "val": None}
     eval_loader = make_dataloader(data, data.eval, cfg.reader, ctx.rank, ctx.world_size, device_type=ctx.device.type)
     predictions: list = []
-    with GateRecorder(state.model, data.scenario.names, data.task_names) as gates:  # the report's heatmaps
-        metrics = evaluate(state, eval_loader, data, ctx, predictions if cfg.run.eval_predictions else None)
-    weights = gates.summary(ctx.world_size)
-    if cfg.run.eval_predictions:
+    if pretrain:  # the contrastive loss on the eval rows in place of the tasks' metrics
+        metrics, weights = {"stage": "pretrain", "eval_loss": evaluate_loss(state, eval_loader, data, ctx)}, None
+    else:
+        with GateRecorder(state.model, data.scenario.names, data.task_names) as gates:  # the report's heatmaps
+            metrics = evaluate(state, eval_loader, data, ctx, predictions if cfg.run.eval_predictions else None)
+        weights = gates.summary(ctx.world_size)
+    if cfg.run.eval_predictions and not pretrain:
         write_predictions(os.path.join(cfg.run.dir, "eval_predictions.npz"), predictions, data, ctx)
     result = {
         "model": cfg.model.name,
@@ -298,11 +303,13 @@ def run(cfg: ExperimentConfig, ctx: DistContext, resume: bool = False, overwrite
     }
     if ctx.is_main:
         write_json_atomic(os.path.join(cfg.run.dir, "final_metrics.json"), result)
-        write_json_atomic(os.path.join(cfg.run.dir, "model_weights.json"), weights)
+        if weights is not None:
+            write_json_atomic(os.path.join(cfg.run.dir, "model_weights.json"), weights)
         if writer is not None:
-            add_cells(writer, "eval_auc", metrics, pos.step)
+            if not pretrain:
+                add_cells(writer, "eval_auc", metrics, pos.step)
             writer.close()
-        print(format_table(metrics), flush=True)
+        print(f"eval contrastive loss {metrics['eval_loss']:.4f}" if pretrain else format_table(metrics), flush=True)
     return result
 
 

@@ -1,0 +1,128 @@
+"""SASS with and without its scenario-contrastive pre-training, at the same total budget.
+
+    python -m benchmarks.pretrain_gain [--sets small ml100k] [--ml100k DATA.yaml] [--seeds 0 1 2]
+                                      [--steps 300] [--pretrain-steps 100] [--out benchmarks/results/pretrain_gain]
+
+Per data set and seed, two arms of configs/sass.yaml, each selected on val (train.eval_every):
+    scratch     supervised for --steps steps
+    pretrained  stage 1 (train.stage=pretrain) for --pretrain-steps steps, then stage 2 from it
+                (--init-from) for --steps − --pretrain-steps steps: the same optimizer steps in all
+The table: eval AUC per scenario × task, mean ± std over seeds, side by side, and the difference
+(pretrained − scratch) with the scratch arm's spread; the goal is a gain on the small scenario
+beyond the seed spread and no loss elsewhere.
+
+Data sets: `small` = msrec_dist.data.synth with --small-scenario-share 0.01 (the last scenario
+keeps 1% of the train rows; its users also appear in the large scenarios), generated under
+runs/bench_data; `ml100k` = a converted MovieLens-100K (python -m msrec_dist.data.convert
+movielens), whose user feature is `user` and user fields user, gender, age, occupation, zip.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from benchmarks.perf_common import REPO, git_commit, machine, machine_line, table, write_results
+
+SETS = {
+    # user id feature, user fields of the set's data config
+    "small": ("user_id", ["user_id", "user_segment", "hist_item_ids"]),
+    "ml100k": ("user", ["user", "gender", "age", "occupation", "zip"]),
+}
+
+
+def small_data(root: str, seed: int = 0) -> str:
+    from msrec_dist.data.synth import SynthSpec, generate
+
+    out = os.path.join(root, f"small_share0.01_seed{seed}")
+    path = os.path.join(out, "data.yaml")
+    if not os.path.exists(path):
+        generate(out, rows=200_000, shards=4, seed=seed, eval_rows=40_000, users=5_000, items=2_000,
+                 spec=SynthSpec(small_scenario_share=0.01))
+    return path
+
+
+def train(data: str, run_dir: str, sets: list[str], init_from: str | None = None) -> dict:
+    cmd = [sys.executable, os.path.join(REPO, "msrec_dist", "train.py"), "--config",
+           os.path.join(REPO, "configs", "sass.yaml"), "--data", data, "--set", f"run.dir={run_dir}",
+           "run.progress=false", "run.tensorboard=false", *sets]
+    if init_from:
+        cmd += ["--init-from", init_from]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
+    with open(os.path.join(run_dir, "final_metrics.json")) as f:
+        return json.load(f)
+
+
+def cells(metrics: dict) -> dict[str, float]:
+    return {f"{s}/{t}": c["auc"] for s, tasks in metrics["per_scenario"].items() for t, c in tasks.items()}
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sets", nargs="+", default=["small", "ml100k"], choices=list(SETS))
+    ap.add_argument("--ml100k", default="data/ml100k/data.yaml", help="a converted MovieLens-100K data.yaml")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, default=300, help="optimizer steps of each arm in all")
+    ap.add_argument("--pretrain-steps", type=int, default=100, help="of them, stage 1's in the pretrained arm")
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides, both arms")
+    ap.add_argument("--out", default="pretrain_gain")
+    a = ap.parse_args(argv)
+    payload = {"machine": machine(), "commit": git_commit(), "seeds": a.seeds, "steps": a.steps,
+               "pretrain_steps": a.pretrain_steps, "overrides": a.overrides, "sets": {}}
+    lines = []
+    with tempfile.TemporaryDirectory(prefix="pretrain_gain_") as root:
+        for name in a.sets:
+            data = small_data(os.path.join(REPO, "runs", "bench_data")) if name == "small" else os.path.abspath(a.ml100k)
+            user_id, user_fields = SETS[name]
+            common = [f"model.sass.user_id_feature={user_id}", f"model.sass.user_fields=[{','.join(user_fields)}]",
+                      f"train.eval_every={a.eval_every}", "train.epochs=100", *a.overrides]
+            arms: dict[str, list[dict]] = {"scratch": [], "pretrained": []}
+            for seed in a.seeds:
+                seeded = common + [f"run.seed={seed}"]
+                arms["scratch"].append(train(data, os.path.join(root, f"{name}_scratch_{seed}"),
+                                             seeded + [f"train.max_steps={a.steps}"]))
+                pre = os.path.join(root, f"{name}_pre_{seed}")
+                train(data, pre, seeded + ["train.stage=pretrain", f"train.max_steps={a.pretrain_steps}"])
+                arms["pretrained"].append(train(data, os.path.join(root, f"{name}_fine_{seed}"),
+                                                seeded + [f"train.max_steps={a.steps - a.pretrain_steps}"],
+                                                init_from=f"{pre}:latest"))
+                print(name, seed, {k: round(statistics.fmean(cells(v[-1]).values()), 4) for k, v in arms.items()},
+                      flush=True)
+            keys = list(cells(arms["scratch"][0]))
+            rows = []
+            summary = {}
+            for key in keys:
+                s = mean_std([cells(m)[key] for m in arms["scratch"]])
+                p = mean_std([cells(m)[key] for m in arms["pretrained"]])
+                summary[key] = {"scratch": s, "pretrained": p, "gain": p[0] - s[0]}
+                beyond = "yes" if p[0] - s[0] > s[1] else ("loss" if s[0] - p[0] > s[1] else "within")
+                rows.append([key, f"{s[0]:.4f} ± {s[1]:.4f}", f"{p[0]:.4f} ± {p[1]:.4f}", f"{p[0] - s[0]:+.4f}", beyond])
+            payload["sets"][name] = {"data": data, "summary": summary,
+                                     "runs": {k: [cells(m) for m in v] for k, v in arms.items()}}
+            lines += [f"### {name} (`{data}`)", "",
+                      table(["scenario/task", "scratch", "pretrained", "gain", "beyond scratch's std"], rows), ""]
+    md = "\n".join([f"Machine: {machine_line(payload['machine'])}; commit {payload['commit']}", "",
+                    "Command: `python -m benchmarks.pretrain_gain " + " ".join(
+                        ["--sets", *a.sets, "--seeds", *map(str, a.seeds), "--steps", str(a.steps),
+                         "--pretrain-steps", str(a.pretrain_steps)]) + "`", "",
+                    f"configs/sass.yaml, {a.steps} optimizer steps per arm (pretrained: {a.pretrain_steps} of "
+                    "stage 1, the rest fine-tuning from it), each run's weights chosen on val; eval AUC mean ± std "
+                    f"over seeds {a.seeds}.", "", *lines])
+    js, md_path = write_results(a.out, payload, md)
+    print(md)
+    print(f"wrote {js} and {md_path}")
+
+
+if __name__ == "__main__":
+    main()
