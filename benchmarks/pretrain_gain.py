@@ -1,15 +1,16 @@
 """SASS with and without its scenario-contrastive pre-training, at the same total budget.
 
     python -m benchmarks.pretrain_gain [--sets small ml100k] [--ml100k DATA.yaml] [--seeds 0 1 2]
-                                      [--steps 300] [--pretrain-steps 100] [--out benchmarks/results/pretrain_gain]
+                                      [--steps 600] [--pretrain-steps 50 150] [--out benchmarks/results/pretrain_gain]
 
-Per data set and seed, two arms of configs/sass.yaml, each selected on val (train.eval_every):
+Per data set and seed, arms of configs/sass.yaml, each run's weights selected on val (train.eval_every):
     scratch     supervised for --steps steps
-    pretrained  stage 1 (train.stage=pretrain) for --pretrain-steps steps, then stage 2 from it
-                (--init-from) for --steps − --pretrain-steps steps: the same optimizer steps in all
-The table: eval AUC per scenario × task, mean ± std over seeds, side by side, and the difference
-(pretrained − scratch) with the scratch arm's spread; the goal is a gain on the small scenario
-beyond the seed spread and no loss elsewhere.
+    pre<K>      stage 1 (train.stage=pretrain) for K steps, then stage 2 from it (--init-from,
+                the optimizer reset) for --steps − K steps: the same optimizer steps in all arms
+The pre<K> arm with the best mean val score over seeds is the one compared (K chosen on val, never
+on eval). The table: eval AUC per scenario × task, mean ± std over seeds, side by side, and the
+difference (chosen − scratch) against the scratch arm's spread; the goal is a gain on the small
+scenario beyond the seed spread and no loss elsewhere.
 
 Data sets: `small` = msrec_dist.data.synth with --small-scenario-share 0.01 (the last scenario
 keeps 1% of the train rows; its users also appear in the large scenarios), generated under
@@ -51,7 +52,7 @@ def train(data: str, run_dir: str, sets: list[str], init_from: str | None = None
            os.path.join(REPO, "configs", "sass.yaml"), "--data", data, "--set", f"run.dir={run_dir}",
            "run.progress=false", "run.tensorboard=false", *sets]
     if init_from:
-        cmd += ["--init-from", init_from]
+        cmd += ["--init-from", init_from, "--init-optimizer", "reset"]  # the contrastive stage's optimizer state is for another loss
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}")
@@ -72,8 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sets", nargs="+", default=["small", "ml100k"], choices=list(SETS))
     ap.add_argument("--ml100k", default="data/ml100k/data.yaml", help="a converted MovieLens-100K data.yaml")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=300, help="optimizer steps of each arm in all")
-    ap.add_argument("--pretrain-steps", type=int, default=100, help="of them, stage 1's in the pretrained arm")
+    ap.add_argument("--steps", type=int, default=600, help="optimizer steps of each arm in all")
+    ap.add_argument("--pretrain-steps", type=int, nargs="+", default=[50, 150],
+                    help="of them, stage 1's: one pretrained arm each, the one best on val compared")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides, both arms")
     ap.add_argument("--out", default="pretrain_gain")
@@ -87,38 +89,49 @@ def main(argv: list[str] | None = None) -> None:
             user_id, user_fields = SETS[name]
             common = [f"model.sass.user_id_feature={user_id}", f"model.sass.user_fields=[{','.join(user_fields)}]",
                       f"train.eval_every={a.eval_every}", "train.epochs=100", *a.overrides]
-            arms: dict[str, list[dict]] = {"scratch": [], "pretrained": []}
+            arms: dict[str, list[dict]] = {"scratch": [], **{f"pre{k}": [] for k in a.pretrain_steps}}
             for seed in a.seeds:
                 seeded = common + [f"run.seed={seed}"]
                 arms["scratch"].append(train(data, os.path.join(root, f"{name}_scratch_{seed}"),
                                              seeded + [f"train.max_steps={a.steps}"]))
-                pre = os.path.join(root, f"{name}_pre_{seed}")
-                train(data, pre, seeded + ["train.stage=pretrain", f"train.max_steps={a.pretrain_steps}"])
-                arms["pretrained"].append(train(data, os.path.join(root, f"{name}_fine_{seed}"),
-                                                seeded + [f"train.max_steps={a.steps - a.pretrain_steps}"],
-                                                init_from=f"{pre}:latest"))
-                print(name, seed, {k: round(statistics.fmean(cells(v[-1]).values()), 4) for k, v in arms.items()},
+                for k in a.pretrain_steps:
+                    pre = os.path.join(root, f"{name}_pre{k}_{seed}")
+                    train(data, pre, seeded + ["train.stage=pretrain", f"train.max_steps={k}"])
+                    arms[f"pre{k}"].append(train(data, os.path.join(root, f"{name}_fine{k}_{seed}"),
+                                                 seeded + [f"train.max_steps={a.steps - k}"], init_from=f"{pre}:latest"))
+                print(name, seed, {arm: round(statistics.fmean(cells(v[-1]).values()), 4) for arm, v in arms.items()},
                       flush=True)
+            val = {arm: mean_std([m["selection"]["score"] for m in runs]) for arm, runs in arms.items()}
+            chosen = max((arm for arm in arms if arm != "scratch"), key=lambda arm: val[arm][0])
             keys = list(cells(arms["scratch"][0]))
             rows = []
             summary = {}
             for key in keys:
                 s = mean_std([cells(m)[key] for m in arms["scratch"]])
-                p = mean_std([cells(m)[key] for m in arms["pretrained"]])
-                summary[key] = {"scratch": s, "pretrained": p, "gain": p[0] - s[0]}
-                beyond = "yes" if p[0] - s[0] > s[1] else ("loss" if s[0] - p[0] > s[1] else "within")
-                rows.append([key, f"{s[0]:.4f} ± {s[1]:.4f}", f"{p[0]:.4f} ± {p[1]:.4f}", f"{p[0] - s[0]:+.4f}", beyond])
-            payload["sets"][name] = {"data": data, "summary": summary,
-                                     "runs": {k: [cells(m) for m in v] for k, v in arms.items()}}
-            lines += [f"### {name} (`{data}`)", "",
-                      table(["scenario/task", "scratch", "pretrained", "gain", "beyond scratch's std"], rows), ""]
+                p = mean_std([cells(m)[key] for m in arms[chosen]])
+                summary[key] = {"scratch": s, chosen: p, "gain": p[0] - s[0]}
+                beyond = "gain" if p[0] - s[0] > s[1] else ("loss" if s[0] - p[0] > s[1] else "within")
+                others = [f"{statistics.fmean(cells(m)[key] for m in arms[arm]):.4f}" for arm in arms
+                          if arm not in ("scratch", chosen)]
+                rows.append([key, f"{s[0]:.4f} ± {s[1]:.4f}", f"{p[0]:.4f} ± {p[1]:.4f}", f"{p[0] - s[0]:+.4f}", beyond,
+                             *others])
+            rows.append(["val mean AUC (selection)", f"{val['scratch'][0]:.4f} ± {val['scratch'][1]:.4f}",
+                         f"{val[chosen][0]:.4f} ± {val[chosen][1]:.4f}", f"{val[chosen][0] - val['scratch'][0]:+.4f}", "",
+                         *[f"{val[arm][0]:.4f}" for arm in arms if arm not in ("scratch", chosen)]])
+            payload["sets"][name] = {"data": data, "summary": summary, "chosen": chosen, "val": val,
+                                     "runs": {k: [cells(m) for m in v] for k, v in arms.items()},
+                                     "selected_steps": {k: [m["selection"]["step"] for m in v] for k, v in arms.items()}}
+            others = [arm for arm in arms if arm not in ("scratch", chosen)]
+            lines += [f"### {name} (`{data}`): {chosen} chosen on val", "",
+                      table(["scenario/task (eval AUC)", "scratch", chosen, "gain", "vs scratch's std",
+                             *[f"{arm} (mean)" for arm in others]], rows), ""]
     md = "\n".join([f"Machine: {machine_line(payload['machine'])}; commit {payload['commit']}", "",
                     "Command: `python -m benchmarks.pretrain_gain " + " ".join(
                         ["--sets", *a.sets, "--seeds", *map(str, a.seeds), "--steps", str(a.steps),
-                         "--pretrain-steps", str(a.pretrain_steps)]) + "`", "",
-                    f"configs/sass.yaml, {a.steps} optimizer steps per arm (pretrained: {a.pretrain_steps} of "
-                    "stage 1, the rest fine-tuning from it), each run's weights chosen on val; eval AUC mean ± std "
-                    f"over seeds {a.seeds}.", "", *lines])
+                         "--pretrain-steps", *map(str, a.pretrain_steps)]) + "`", "",
+                    f"configs/sass.yaml, {a.steps} optimizer steps per arm (pre<K>: K of stage 1, the rest "
+                    "fine-tuning from it), each run's weights chosen on val; eval AUC mean ± std over seeds "
+                    f"{a.seeds}; the pre<K> arm compared is the one with the best mean val score.", "", *lines])
     js, md_path = write_results(a.out, payload, md)
     print(md)
     print(f"wrote {js} and {md_path}")
