@@ -30,7 +30,7 @@ import torch
 from msrec_dist.features import FeatureSpec
 from msrec_dist.serving.program import ServingModule, export_program, input_names
 from msrec_dist.serving.tables import Fp32Tables, Int8Tables
-from msrec_dist.serving.trained import Trained, checkpoint_info, load_trained
+from msrec_dist.serving.trained import Trained, load_trained
 from msrec_dist.typed_yaml import ConfigError, to_dict
 
 MANIFEST, PROGRAM, COMPILED, OPS_LIBRARY = "manifest.json", "model.pt2", "model.aoti.pt2", "msrec_ops.so"
@@ -163,7 +163,7 @@ def export_run(run_dir: str, out: str, which: str = "best", quantize: str | None
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "run_dir": os.path.abspath(run_dir),
             "checkpoint": {"which": which, "path": trained.checkpoint, "step": trained.step,
-                           **{k: v for k, v in checkpoint_info(trained.checkpoint).items() if k != "step"}},
+                           **trained.selection},
             "model": {"name": trained.cfg.model.name, "arch": trained.cfg.model.arch,
                       "kernels": trained.cfg.model.kernels},
             "quantize": quantize if quantize == "int8" else None,

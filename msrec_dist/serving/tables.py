@@ -103,18 +103,6 @@ class Int8Tables(_Tables):
     def table_bytes(self) -> int:
         return self.weights_host.numel() * self.weights_host.element_size()
 
-    def dequantized(self) -> list[torch.Tensor]:
-        """Each table's rows as the kernel reads them, in fp32 (for checks)."""
-        row_bytes = self.dim + 4
-        out = []
-        for t, rows in enumerate(self.table_rows):
-            start = int(self.weights_offsets[self.feature_tables.index(t)])
-            q = self.weights_host[start:start + rows * row_bytes].view(rows, row_bytes)
-            # the kernel's layout: fp16 scale, fp16 bias, then the D bytes
-            fused = torch.cat([q[:, 4:], q[:, :4]], dim=1).contiguous()
-            out.append(torch.ops.fbgemm.FusedNBitRowwiseQuantizedSBHalfToFloat(fused, 8))
-        return out
-
     def forward(self, values: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
         self.check_ids(values)
         return torch.ops.fbgemm.int_nbit_split_embedding_codegen_lookup_function(

@@ -9,7 +9,6 @@ unsharded module. No process group is started.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ class Trained:
     checkpoint: str  # the directory loaded
     which: str  # best | latest | step_N, as asked
     step: int  # the optimizer step the weights are from
+    selection: dict  # a best checkpoint's metric and val score ({} for step_N)
 
 
 def load_features(data_yaml: str) -> FeatureSpec:
@@ -45,26 +45,27 @@ def load_features(data_yaml: str) -> FeatureSpec:
                      data_yaml)
 
 
-def resolve_checkpoint(run_dir: str, which: str) -> tuple[str, int]:
-    """(directory, step) of `which` (best | latest | step_N) under RUN_DIR/checkpoints."""
+def resolve_checkpoint(run_dir: str, which: str) -> tuple[str, int, dict]:
+    """(directory, step, best.json's metric and score or {}) of `which` (best | latest | step_N)
+    under RUN_DIR/checkpoints."""
     root = os.path.join(run_dir, "checkpoints")
     if which == "best":
         found = best_checkpoint(root)
         if found is None:
             raise ConfigError(f"{run_dir}: no best checkpoint (checkpoints/best is written when the run has a val "
                               "split and train.keep_best); use --checkpoint latest or step_N")
-        return found[0], int(found[1]["step"])
+        return found[0], int(found[1]["step"]), {k: found[1][k] for k in ("metric", "score") if k in found[1]}
     steps = checkpoint_dirs(root)
     if which == "latest":
         if not steps:
             raise ConfigError(f"{run_dir}: no complete checkpoint under {root}")
-        return steps[-1][1], steps[-1][0]
+        return steps[-1][1], steps[-1][0], {}
     m = _STEP.match(which)
     if not m:
         raise ConfigError(f"--checkpoint must be best, latest or step_N, got {which!r}")
     for step, path in steps:
         if step == int(m.group(1)):
-            return path, step
+            return path, step, {}
     raise ConfigError(f"{run_dir}: no complete checkpoint {which} (have: {[f'step_{s}' for s, _ in steps] or 'none'})")
 
 
@@ -78,7 +79,7 @@ def load_trained(run_dir: str, which: str = "best", kernels: Kernel | None = Non
     if kernels is not None:
         cfg.model.kernels = kernels
     features = load_features(cfg.data)
-    path, step = resolve_checkpoint(run_dir, which)
+    path, step, selection = resolve_checkpoint(run_dir, which)
     if os.path.exists(os.path.join(path, "progress.json")):
         step = read_progress(path)[0].step
     torch.manual_seed(0)  # the weights all come from the checkpoint; this only fixes the throwaway init
@@ -87,14 +88,5 @@ def load_trained(run_dir: str, which: str = "best", kernels: Kernel | None = Non
     dcp.load(state, checkpoint_id=path, no_dist=True)
     module.load_state_dict(state["model"])  # strict: a key the run's model lacks is an error
     module.eval()
-    return Trained(cfg, features, module.model, path, which, step)
+    return Trained(cfg, features, module.model, path, which, step, selection)
 
-
-def checkpoint_info(path: str) -> dict:
-    """best.json of a best checkpoint (score, metric), else {}."""
-    file = os.path.join(path, "best.json")
-    if not os.path.exists(file):
-        return {}
-    with open(file) as f:
-        info = json.load(f)
-    return {k: info[k] for k in ("metric", "score", "step") if k in info}
