@@ -19,7 +19,8 @@
 // 8 (sample, head) blocks run at once, one per SIMD lane (see kLanes), reading q, k, v once and
 // writing out and lse once (forward about 2x the reference's speed at msrec's shape, B = 4096).
 //
-// fp32 and fp64 (math in the input dtype, as the reference); inputs are made contiguous.
+// fp32 and fp64 (math in the input dtype, as the reference); q, k, v are read through their strides
+// where dh is contiguous (else copied), the other tensors are made contiguous.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -68,7 +69,9 @@ int64_t grain(int64_t F, int64_t DH) {  // in groups of 8 (sample, head) blocks
   return std::max<int64_t>(1, kGrainWork / std::max<int64_t>(1, 16 * F * F * DH));
 }
 
-// Raw pointers of one call; every [B, H, F, dh] tensor contiguous, (b, h) block at bh * F * dh.
+// Raw pointers of one call. out, lse, dout, dq, dk, dv are contiguous [B, H, F, dh] ((b, h) block at
+// bh * F * dh); q, k, v are read through their strides (qkv_strides: B, H, F; dh contiguous), so a
+// view of one fused projection (attention.py's [B, F, 3, H, dh] permuted) needs no copy.
 template <typename scalar_t>
 struct Args {
   const scalar_t* q;
@@ -82,6 +85,7 @@ struct Args {
   scalar_t* dk;
   scalar_t* dv;
   int64_t H, F, DH;
+  int64_t q_strides[3], k_strides[3], v_strides[3];  // B, H, F
   scalar_t scale;
 };
 
@@ -106,6 +110,21 @@ MSREC_INLINE void gather_lanes(const scalar_t* __restrict__ x, int64_t bh0, int6
   for (int64_t l = 0; l < nl; ++l) {
     const scalar_t* __restrict__ row = x + (bh0 + l) * FD;
     for (int64_t n = 0; n < FD; ++n) xs[n * kLanes + l] = row[n];
+  }
+}
+
+// The same from a strided [B, H, F, dh] tensor (strides: B, H, F; dh contiguous).
+template <typename scalar_t>
+MSREC_INLINE void gather_lanes_strided(const scalar_t* __restrict__ x, const int64_t* strides, int64_t H, int64_t F,
+                                       int64_t DH, int64_t bh0, int64_t nl, scalar_t* __restrict__ xs) {
+  std::fill(xs, xs + F * DH * kLanes, scalar_t(0));
+  for (int64_t l = 0; l < nl; ++l) {
+    const int64_t bh = bh0 + l;
+    const scalar_t* __restrict__ block = x + (bh / H) * strides[0] + (bh % H) * strides[1];
+    for (int64_t f = 0; f < F; ++f) {
+      const scalar_t* __restrict__ row = block + f * strides[2];
+      for (int64_t d = 0; d < DH; ++d) xs[(f * DH + d) * kLanes + l] = row[d];
+    }
   }
 }
 
@@ -160,10 +179,9 @@ MSREC_INLINE void lane_bias(const Args<scalar_t>& a, int64_t bh0, int64_t nl, sc
 template <typename scalar_t>
 MSREC_INLINE void load_group(const Args<scalar_t>& a, int64_t bh0, int64_t nl, scalar_t* qs, scalar_t* ks,
                              scalar_t* vs, scalar_t* bias) {
-  const int64_t FD = a.F * a.DH;
-  gather_lanes(a.q, bh0, nl, FD, qs);
-  gather_lanes(a.k, bh0, nl, FD, ks);
-  gather_lanes(a.v, bh0, nl, FD, vs);
+  gather_lanes_strided(a.q, a.q_strides, a.H, a.F, a.DH, bh0, nl, qs);
+  gather_lanes_strided(a.k, a.k_strides, a.H, a.F, a.DH, bh0, nl, ks);
+  gather_lanes_strided(a.v, a.v_strides, a.H, a.F, a.DH, bh0, nl, vs);
   lane_bias(a, bh0, nl, bias);
 }
 
@@ -281,9 +299,16 @@ Args<scalar_t> make_args(const at::Tensor& q, const at::Tensor& k, const at::Ten
   a.v = v.const_data_ptr<scalar_t>();
   a.mask = mask.has_value() ? mask->const_data_ptr<bool>() : nullptr;
   a.H = q.size(1), a.F = q.size(2), a.DH = q.size(3);
+  for (int i = 0; i < 3; ++i) {
+    a.q_strides[i] = q.stride(i), a.k_strides[i] = k.stride(i), a.v_strides[i] = v.stride(i);
+  }
   a.scale = scalar_t(1) / std::sqrt(scalar_t(a.DH));
   return a;
 }
+
+// q, k, v as they are where their last dim is contiguous (the kernel reads the rest through the
+// strides), else a contiguous copy.
+at::Tensor rows_contiguous(const at::Tensor& t) { return t.stride(3) == 1 ? t : t.contiguous(); }
 
 std::optional<at::Tensor> contiguous_mask(const std::optional<at::Tensor>& mask) {
   return mask.has_value() ? std::optional<at::Tensor>(mask->contiguous()) : std::nullopt;
@@ -293,7 +318,7 @@ std::tuple<at::Tensor, at::Tensor> field_attention_cpp(const at::Tensor& q_in, c
                                                        const at::Tensor& v_in,
                                                        const std::optional<at::Tensor>& mask_in) {
   check_inputs(q_in, k_in, v_in, mask_in, "msrec::field_attention_cpp");
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   const auto mask = contiguous_mask(mask_in);
   const int64_t B = q.size(0), H = q.size(1), F = q.size(2), DH = q.size(3);
   at::Tensor out = at::empty({B, H, F, DH}, q.options());
@@ -312,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> field_attention_backward_cpp(
     const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const std::optional<at::Tensor>& mask_in, const at::Tensor& lse_in) {
   check_inputs(q_in, k_in, v_in, mask_in, "msrec::field_attention_backward_cpp");
-  const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor q = rows_contiguous(q_in), k = rows_contiguous(k_in), v = rows_contiguous(v_in);
   const at::Tensor g = grad_out.contiguous(), lse = lse_in.contiguous();
   const auto mask = contiguous_mask(mask_in);
   const int64_t B = q.size(0), H = q.size(1), F = q.size(2), DH = q.size(3);
@@ -321,7 +346,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> field_attention_backward_cpp(
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == F &&
                   lse.scalar_type() == q.scalar_type(),
               "msrec::field_attention_backward_cpp: lse must be [B, H, F] in the input dtype, got ", lse.sizes());
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  // contiguous, as the kernel writes them (empty_like would keep a strided view's layout)
+  at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::empty(k.sizes(), k.options()),
+             dv = at::empty(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "field_attention_backward_cpp", [&] {
     Args<scalar_t> a = make_args<scalar_t>(q, k, v, mask);
     a.dout = g.const_data_ptr<scalar_t>();

@@ -211,7 +211,7 @@ def field_attention(
     lse [B, H, F]; +inf for a query whose keys are all padded)."""
     check_field_attention(q, k, v, key_padding_mask)
     if q.shape[0] == 0:
-        return torch.empty_like(q), _empty_lse(q)
+        return q.new_empty(q.shape), _empty_lse(q)
     return _field_attention_forward(q, k, v, key_padding_mask, choose_impl(impl, "field_attention", q))
 
 
@@ -228,7 +228,9 @@ def _field_attention_forward(q, k, v, key_padding_mask, chosen: str) -> Tuple[to
 @field_attention.register_fake
 def _(q, k, v, key_padding_mask=None, impl="auto"):
     check_field_attention(q, k, v, key_padding_mask)
-    return torch.empty_like(q), _empty_lse(q)
+    # contiguous whatever q's strides (every implementation returns a contiguous out; q may be a
+    # permuted view of a fused projection, model/attention.py)
+    return q.new_empty(q.shape), _empty_lse(q)
 
 
 @torch.library.custom_op("msrec::field_attention_backward", mutates_args=())
@@ -238,7 +240,7 @@ def field_attention_backward(
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """grad_out [B, H, F, dh], lse [B, H, F] saved by forward -> (dq, dk, dv), each [B, H, F, dh]."""
     if q.shape[0] == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     return _field_attention_backward(grad_out, q, k, v, key_padding_mask, out, lse,
                                      choose_impl(impl, "field_attention", q))
 
@@ -254,7 +256,7 @@ def _field_attention_backward(grad_out, q, k, v, key_padding_mask, out, lse, cho
 
 @field_attention_backward.register_fake
 def _(grad_out, q, k, v, key_padding_mask, out, lse, impl):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as every implementation
 
 
 def _field_attention_setup(ctx, inputs, output):

@@ -118,3 +118,23 @@ def test_errors():
         K.field_attention(q.detach().half(), k.detach().half(), v.detach().half(), kernel="cpp")
     with pytest.raises(RuntimeError, match="key_padding_mask must be bool"):
         torch.ops.msrec.field_attention_cpp(q, k, v, torch.zeros(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("B,H,F,dh", [(5, 2, 10, 8), (2, 3, 17, 5)])
+def test_strided_views_of_a_fused_projection(B, H, F, dh, masked):
+    """q, k, v as attention.py passes them: views of one [B, F, 3, H, dh] projection, permuted, not
+    copied. The kernel reads them through their strides: the reference's values and gradients,
+    the gradients landing in the fused tensor."""
+    fused = randn(B, F, 3, H, dh, seed=7).requires_grad_()
+    mask = key_mask(B, F) if masked else None
+    for q, k, v in [fused.permute(2, 0, 3, 1, 4).unbind(0)]:
+        assert not q.is_contiguous() and q.stride(3) == 1
+    out, (grad,) = run_with_grads(lambda x: K.field_attention(*x.permute(2, 0, 3, 1, 4).unbind(0), mask, kernel="cpp"),
+                                  [fused])
+    ref, (ref_grad,) = run_with_grads(lambda x: field_attention_ref(*x.permute(2, 0, 3, 1, 4).unbind(0), mask), [fused])
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
+    torch.testing.assert_close(grad, ref_grad, **tol(torch.float32))
+    # a view whose dh is not contiguous is copied first: the same values
+    q, k, v = (t.transpose(2, 3).contiguous().transpose(2, 3) for t in fused.detach().permute(2, 0, 3, 1, 4).unbind(0))
+    torch.testing.assert_close(torch.ops.msrec.field_attention_cpp(q, k, v, mask)[0], ref, **tol(torch.float32))
