@@ -4,6 +4,7 @@ CIKM 2022). S scenarios, T tasks, L transfer layers of widths `model.sass.hidden
 
     Batch ──FieldEmbedding──► fields [B, F, D] ──FieldSelfAttention (model.attention)──► [B, F, D']
           ──flatten──► x [B, F·D']
+    (global network, scenario network and ML-SAT: TransferTrunk, also msrec's trunk with model.sass.block)
     global (shared) network:     g_l = ReLU(Linear(g_{l-1})),  g_0 = x                      [B, H_l]
     scenario-specific network:   s̃_l = ReLU(StarLinear(s_{l-1})), s_0 = x  (each row its own
                                  scenario's weights, shared ⊙ scenario: model/star.py)        [B, H_l]
@@ -74,6 +75,36 @@ class TransferLayer(nn.Module):
         return adaptive, torch.sigmoid(self.update_gate(torch.cat([own, adaptive * g], dim=1), onehot))
 
 
+class TransferTrunk(nn.Module):
+    """The ML-SAT stack [B, N] → [B, H_L] (s_0 = g_0 = x): SASS's body, and msrec's trunk with
+    model.sass.block (model/zoo.py) in place of STAR or the MLP."""
+
+    def __init__(self, in_dim: int, hidden: list[int], num_scenarios: int) -> None:
+        super().__init__()
+        dims = [in_dim] + list(hidden)
+        self.layers = nn.ModuleList(TransferLayer(a, b, num_scenarios) for a, b in zip(dims[:-1], dims[1:]))
+        self.out_dim = dims[-1]
+
+    def forward(self, x: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        s, g = x, x
+        for layer in self.layers:
+            s, g = layer(s, g, onehot)
+        return s  # [B, H_L]
+
+
+def field_width(model: nn.Module) -> int:
+    """D' of a model's attended fields: the attention's output width, or D without attention."""
+    return model.attention[-1].out_dim if model.attention is not None else model.embedding.dim
+
+
+def attended_fields(model: nn.Module, parts: FieldParts, onehot: torch.Tensor) -> torch.Tensor:
+    """The model's attended field stack [B, F, D'] with the scenario field of `onehot` [B, S] (a
+    row's own scenario, or for the global view the mean of all scenarios)."""
+    parts.onehot = onehot
+    fields = parts.stack()  # [B, F, D]
+    return model.attention(fields) if model.attention is not None else fields
+
+
 class SASS(nn.Module):
     def __init__(self, cfg: ModelConfig, features: FeatureSpec, embedding_device: torch.device | None = None) -> None:
         super().__init__()
@@ -84,28 +115,16 @@ class SASS(nn.Module):
         att = cfg.attention
         self.attention = (FieldSelfAttention(self.embedding.dim, att.heads, att.head_dim, att.layers, cfg.kernels)
                           if att.enabled else None)
-        field_dim = self.attention[-1].out_dim if self.attention is not None else self.embedding.dim
-        dims = [self.embedding.num_fields * field_dim] + list(sass.hidden)
-        self.layers = nn.ModuleList(TransferLayer(a, b, self.num_scenarios) for a, b in zip(dims[:-1], dims[1:]))
-        self.towers = StackedMLP(self.num_tasks, dims[-1], list(cfg.tower.hidden) + [1], final_activation=False)
+        self.trunk = TransferTrunk(self.embedding.num_fields * field_width(self), sass.hidden, self.num_scenarios)
+        self.towers = StackedMLP(self.num_tasks, self.trunk.out_dim, list(cfg.tower.hidden) + [1],
+                                 final_activation=False)
         if not cfg.scenario_field:
             raise ValueError("model.arch=sass needs model.scenario_field: its views differ by the scenario field")
-        self.field_dim = field_dim
-
-    def attend(self, parts: FieldParts, onehot: torch.Tensor) -> torch.Tensor:
-        """The attended field stack [B, F, D'] with the scenario field of `onehot` [B, S] (a row's
-        own scenario, or for the global view the mean of all scenarios)."""
-        parts.onehot = onehot
-        fields = parts.stack()  # [B, F, D]
-        return self.attention(fields) if self.attention is not None else fields
 
     def forward(self, batch: Batch) -> torch.Tensor:
         onehot = scenario_onehot(batch.scenario, self.num_scenarios, batch.dense.dtype)  # [B, S]
         parts = self.embedding.parts(batch.sparse, batch.dense, batch.scenario)
-        x = self.attend(parts, onehot).flatten(1)  # [B, F·D']
-        s, g = x, x
-        for layer in self.layers:
-            s, g = layer(s, g, onehot)
+        s = self.trunk(attended_fields(self, parts, onehot).flatten(1), onehot)  # [B, H_L]
         return self.towers(s.unsqueeze(0).expand(self.num_tasks, -1, -1)).squeeze(2).t()  # [B, T]
 
 
@@ -126,8 +145,10 @@ class SASSPretrainModule(nn.Module):
 
     def __init__(self, model: nn.Module, cfg: SASSConfig) -> None:
         super().__init__()
-        if not isinstance(model, SASS):
-            raise ValueError("train.stage=pretrain needs model.arch=sass")
+        # SASS, or msrec's network (model.sass.block or not): the views go through its tables and
+        # field attention; M3oE and PEPNet have no attention to pre-train
+        if not (hasattr(model, "attention") and hasattr(model, "embedding") and model.embedding.scenario_emb is not None):
+            raise ValueError("train.stage=pretrain needs model.arch sass or msrec (with model.scenario_field)")
         names = model.embedding.field_names
         unknown = [f for f in cfg.user_fields + [cfg.user_id_feature] if f not in names]
         if unknown:
@@ -137,7 +158,7 @@ class SASSPretrainModule(nn.Module):
         self.temperature = cfg.temperature
         self.user_fields = [names.index(f) for f in (cfg.user_fields or [cfg.user_id_feature])]
         self.user_id_key = cfg.user_id_feature
-        self.head = MLP((len(self.user_fields) + 1) * model.field_dim, list(cfg.projection), final_activation=False)
+        self.head = MLP((len(self.user_fields) + 1) * field_width(model), list(cfg.projection), final_activation=False)
 
     def user_views(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(scenario view, global view) of each row's user, L2-normalised [B, P] each."""
@@ -153,7 +174,7 @@ class SASSPretrainModule(nn.Module):
         parts.scenario_weight = parts.scenario_weight.detach()
         views = []
         for onehot in (own, every):
-            fields = model.attend(parts, onehot)[:, index]  # [B, F_u + 1, D']
+            fields = attended_fields(model, parts, onehot)[:, index]  # [B, F_u + 1, D']
             views.append(F.normalize(self.head(fields.flatten(1)), dim=1))  # [B, P]
         return views[0], views[1]
 

@@ -2,7 +2,7 @@
 
     Batch ──FieldEmbedding──► fields [B, F, D]   (fold_fields: FieldParts, read by the first layer)
           ──FieldSelfAttention (opt.)──► [B, F, D'] ──flatten──► [B, F·D']
-          ──trunk: StarTrunk (PN + star FC) or plain MLP──► [B, H]
+          ──trunk: StarTrunk (PN + star FC), SASS's TransferTrunk (model.sass.block) or plain MLP──► [B, H]
           ──experts: PLE/MMoE (CGC levels) or none──► [T, B, h]
           ── + BalancedMixing (opt.) ──► [T, B, h]
           ──towers (one MLP per task, stacked)──► [B, T] logits (+ AuxiliaryNet offset, opt.)
@@ -35,6 +35,7 @@ from msrec_dist.model.fields import FieldParts
 from msrec_dist.model.mixing import BalancedMixing
 from msrec_dist.model.mlp import MLP, StackedMLP
 from msrec_dist.model.ple import PLE
+from msrec_dist.model.sass import TransferTrunk
 from msrec_dist.model.star import AuxiliaryNet, StarTrunk, SumFn, scenario_onehot
 
 
@@ -54,7 +55,11 @@ class MultiScenarioModel(nn.Module):
                           if att.enabled else None)
         flat_dim = self.embedding.num_fields * (self.attention.out_dim if self.attention else field_dim)
         star = cfg.star
-        if star.enabled:
+        if cfg.sass.block and star.enabled:
+            raise ValueError("model.sass.block replaces the trunk: set model.star.enabled=false")
+        if cfg.sass.block:  # SASS's transfer layers as the trunk (model/sass.py)
+            self.trunk = TransferTrunk(flat_dim, cfg.sass.hidden, features.num_scenarios)
+        elif star.enabled:
             self.trunk: nn.Module = StarTrunk(flat_dim, star.hidden, features.num_scenarios, star.partitioned_norm,
                                               star.norm_momentum, rank_sum=rank_sum)
         else:
@@ -87,12 +92,12 @@ class MultiScenarioModel(nn.Module):
         # identity when 0: no module, so configs without dropout keep their graph and speed
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else None
         # the blocks that read the scenario one-hot (plain MLP/PLE/MMoE models skip building it)
-        self.uses_onehot = star.enabled or self.mixing is not None or (
+        self.uses_onehot = star.enabled or cfg.sass.block or self.mixing is not None or (
             self.experts is not None and ex.scenario_gates) or cfg.tower.per_scenario
         # the first layer folds the dense and scenario fields into its weight (model/fields.py)
         # where it is linear and the only reader of the field stack: the bottom MLP's first
         # Linear, or (no bottom) the first CGC level's experts and gates
-        self.fold_fields = cfg.fold_fields and self.attention is None and not star.enabled and (
+        self.fold_fields = cfg.fold_fields and self.attention is None and not star.enabled and not cfg.sass.block and (
             bool(cfg.bottom.hidden) or (self.experts is not None and not self.expert_residual
                                         and self.mixing is None))
 
@@ -109,7 +114,7 @@ class MultiScenarioModel(nn.Module):
         if self.uses_onehot:  # the parts' own one-hot where they have one (the scenario field)
             onehot = x.onehot if isinstance(x, FieldParts) and x.onehot is not None else \
                 scenario_onehot(batch.scenario, self.num_scenarios, batch.dense.dtype)
-        h = self.trunk(x, onehot) if isinstance(self.trunk, StarTrunk) else self.trunk(x)  # [B, H]
+        h = self.trunk(x, onehot) if isinstance(self.trunk, (StarTrunk, TransferTrunk)) else self.trunk(x)  # [B, H]
         if self.dropout is not None:
             h = self.dropout(h)
         if self.experts is not None:

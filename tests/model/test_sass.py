@@ -88,7 +88,7 @@ def test_pretrain_loss_learns_to_match_a_users_views(model_data, batch4):
     assert logits.shape == (B, T) and float(logged) == float(loss.detach())
     loss.backward()
     assert model.embedding.ebc.embedding_bags["user"].weight.grad.abs().sum() > 0
-    assert all(p.grad is None for p in model.layers.parameters())  # the transfer layers play no part
+    assert all(p.grad is None for p in model.trunk.parameters())  # the transfer layers play no part
     opt = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=0.05)
     first = float(loss)
     for _ in range(30):
@@ -106,5 +106,27 @@ def test_config_errors(model_data):
         make_model(model_data, user_id_feature="nope")
     with pytest.raises(ConfigError, match="temperature"):
         from_dict(ModelConfig, {"arch": "sass", "sass": {"temperature": 0}}, "m")
-    with pytest.raises(ValueError, match="model.arch=sass"):
+    with pytest.raises(ValueError, match="model.arch sass or msrec"):
         SASSPretrainModule(torch.nn.Linear(2, 2), SASSConfig())
+    with pytest.raises(ValueError, match="sass.block replaces the trunk"):
+        build_model(ModelConfig(sass=SASSConfig(block=True)), model_data)
+
+
+def test_transfer_layers_as_msrec_block(model_data, batch4):
+    """model.sass.block: msrec's network with the transfer layers as its trunk; stage 1 pre-trains
+    its tables and attention through the same module."""
+    from msrec_dist.model.sass import TransferTrunk
+    from msrec_dist.model.zoo import MultiScenarioModel
+
+    cfg = ModelConfig(attention=AttentionConfig(heads=2, head_dim=3), sass=SASSConfig(block=True, hidden=[8, 6]),
+                      tower=TowerConfig([4]))
+    cfg.star.enabled = False
+    cfg.experts.kind = "none"
+    cfg.mixing.enabled = False
+    torch.manual_seed(0)
+    model = build_model(cfg, model_data)
+    assert isinstance(model, MultiScenarioModel) and isinstance(model.trunk, TransferTrunk)
+    assert model(batch4).shape == (B, T)
+    loss, _ = SASSPretrainModule(model, SASSConfig(user_fields=["user_id"], projection=[5]))(batch4)
+    loss.backward()
+    assert torch.isfinite(loss) and model.attention[0].qkv.weight.grad.abs().sum() > 0

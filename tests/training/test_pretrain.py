@@ -101,3 +101,16 @@ def test_stage_1_and_stage_2_across_world_sizes(data, tmp_path, ranks):
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, errors(done)
     assert_stage_2_starts_from_stage_1(pre, step_dir(start, 0))
+
+
+def test_msrec_with_the_transfer_block_pre_trains_and_fine_tunes(data, tmp_path):
+    """configs/msrec_sass.yaml (msrec's network, model.sass.block): the same two stages."""
+    cfg = load_experiment(os.path.join(REPO, "configs/msrec_sass.yaml"), data,
+                          tuple(SMALL) + (f"run.dir={tmp_path / 'pre'}", "train.stage=pretrain", "train.max_steps=6"))
+    assert math.isfinite(runner.run(cfg, init_distributed())["eval_loss"])
+    cfg = load_experiment(os.path.join(REPO, "configs/msrec_sass.yaml"), data,
+                          tuple(SMALL) + (f"run.dir={tmp_path / 'fine'}", "train.max_steps=6"))
+    out = runner.run(cfg, init_distributed(), init_from=str(tmp_path / "pre"), init_optimizer="reset")
+    with open(tmp_path / "fine" / "init_from.json") as f:
+        loaded = json.load(f)["model"]["loaded"]
+    assert any(k.startswith("model.attention.") for k in loaded) and out["per_scenario"]
