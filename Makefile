@@ -1,6 +1,6 @@
 # Two commands on a fresh machine (Python 3.11, no GPU):
-#   make demo   set up .venv, generate the demo data, train + evaluate msrec, print the table and
-#               write the run report (runs/msrec/report.html)
+#   make demo   set up .venv, generate the demo data, train + evaluate msrec, print the table,
+#               write the run report (runs/msrec/report.html), export the model and score eval with it
 #   make test   set up .venv, run the linters (ruff, import-linter) and the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -33,6 +33,9 @@ demo: $(VENV)/.installed $(DEMO_DATA)
 	$(PY) msrec_dist/train.py --config configs/msrec.yaml --overwrite
 	# the run report (plots + report.html in the run directory); it prints the page's path
 	$(PY) -m msrec_dist.report runs/msrec
+	# the weights chosen on val exported for serving, then the eval split scored through the export
+	$(PY) -m msrec_dist.export runs/msrec --out runs/msrec_export --overwrite
+	$(PY) -m msrec_dist.predict --model runs/msrec_export --data $(DEMO_DATA) --out runs/msrec_export/eval.parquet --metrics --overwrite
 
 ruff: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
