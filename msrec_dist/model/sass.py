@@ -60,19 +60,19 @@ class TransferLayer(nn.Module):
         self.update_gate = StarLinear(2 * out_dim, out_dim, num_scenarios)
 
     def forward(self, s: torch.Tensor, g: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        own, g, adaptive, update = self.gates(s, g, onehot)
+        transfer = adaptive * g
+        return update * own + (1 - update) * transfer, g  # [B, H], [B, H]
+
+    def gates(self, s: torch.Tensor, g: torch.Tensor,
+              onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scenario layer's output, shared layer's output, adaptive gate, update gate), each [B, H];
+        the gates in (0, 1)."""
         g = F.relu(self.shared(g))  # [B, H]
         own = F.relu(self.scenario(s, onehot))  # [B, H]
-        adaptive = torch.sigmoid(self.adaptive_gate(torch.cat([own, g], dim=1), onehot))  # [B, H] in (0, 1)
-        transfer = adaptive * g
-        update = torch.sigmoid(self.update_gate(torch.cat([own, transfer], dim=1), onehot))  # [B, H] in (0, 1)
-        return update * own + (1 - update) * transfer, g
-
-    def gates(self, s: torch.Tensor, g: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(adaptive, update) gates [B, H] of this layer (for inspection and tests)."""
-        g = F.relu(self.shared(g))
-        own = F.relu(self.scenario(s, onehot))
-        adaptive = torch.sigmoid(self.adaptive_gate(torch.cat([own, g], dim=1), onehot))
-        return adaptive, torch.sigmoid(self.update_gate(torch.cat([own, adaptive * g], dim=1), onehot))
+        adaptive = torch.sigmoid(self.adaptive_gate(torch.cat([own, g], dim=1), onehot))  # how much of g flows in
+        update = torch.sigmoid(self.update_gate(torch.cat([own, adaptive * g], dim=1), onehot))  # the mix
+        return own, g, adaptive, update
 
 
 class TransferTrunk(nn.Module):

@@ -55,7 +55,7 @@ def test_gates_are_bounded_and_depend_on_the_scenario():
             lin.scenario_bias.normal_()
     x = torch.randn(1, 6).expand(S, 6) * 10  # the same row in every scenario, large values
     onehot = scenario_onehot(torch.arange(S), S, torch.float32)
-    adaptive, update = layer.gates(x, x, onehot)
+    _, _, adaptive, update = layer.gates(x, x, onehot)
     for gate in (adaptive, update):
         assert gate.shape == (S, 5) and ((gate >= 0) & (gate <= 1)).all()
         assert (gate[0] - gate[1]).abs().max() > 1e-3 and (gate[1] - gate[2]).abs().max() > 1e-3
