@@ -1,14 +1,15 @@
 """SASS with and without its scenario-contrastive pre-training, at the same total budget.
 
     python -m benchmarks.pretrain_gain [--sets small ml100k] [--ml100k DATA.yaml] [--seeds 0 1 2]
-                                      [--steps 600] [--pretrain-steps 50 150] [--out benchmarks/results/pretrain_gain]
+                                      [--steps 600] [--arms pre50 pre150 ...] [--out benchmarks/results/pretrain_gain]
 
 Per data set and seed, arms of configs/sass.yaml, each run's weights selected on val (train.eval_every):
     scratch     supervised for --steps steps
-    pre<K>      stage 1 (train.stage=pretrain) for K steps, then stage 2 from it (--init-from,
-                the optimizer reset) for --steps − K steps: the same optimizer steps in all arms
-The pre<K> arm with the best mean val score over seeds is the one compared (K chosen on val, never
-on eval). The table: eval AUC per scenario × task, mean ± std over seeds, side by side, and the
+    pre<K>...   stage 1 (train.stage=pretrain) for K steps, then stage 2 from it (--init-from,
+                the optimizer reset) for --steps − K steps: the same optimizer steps in all arms;
+                the variants (ARMS) add overrides to one stage
+The pretrained arm with the best mean val score over seeds is the one compared (chosen on val,
+never on eval). The table: eval AUC per scenario × task, mean ± std over seeds, side by side, and the
 difference (chosen − scratch) against the scratch arm's spread; the goal is a gain on the small
 scenario beyond the seed spread and no loss elsewhere.
 
@@ -33,6 +34,18 @@ SETS = {
     # user id feature, user fields of the set's data config
     "small": ("user_id", ["user_id", "user_segment", "hist_item_ids"]),
     "ml100k": ("user", ["user", "gender", "age", "occupation", "zip"]),
+}
+
+
+# name: (stage-1 steps, stage-1 overrides, stage-2 overrides); {user_id}: the set's user id feature
+ARMS = {
+    "pre50": (50, [], []),
+    "pre150": (150, [], []),
+    # the loaded tables fine-tuned at a fifth of the sparse learning rate (0.05 → 0.01)
+    "pre50_lowlr": (50, [], ["train.sparse_lr=0.01"]),
+    # the user id zeroed in the scenario view: the views of one user then share no id
+    "drop50": (50, ["model.sass.view_drop=[{user_id}]"], []),
+    "drop150": (150, ["model.sass.view_drop=[{user_id}]"], []),
 }
 
 
@@ -74,14 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ml100k", default="data/ml100k/data.yaml", help="a converted MovieLens-100K data.yaml")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps of each arm in all")
-    ap.add_argument("--pretrain-steps", type=int, nargs="+", default=[50, 150],
-                    help="of them, stage 1's: one pretrained arm each, the one best on val compared")
+    ap.add_argument("--arms", nargs="+", default=["pre50", "pre150"], choices=list(ARMS),
+                    help="pretrained arms (ARMS: stage-1 steps and overrides), the one best on val compared")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides, both arms")
     ap.add_argument("--out", default="pretrain_gain")
     a = ap.parse_args(argv)
     payload = {"machine": machine(), "commit": git_commit(), "seeds": a.seeds, "steps": a.steps,
-               "pretrain_steps": a.pretrain_steps, "overrides": a.overrides, "sets": {}}
+               "arms": {k: ARMS[k] for k in a.arms}, "overrides": a.overrides, "sets": {}}
     lines = []
     with tempfile.TemporaryDirectory(prefix="pretrain_gain_") as root:
         for name in a.sets:
@@ -89,16 +102,19 @@ def main(argv: list[str] | None = None) -> None:
             user_id, user_fields = SETS[name]
             common = [f"model.sass.user_id_feature={user_id}", f"model.sass.user_fields=[{','.join(user_fields)}]",
                       f"train.eval_every={a.eval_every}", "train.epochs=100", *a.overrides]
-            arms: dict[str, list[dict]] = {"scratch": [], **{f"pre{k}": [] for k in a.pretrain_steps}}
+            arms: dict[str, list[dict]] = {"scratch": [], **{k: [] for k in a.arms}}
             for seed in a.seeds:
                 seeded = common + [f"run.seed={seed}"]
                 arms["scratch"].append(train(data, os.path.join(root, f"{name}_scratch_{seed}"),
                                              seeded + [f"train.max_steps={a.steps}"]))
-                for k in a.pretrain_steps:
-                    pre = os.path.join(root, f"{name}_pre{k}_{seed}")
-                    train(data, pre, seeded + ["train.stage=pretrain", f"train.max_steps={k}"])
-                    arms[f"pre{k}"].append(train(data, os.path.join(root, f"{name}_fine{k}_{seed}"),
-                                                 seeded + [f"train.max_steps={a.steps - k}"], init_from=f"{pre}:latest"))
+                for arm in a.arms:
+                    k, pre_sets, fine_sets = ARMS[arm]
+                    pre = os.path.join(root, f"{name}_{arm}_pre_{seed}")
+                    train(data, pre, seeded + ["train.stage=pretrain", f"train.max_steps={k}",
+                                               *(o.format(user_id=user_id) for o in pre_sets)])
+                    arms[arm].append(train(data, os.path.join(root, f"{name}_{arm}_fine_{seed}"),
+                                           seeded + [f"train.max_steps={a.steps - k}", *fine_sets],
+                                           init_from=f"{pre}:latest"))
                 print(name, seed, {arm: round(statistics.fmean(cells(v[-1]).values()), 4) for arm, v in arms.items()},
                       flush=True)
             val = {arm: mean_std([m["selection"]["score"] for m in runs]) for arm, runs in arms.items()}
@@ -128,10 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     md = "\n".join([f"Machine: {machine_line(payload['machine'])}; commit {payload['commit']}", "",
                     "Command: `python -m benchmarks.pretrain_gain " + " ".join(
                         ["--sets", *a.sets, "--seeds", *map(str, a.seeds), "--steps", str(a.steps),
-                         "--pretrain-steps", *map(str, a.pretrain_steps)]) + "`", "",
-                    f"configs/sass.yaml, {a.steps} optimizer steps per arm (pre<K>: K of stage 1, the rest "
-                    "fine-tuning from it), each run's weights chosen on val; eval AUC mean ± std over seeds "
-                    f"{a.seeds}; the pre<K> arm compared is the one with the best mean val score.", "", *lines])
+                         "--arms", *a.arms]) + "`", "",
+                    f"configs/sass.yaml, {a.steps} optimizer steps per arm (pretrained arms: K of stage 1, the "
+                    "rest fine-tuning from it), each run's weights chosen on val; eval AUC mean ± std over seeds "
+                    f"{a.seeds}; the pretrained arm compared is the one with the best mean val score. Arms "
+                    "(stage-1 steps, stage-1 overrides, stage-2 overrides): "
+                    + "; ".join(f"{k} {ARMS[k]}" for k in a.arms) + ".", "", *lines])
     js, md_path = write_results(a.out, payload, md)
     print(md)
     print(f"wrote {js} and {md_path}")

@@ -140,6 +140,9 @@ class SASSConfig:
     user_fields: list[str] = field(default_factory=list)  # the user view's fields; [] = the user id alone
     projection: list[int] = field(default_factory=lambda: [64, 32])  # the pre-training head's widths
     temperature: float = 0.1  # InfoNCE's τ
+    # fields zeroed in the scenario view only (stage 1's augmentation): without the user id there,
+    # the views of one user share no id and the loss must match them through the other fields
+    view_drop: list[str] = field(default_factory=list)
     # msrec's network (model.arch msrec) with the transfer layers (widths `hidden`) as its trunk, in
     # place of STAR or the MLP (model.star.enabled must be false)
     block: bool = False

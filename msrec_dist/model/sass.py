@@ -97,11 +97,15 @@ def field_width(model: nn.Module) -> int:
     return model.attention[-1].out_dim if model.attention is not None else model.embedding.dim
 
 
-def attended_fields(model: nn.Module, parts: FieldParts, onehot: torch.Tensor) -> torch.Tensor:
+def attended_fields(model: nn.Module, parts: FieldParts, onehot: torch.Tensor,
+                    keep: torch.Tensor | None = None) -> torch.Tensor:
     """The model's attended field stack [B, F, D'] with the scenario field of `onehot` [B, S] (a
-    row's own scenario, or for the global view the mean of all scenarios)."""
+    row's own scenario, or for the global view the mean of all scenarios); `keep` [F] (1 or 0)
+    zeroes fields before the attention."""
     parts.onehot = onehot
     fields = parts.stack()  # [B, F, D]
+    if keep is not None:
+        fields = fields * keep[:, None]
     return model.attention(fields) if model.attention is not None else fields
 
 
@@ -150,15 +154,19 @@ class SASSPretrainModule(nn.Module):
         if not (hasattr(model, "attention") and hasattr(model, "embedding") and model.embedding.scenario_emb is not None):
             raise ValueError("train.stage=pretrain needs model.arch sass or msrec (with model.scenario_field)")
         names = model.embedding.field_names
-        unknown = [f for f in cfg.user_fields + [cfg.user_id_feature] if f not in names]
+        unknown = [f for f in cfg.user_fields + [cfg.user_id_feature] + cfg.view_drop if f not in names]
         if unknown:
-            raise ValueError(f"model.sass.user_fields / user_id_feature: {unknown} are not sparse features "
+            raise ValueError(f"model.sass.user_fields / user_id_feature / view_drop: {unknown} are not sparse features "
                              f"(have {names})")
         self.model = model
         self.temperature = cfg.temperature
+        self.drops_fields = bool(cfg.view_drop)
         self.user_fields = [names.index(f) for f in (cfg.user_fields or [cfg.user_id_feature])]
         self.user_id_key = cfg.user_id_feature
         self.head = MLP((len(self.user_fields) + 1) * field_width(model), list(cfg.projection), final_activation=False)
+        keep = torch.ones(model.embedding.num_fields)
+        keep[[names.index(f) for f in cfg.view_drop]] = 0.0
+        self.register_buffer("scenario_view_keep", keep, persistent=False)  # [F]
 
     def user_views(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(scenario view, global view) of each row's user, L2-normalised [B, P] each."""
@@ -173,8 +181,8 @@ class SASSPretrainModule(nn.Module):
         # small-scenario synthetic set, one seed)
         parts.scenario_weight = parts.scenario_weight.detach()
         views = []
-        for onehot in (own, every):
-            fields = attended_fields(model, parts, onehot)[:, index]  # [B, F_u + 1, D']
+        for onehot, keep in ((own, self.scenario_view_keep if self.drops_fields else None), (every, None)):
+            fields = attended_fields(model, parts, onehot, keep)[:, index]  # [B, F_u + 1, D']
             views.append(F.normalize(self.head(fields.flatten(1)), dim=1))  # [B, P]
         return views[0], views[1]
 
