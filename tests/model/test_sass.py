@@ -99,6 +99,20 @@ def test_pretrain_loss_learns_to_match_a_users_views(model_data, batch4):
     assert float(loss) < first * 0.7
 
 
+def test_view_drop_hides_the_user_id_from_the_scenario_view_only(model_data, batch4):
+    """model.sass.view_drop: the scenario view no longer depends on the user id's embedding, the
+    global view still does."""
+    model, module = make_model(model_data, user_fields=["user_id", "hist_item_ids"], view_drop=["user_id"])
+    scen, glob = module.user_views(batch4)
+    with torch.no_grad():
+        model.embedding.ebc.embedding_bags["user"].weight.normal_()
+    scen2, glob2 = module.user_views(batch4)
+    torch.testing.assert_close(scen2, scen)
+    assert (glob2 - glob).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="view_drop"):
+        make_model(model_data, view_drop=["nope"])
+
+
 def test_config_errors(model_data):
     with pytest.raises(ValueError, match="user_fields / user_id_feature"):
         make_model(model_data, user_fields=["nope"])
