@@ -37,8 +37,10 @@ SETS = {
 }
 
 
-# name: (stage-1 steps, stage-1 overrides, stage-2 overrides); {user_id}: the set's user id feature
+# name: (stage-1 steps, stage-1 overrides, stage-2 overrides); {user_id}: the set's user id feature;
+# 0 stage-1 steps: a variant of scratch (supervised only, with the overrides)
 ARMS = {
+    "scratch_lowlr": (0, [], ["train.sparse_lr=0.01"]),
     "pre50": (50, [], []),
     "pre150": (150, [], []),
     # the loaded tables fine-tuned at a fifth of the sparse learning rate (0.05 → 0.01)
@@ -109,6 +111,10 @@ def main(argv: list[str] | None = None) -> None:
                                              seeded + [f"train.max_steps={a.steps}"]))
                 for arm in a.arms:
                     k, pre_sets, fine_sets = ARMS[arm]
+                    if k == 0:
+                        arms[arm].append(train(data, os.path.join(root, f"{name}_{arm}_{seed}"),
+                                               seeded + [f"train.max_steps={a.steps}", *fine_sets]))
+                        continue
                     pre = os.path.join(root, f"{name}_{arm}_pre_{seed}")
                     train(data, pre, seeded + ["train.stage=pretrain", f"train.max_steps={k}",
                                                *(o.format(user_id=user_id) for o in pre_sets)])
@@ -118,28 +124,33 @@ def main(argv: list[str] | None = None) -> None:
                 print(name, seed, {arm: round(statistics.fmean(cells(v[-1]).values()), 4) for arm, v in arms.items()},
                       flush=True)
             val = {arm: mean_std([m["selection"]["score"] for m in runs]) for arm, runs in arms.items()}
-            chosen = max((arm for arm in arms if arm != "scratch"), key=lambda arm: val[arm][0])
+            # each side's best on val: the supervised arms (scratch and its variants) against the
+            # pretrained ones; without pretrained arms, scratch against its best variant
+            supervised = ["scratch"] + [arm for arm in a.arms if ARMS[arm][0] == 0]
+            pretrained = [arm for arm in a.arms if ARMS[arm][0] > 0]
+            base = max(supervised, key=lambda arm: val[arm][0]) if pretrained else "scratch"
+            chosen = max(pretrained or supervised[1:], key=lambda arm: val[arm][0])
             keys = list(cells(arms["scratch"][0]))
             rows = []
             summary = {}
             for key in keys:
-                s = mean_std([cells(m)[key] for m in arms["scratch"]])
+                s = mean_std([cells(m)[key] for m in arms[base]])
                 p = mean_std([cells(m)[key] for m in arms[chosen]])
-                summary[key] = {"scratch": s, chosen: p, "gain": p[0] - s[0]}
+                summary[key] = {base: s, chosen: p, "gain": p[0] - s[0]}
                 beyond = "gain" if p[0] - s[0] > s[1] else ("loss" if s[0] - p[0] > s[1] else "within")
                 others = [f"{statistics.fmean(cells(m)[key] for m in arms[arm]):.4f}" for arm in arms
-                          if arm not in ("scratch", chosen)]
+                          if arm not in (base, chosen)]
                 rows.append([key, f"{s[0]:.4f} ± {s[1]:.4f}", f"{p[0]:.4f} ± {p[1]:.4f}", f"{p[0] - s[0]:+.4f}", beyond,
                              *others])
-            rows.append(["val mean AUC (selection)", f"{val['scratch'][0]:.4f} ± {val['scratch'][1]:.4f}",
-                         f"{val[chosen][0]:.4f} ± {val[chosen][1]:.4f}", f"{val[chosen][0] - val['scratch'][0]:+.4f}", "",
-                         *[f"{val[arm][0]:.4f}" for arm in arms if arm not in ("scratch", chosen)]])
-            payload["sets"][name] = {"data": data, "summary": summary, "chosen": chosen, "val": val,
+            rows.append(["val mean AUC (selection)", f"{val[base][0]:.4f} ± {val[base][1]:.4f}",
+                         f"{val[chosen][0]:.4f} ± {val[chosen][1]:.4f}", f"{val[chosen][0] - val[base][0]:+.4f}", "",
+                         *[f"{val[arm][0]:.4f}" for arm in arms if arm not in (base, chosen)]])
+            payload["sets"][name] = {"data": data, "summary": summary, "base": base, "chosen": chosen, "val": val,
                                      "runs": {k: [cells(m) for m in v] for k, v in arms.items()},
                                      "selected_steps": {k: [m["selection"]["step"] for m in v] for k, v in arms.items()}}
-            others = [arm for arm in arms if arm not in ("scratch", chosen)]
-            lines += [f"### {name} (`{data}`): {chosen} chosen on val", "",
-                      table(["scenario/task (eval AUC)", "scratch", chosen, "gain", "vs scratch's std",
+            others = [arm for arm in arms if arm not in (base, chosen)]
+            lines += [f"### {name} (`{data}`): {base} against {chosen}, each chosen on val", "",
+                      table(["scenario/task (eval AUC)", base, chosen, "gain", f"vs {base}'s std",
                              *[f"{arm} (mean)" for arm in others]], rows), ""]
     md = "\n".join([f"Machine: {machine_line(payload['machine'])}; commit {payload['commit']}", "",
                     "Command: `python -m benchmarks.pretrain_gain " + " ".join(
@@ -147,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
                          "--arms", *a.arms]) + "`", "",
                     f"configs/sass.yaml, {a.steps} optimizer steps per arm (pretrained arms: K of stage 1, the "
                     "rest fine-tuning from it), each run's weights chosen on val; eval AUC mean ± std over seeds "
-                    f"{a.seeds}; the pretrained arm compared is the one with the best mean val score. Arms "
+                    f"{a.seeds}; compared: the supervised arm (scratch or a variant) and the pretrained arm with the "
+                    "best mean val score. Arms "
                     "(stage-1 steps, stage-1 overrides, stage-2 overrides): "
                     + "; ".join(f"{k} {ARMS[k]}" for k in a.arms) + ".", "", *lines])
     js, md_path = write_results(a.out, payload, md)
