@@ -187,7 +187,7 @@ def predict(model_dir: str, data_yaml: str, split: str, out: str, metrics: bool 
     if metrics and not labelled:
         raise ConfigError(f"--metrics needs the label columns {[t.column for t in data.tasks]}, "
                           f"which {files[0]} lacks")
-    cfg = reading_config(data, manifest, labelled)
+    cfg = reading_config(data, manifest, metrics)  # the label columns are read only to score them
     t0 = time.perf_counter()
     program = load_program(model_dir, manifest, program_kind) if program is None else program
     load_s = time.perf_counter() - t0
