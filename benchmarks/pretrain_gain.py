@@ -63,6 +63,12 @@ def small_data(root: str, seed: int = 0) -> str:
 
 
 def train(data: str, run_dir: str, sets: list[str], init_from: str | None = None) -> dict:
+    """final_metrics.json of the run, trained here unless `run_dir` already holds a finished one
+    (--root: a stopped benchmark goes on where it was)."""
+    done_path = os.path.join(run_dir, "final_metrics.json")
+    if os.path.exists(done_path):
+        with open(done_path) as f:
+            return json.load(f)
     cmd = [sys.executable, os.path.join(REPO, "msrec_dist", "train.py"), "--config",
            os.path.join(REPO, "configs", "sass.yaml"), "--data", data, "--set", f"run.dir={run_dir}",
            "run.progress=false", "run.tensorboard=false", *sets]
@@ -94,11 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides, both arms")
     ap.add_argument("--out", default="pretrain_gain")
+    ap.add_argument("--root", help="keep the runs here (default: a temporary folder); finished runs are reused")
     a = ap.parse_args(argv)
     payload = {"machine": machine(), "commit": git_commit(), "seeds": a.seeds, "steps": a.steps,
                "arms": {k: ARMS[k] for k in a.arms}, "overrides": a.overrides, "sets": {}}
     lines = []
-    with tempfile.TemporaryDirectory(prefix="pretrain_gain_") as root:
+    with tempfile.TemporaryDirectory(prefix="pretrain_gain_") as tmp:
+        root = a.root or tmp
         for name in a.sets:
             data = small_data(os.path.join(REPO, "runs", "bench_data")) if name == "small" else os.path.abspath(a.ml100k)
             user_id, user_fields = SETS[name]
