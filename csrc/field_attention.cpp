@@ -157,8 +157,9 @@ MSREC_INLINE void lane_scores(const scalar_t* __restrict__ qs, const scalar_t* _
     const scalar_t* __restrict__ bj = bias + j * kLanes;
 #pragma omp simd
     for (int64_t l = 0; l < kLanes; ++l) {
-      sj[l] = acc[l] * scale + bj[l];  // + -inf at a padded key
-      m[l] = std::max(m[l], sj[l]);
+      const scalar_t x = acc[l] * scale + bj[l];  // + -inf at a padded key
+      sj[l] = x;
+      m[l] = m[l] < x ? x : m[l];  // std::max's branch kept GCC from vectorizing this loop
     }
   }
 }
