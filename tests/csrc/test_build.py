@@ -1,10 +1,12 @@
 """C++ extensions (csrc/): setup.py builds them, the op is right, and the reader's helper agrees
 with its numpy fallback.
 
-test_setup_builds_extension / test_built_op: `MSREC_BUILD_CSRC=1 python setup.py build_ext` on a
+test_setup_builds_extension / test_built_op (slow): `MSREC_BUILD_CSRC=1 python setup.py build_ext` on a
 copy of setup.py + csrc/ in a tmp dir (about a minute on 2 cores; nothing is written to the
 repo), then a fresh subprocess loads the built .so as `msrec_dist._C` (its module init runs the
 op registrations) and checks torch.ops.msrec.check_ids next to the Python-registered msrec ops.
+`make test` runs the same check on the venv's extension (test_installed_op): `make setup` has just
+built it with the same setup.py, so a second build there only cost CI a minute.
 test_first_bad_id_parity / test_gather_parity: data/native's C++ paths vs their numpy
 fallbacks; need the extension built into the venv (`make setup` does it), skipped otherwise.
 """
@@ -120,14 +122,27 @@ def built_so(tmp_path_factory) -> str:
     return found[0]
 
 
+@pytest.mark.slow
 def test_setup_builds_extension(built_so):
     assert os.path.basename(built_so).startswith("_C.") and os.path.getsize(built_so) > 0
 
 
-def test_built_op(built_so):
-    proc = subprocess.run([sys.executable, "-c", CHECK_SCRIPT, built_so], cwd=ROOT, capture_output=True, text=True,
+def check_op_in_fresh_process(so: str) -> None:
+    proc = subprocess.run([sys.executable, "-c", CHECK_SCRIPT, so], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0 and "OK" in proc.stdout, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+
+
+@pytest.mark.slow
+def test_built_op(built_so):
+    check_op_in_fresh_process(built_so)
+
+
+def test_installed_op():
+    _need_csrc()
+    from msrec_dist.kernels.native import extension_path
+
+    check_op_in_fresh_process(extension_path())
 
 
 def _need_csrc():
