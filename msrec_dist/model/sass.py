@@ -160,13 +160,13 @@ class SASSPretrainModule(nn.Module):
                              f"(have {names})")
         self.model = model
         self.temperature = cfg.temperature
-        self.drops_fields = bool(cfg.view_drop)
         self.user_fields = [names.index(f) for f in (cfg.user_fields or [cfg.user_id_feature])]
         self.user_id_key = cfg.user_id_feature
         self.head = MLP((len(self.user_fields) + 1) * field_width(model), list(cfg.projection), final_activation=False)
         keep = torch.ones(model.embedding.num_fields)
         keep[[names.index(f) for f in cfg.view_drop]] = 0.0
-        self.register_buffer("scenario_view_keep", keep, persistent=False)  # [F]
+        # [F], or None: no field dropped
+        self.register_buffer("scenario_view_keep", keep if cfg.view_drop else None, persistent=False)
 
     def user_views(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(scenario view, global view) of each row's user, L2-normalised [B, P] each."""
@@ -181,7 +181,7 @@ class SASSPretrainModule(nn.Module):
         # small-scenario synthetic set, one seed)
         parts.scenario_weight = parts.scenario_weight.detach()
         views = []
-        for onehot, keep in ((own, self.scenario_view_keep if self.drops_fields else None), (every, None)):
+        for onehot, keep in ((own, self.scenario_view_keep), (every, None)):
             fields = attended_fields(model, parts, onehot, keep)[:, index]  # [B, F_u + 1, D']
             views.append(F.normalize(self.head(fields.flatten(1)), dim=1))  # [B, P]
         return views[0], views[1]
