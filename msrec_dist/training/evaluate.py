@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from msrec_dist.data.schema import DataConfig
+from msrec_dist.distributed.collectives import all_reduce_sum_
 from msrec_dist.distributed.context import DistContext
 from msrec_dist.distributed.model_parallel import TrainState
 from msrec_dist.metrics.evaluator import ScenarioTaskMetrics
@@ -43,5 +44,5 @@ def evaluate_loss(state: TrainState, loader, data: DataConfig, ctx: DistContext)
         total += torch.tensor([float(loss) * batch.size, batch.size], dtype=torch.float64)
     state.model.train()
     if ctx.world_size > 1:
-        torch.distributed.all_reduce(total)
+        all_reduce_sum_(total)
     return float(total[0] / total[1].clamp(min=1))

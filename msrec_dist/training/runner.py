@@ -35,6 +35,7 @@ from msrec_dist.data.reader import make_dataloader, validate_files
 from msrec_dist.data.scan import scan_splits
 from msrec_dist.data.schema import load_data_config
 from msrec_dist.distributed import warm_start
+from msrec_dist.distributed.collectives import all_reduce_sum_
 from msrec_dist.distributed.checkpoint import (Progress, best_checkpoint, latest_checkpoint, load_checkpoint,
                                                load_weights, read_progress, save_best, save_checkpoint)
 from msrec_dist.distributed.context import DistContext
@@ -70,9 +71,10 @@ def global_mean(value: torch.Tensor, ctx: DistContext) -> float:
     """Mean of a scalar over ranks (the global-batch loss when local batches are equal)."""
     if ctx.world_size == 1:
         return value.item()
+    # the loop's own sum (shared memory where enabled): a peer that stops mid-training is then
+    # reported by rank, where gloo's all_reduce only says that a recv timed out
     t = value.detach().reshape(1).to(torch.float64)
-    torch.distributed.all_reduce(t)
-    return t.item() / ctx.world_size
+    return all_reduce_sum_(t, divisor=ctx.world_size).item()
 
 
 def epoch_steps(loader, ctx: DistContext) -> int:
@@ -87,7 +89,7 @@ def epoch_steps(loader, ctx: DistContext) -> int:
 def global_sum(value: int, ctx: DistContext) -> int:
     t = torch.tensor([value], dtype=torch.long)
     if ctx.world_size > 1:
-        torch.distributed.all_reduce(t)
+        all_reduce_sum_(t)
     return int(t.item())
 
 
