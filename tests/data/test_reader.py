@@ -1,6 +1,7 @@
 """Reader: row accounting, bad-input errors, rank/worker splits, resume, KJT layout."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 
 import numpy as np
@@ -198,10 +199,13 @@ def test_bad_values_name_file_column_row(tiny_cfg, make_parquet, case, workers, 
     overrides, column, row = BAD_ROWS[case]
     good = make_parquet("good.parquet", rows=5)
     bad = make_parquet(f"bad_{case}.parquet", overrides=overrides, row_group_size=3)
+    children = set(multiprocessing.active_children())
     with pytest.raises(DataError) as e:
         _batches(tiny_cfg, [good, bad], 4, workers, thread=thread)
     msg = str(e.value)
     assert f"bad_{case}.parquet" in msg and f"'{column}'" in msg and f"row {row}:" in msg, msg
+    # the workers are gone when the error arrives, not when the garbage collector gets to them
+    assert set(multiprocessing.active_children()) <= children
 
 
 @pytest.mark.parametrize("case, column", [("missing", "price"), ("wrong_dtype", "item_id")])
