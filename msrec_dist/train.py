@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_experiment(args.config, args.data, tuple(args.overrides))
     prepare_process(cfg.reader.num_workers)  # OpenMP wait policy, malloc thresholds: before torch loads
-    from msrec_dist.distributed.context import init_distributed, shutdown
+    from msrec_dist.distributed.context import init_distributed, shutdown, timed_out_waiting
     from msrec_dist.distributed.warm_start import InitFromError
     from msrec_dist.training.run_dir import RunDirError
     from msrec_dist.training.runner import run
@@ -78,6 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         if ctx.is_main:
             print(f"msrec-train: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:
+        if not timed_out_waiting(e):
+            raise
+        # gloo's own words name neither the setting nor the likely cause
+        gloo = next((line for line in str(e).splitlines() if "Timed out waiting" in line), "")
+        print(f"msrec-train: error: rank {ctx.rank} waited more than {ctx.timeout_s:g} s for another rank "
+              f"(train.collective_timeout_s): a rank has stopped, hung or fallen behind "
+              f"(the other ranks' logs may say why)\n  gloo: {gloo.strip()}", file=sys.stderr, flush=True)
+        return 1
     finally:
         shutdown()
     return 0

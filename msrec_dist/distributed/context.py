@@ -62,6 +62,13 @@ def init_distributed(env: Mapping[str, str] | None = None, timeout_s: float = 30
     return DistContext(rank, world_size, local_rank, local_world_size, device, backend, timeout_s)
 
 
+def timed_out_waiting(e: BaseException) -> bool:
+    """Whether `e` is gloo's timeout of a collective, send or recv: a peer stopped, hung or fell
+    behind by more than the process group's timeout. (The shared-memory sums name the late rank
+    themselves: msrec_dist.distributed.collectives.)"""
+    return isinstance(e, RuntimeError) and "Timed out waiting" in str(e)
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

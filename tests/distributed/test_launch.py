@@ -40,17 +40,21 @@ def test_torchx_local_cwd_two_ranks(synth_data, tmp_path):
     assert {t["sharding_type"] for t in plan.values()} == {"data_parallel"}
 
 
-@pytest.mark.skipif(collectives.shm_op_missing() is not None, reason="the shared-memory sums need msrec_dist._C")
-def test_ranks_without_launcher_one_stops_the_other_fails_in_time(synth_data, tmp_path):
+@pytest.mark.parametrize("host_reduce", [
+    pytest.param("shm", marks=pytest.mark.skipif(collectives.shm_op_missing() is not None,
+                                                 reason="the shared-memory sums need msrec_dist._C")),
+    "gloo"])
+def test_ranks_without_launcher_one_stops_the_other_fails_in_time(synth_data, tmp_path, host_reduce):
     """Two ranks of train.py started by hand (as without torchrun: nothing ends the others when
     one dies); rank 1 is stopped mid-training (SIGSTOP: it holds its sockets, so only the timeout
-    can tell). Rank 0, waiting in a shared-memory sum, fails after train.collective_timeout_s
-    (not the default 300 s), naming rank 1."""
+    can tell). Rank 0, waiting in a sum, fails after train.collective_timeout_s (not the default
+    300 s): through shared memory naming rank 1, through gloo (which cannot tell which rank is
+    late) saying that it waited for another rank and which setting bounds that."""
     timeout_s = 2
     run_dir = tmp_path / "run"
     port = str(free_port())
     args = ["--config", "configs/msrec_full.yaml", "--data", synth_data, "--set", f"run.dir={run_dir}",
-            f"train.collective_timeout_s={timeout_s}", "train.host_reduce=shm", "train.epochs=1000",
+            f"train.collective_timeout_s={timeout_s}", f"train.host_reduce={host_reduce}", "train.epochs=1000",
             "reader.batch_size=64", *TINY_MODEL]
     procs, logs = [], []
     try:
@@ -76,7 +80,9 @@ def test_ranks_without_launcher_one_stops_the_other_fails_in_time(synth_data, tm
         took = time.monotonic() - stopped
         out = (tmp_path / "rank0.log").read_text()
         assert rc != 0
-        assert f"rank 0 waited more than {timeout_s} s for rank 1" in out, out[-3000:]
+        said = {"shm": f"rank 0 waited more than {timeout_s} s for rank 1",
+                "gloo": f"rank 0 waited more than {timeout_s} s for another rank (train.collective_timeout_s)"}
+        assert said[host_reduce] in out, out[-3000:]
         assert took < timeout_s + 30, took  # the timeout plus the exit (imports torn down, 2 busy cores)
     finally:
         for p in procs:
