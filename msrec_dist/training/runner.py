@@ -35,9 +35,9 @@ from msrec_dist.data.reader import make_dataloader, validate_files
 from msrec_dist.data.scan import scan_splits
 from msrec_dist.data.schema import load_data_config
 from msrec_dist.distributed import warm_start
-from msrec_dist.distributed.collectives import all_reduce_sum_
 from msrec_dist.distributed.checkpoint import (Progress, best_checkpoint, latest_checkpoint, load_checkpoint,
                                                load_weights, read_progress, save_best, save_checkpoint)
+from msrec_dist.distributed.collectives import all_reduce_sum_
 from msrec_dist.distributed.context import DistContext
 from msrec_dist.distributed.model_parallel import build_train_state
 from msrec_dist.distributed.sharding import describe_plan, save_plan
