@@ -40,6 +40,7 @@ SETS = {
 # name: (stage-1 steps, stage-1 overrides, stage-2 overrides); {user_id}: the set's user id feature;
 # 0 stage-1 steps: a variant of scratch (supervised only, with the overrides)
 ARMS = {
+    "scratch": (0, [], []),  # always run: the supervised baseline
     "scratch_lowlr": (0, [], ["train.sparse_lr=0.01"]),
     "pre50": (50, [], []),
     "pre150": (150, [], []),
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ml100k", default="data/ml100k/data.yaml", help="a converted MovieLens-100K data.yaml")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=600, help="optimizer steps of each arm in all")
-    ap.add_argument("--arms", nargs="+", default=["pre50", "pre150"], choices=list(ARMS),
+    ap.add_argument("--arms", nargs="+", default=["pre50", "pre150"], choices=[arm for arm in ARMS if arm != "scratch"],
                     help="pretrained arms (ARMS: stage-1 steps and overrides), the one best on val compared")
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides, both arms")
@@ -115,9 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             arms: dict[str, list[dict]] = {"scratch": [], **{k: [] for k in a.arms}}
             for seed in a.seeds:
                 seeded = common + [f"run.seed={seed}"]
-                arms["scratch"].append(train(data, os.path.join(root, f"{name}_scratch_{seed}"),
-                                             seeded + [f"train.max_steps={a.steps}"]))
-                for arm in a.arms:
+                for arm in arms:
                     k, pre_sets, fine_sets = ARMS[arm]
                     if k == 0:
                         arms[arm].append(train(data, os.path.join(root, f"{name}_{arm}_{seed}"),
